@@ -1,0 +1,578 @@
+/* ebpf-bridge agent: syscall tracepoints that pair each request with its response in the
+ * kernel and emit ONE ring-buffer event per finished exchange, carrying the business context
+ * the application wrote into ctx_by_tid.
+ *
+ * Compiled by BCC at agent start. The loader defines REQ_CAP, RESP_CAP, CONN_MAX, SOCK_MAX,
+ * RINGBUF_PAGES and PIN_CTX_BY_TID with -D, and adds this directory to the include path.
+ *
+ * Only syscall tracepoints and sched/task tracepoints: this kernel has no kprobes, and the
+ * kernel headers available are not this kernel's, so nothing here walks kernel structs.
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include "bridge_abi.h"
+
+#define EV_EXCHANGE 1
+#define EV_PROC 2
+
+#define ROLE_SERVER 1
+#define ROLE_CLIENT 2
+
+#define PHASE_IDLE 0
+#define PHASE_REQ 1
+#define PHASE_RESP 2
+
+#define DIR_IN 0
+#define DIR_OUT 1
+
+#define IO_BUF 0
+#define IO_IOVEC 1
+
+#define PROC_EXEC 1
+#define PROC_FORK 2
+#define PROC_EXIT 3
+
+#define AF_INET_ 2
+#define AF_INET6_ 10
+#define EINPROGRESS_ 115
+#define MAX_IOV 4
+
+/* stats slots; kernel_side/bpf_layout.py names them */
+#define ST_LOST 0
+#define ST_EXCHANGES 1
+#define ST_UNMATCHED_RESPONSE 2
+#define ST_CTX_HITS 3
+#define ST_NS_ERRORS 4
+#define ST_CONN_CREATED 5
+#define ST_PROC_LOST 6
+#define ST_SLOTS 8
+
+struct proc_info {
+    __u64 ns_dev;
+    __u64 ns_ino;
+};
+
+struct sock_key {
+    __u32 tgid;
+    __u32 fd;
+};
+
+struct sock_info {
+    __u64 conn_id;
+    __u8 role;
+    __u8 family;
+    __u16 peer_port;
+    __u32 listen_fd;
+    __u8 peer_addr[16];
+};
+
+/* Per-connection exchange state, and also the event layout: an exchange is emitted by handing
+ * this very struct to the ring buffer, cut after the captured request bytes. The response area
+ * comes before the request area so that cut drops only unused space. Both areas are twice the
+ * capture size because the verifier bounds offset and length independently. */
+struct exchange {
+    __u32 type;
+    __u32 tgid;
+    __u32 fd;
+    __u8 role;
+    __u8 family;
+    __u8 phase;
+    __u8 has_ctx;
+    __u16 peer_port;
+    __u16 _pad0;
+    __u32 listen_fd;
+    __u32 req_tid;
+    __u32 resp_tid;
+    __u32 req_cap;
+    __u32 resp_cap;
+    __u32 req_calls;
+    __u32 resp_calls;
+    __u8 peer_addr[16];
+    __u64 conn_id;
+    __u64 exchange_id;
+    __u64 parent_exchange_id;
+    __u64 req_start_ns;
+    __u64 req_end_ns;
+    __u64 resp_start_ns;
+    __u64 resp_end_ns;
+    __u64 req_bytes;
+    __u64 resp_bytes;
+    struct bridge_ctx_value ctx;
+    __u8 resp[RESP_CAP * 2];
+    __u8 req[REQ_CAP * 2];
+};
+
+struct proc_event {
+    __u32 type;
+    __u32 what;
+    __u32 pid;
+    __u32 ppid;
+};
+
+/* Userland ABI layouts (x86_64/arm64 LP64), declared here rather than taken from kernel
+ * headers that may not match the running kernel. */
+struct u_iovec {
+    __u64 base;
+    __u64 len;
+};
+
+struct u_msghdr {
+    __u64 name;
+    __u32 namelen;
+    __u32 _pad;
+    __u64 iov;
+    __u64 iovlen;
+};
+
+struct io_args {
+    __u64 ptr;
+    __u32 fd;
+    __u32 kind;
+    __u64 vlen;
+};
+
+struct conn_args {
+    __u64 addr;
+    __u32 fd;
+    __u32 _pad;
+};
+
+BPF_HASH(procs, __u32, struct proc_info, 16384);
+BPF_TABLE("lru_hash", struct sock_key, struct sock_info, socks, SOCK_MAX);
+BPF_TABLE("lru_hash", struct sock_key, struct exchange, conns, CONN_MAX);
+/* Connections whose response is under way: user space flushes the idle ones (the kernel only
+ * learns an exchange ended when the next request or a close comes). */
+BPF_TABLE("lru_hash", struct sock_key, __u64, inflight, CONN_MAX);
+BPF_TABLE("lru_hash", __u32, __u64, active_server, SOCK_MAX);
+BPF_HASH(active_io, __u32, struct io_args, 10240);
+BPF_HASH(active_conn, __u32, struct conn_args, 10240);
+BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
+BPF_PERCPU_ARRAY(stats, __u64, ST_SLOTS);
+BPF_ARRAY(id_counter, __u64, 1);
+BPF_TABLE_PINNED("hash", struct bridge_ctx_key, struct bridge_ctx_value, ctx_by_tid,
+                 BRIDGE_CTX_MAX_ENTRIES, PIN_CTX_BY_TID);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void stat_inc(int slot)
+{
+    __u64 *v = stats.lookup(&slot);
+    if (v)
+        *v += 1;
+}
+
+static __always_inline __u64 next_id(void)
+{
+    int zero = 0;
+    __u64 *c = id_counter.lookup(&zero);
+    if (!c)
+        return 0;
+    return __sync_fetch_and_add(c, 1) + 1;
+}
+
+/* The thread as the application names it: (pid namespace inode, tid in that namespace). */
+static __always_inline int ns_ctx_key(__u32 tgid, struct bridge_ctx_key *key)
+{
+    struct proc_info *pi = procs.lookup(&tgid);
+    if (!pi)
+        return -1;
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(pi->ns_dev, pi->ns_ino, &ns, sizeof(ns))) {
+        stat_inc(ST_NS_ERRORS);
+        return -1;
+    }
+    key->pidns_ino = pi->ns_ino;
+    key->tid = ns.pid;
+    key->_pad = 0;
+    return 0;
+}
+
+static __always_inline void snapshot_ctx(struct exchange *st, __u32 tgid)
+{
+    struct bridge_ctx_key key = {};
+    st->has_ctx = 0;
+    if (ns_ctx_key(tgid, &key))
+        return;
+    struct bridge_ctx_value *v = ctx_by_tid.lookup(&key);
+    if (!v)
+        return;
+    __builtin_memcpy(&st->ctx, v, sizeof(st->ctx));
+    st->has_ctx = 1;
+    stat_inc(ST_CTX_HITS);
+}
+
+static __always_inline void emit(struct exchange *st)
+{
+    __u32 n = st->req_cap;
+    if (n > REQ_CAP)
+        n = REQ_CAP;
+    st->type = EV_EXCHANGE;
+    if (events.ringbuf_output(st, offsetof(struct exchange, req) + n, 0))
+        stat_inc(ST_LOST);
+    else
+        stat_inc(ST_EXCHANGES);
+}
+
+static __always_inline void start_exchange(struct exchange *st, struct sock_key *k, __u32 tid)
+{
+    __u64 now = bpf_ktime_get_ns();
+    st->phase = PHASE_REQ;
+    st->exchange_id = next_id();
+    st->parent_exchange_id = 0;
+    st->req_start_ns = now;
+    st->req_end_ns = now;
+    st->resp_start_ns = 0;
+    st->resp_end_ns = 0;
+    st->req_bytes = 0;
+    st->resp_bytes = 0;
+    st->req_cap = 0;
+    st->resp_cap = 0;
+    st->req_calls = 0;
+    st->resp_calls = 0;
+    st->req_tid = tid;
+    st->resp_tid = 0;
+    st->has_ctx = 0;
+    if (st->role == ROLE_SERVER) {
+        /* A new inbound request on this thread: whatever context the thread held belonged to
+         * an earlier request. */
+        struct bridge_ctx_key key = {};
+        if (ns_ctx_key(k->tgid, &key) == 0)
+            ctx_by_tid.delete(&key);
+        active_server.update(&tid, &st->exchange_id);
+    } else {
+        __u64 *parent = active_server.lookup(&tid);
+        if (parent)
+            st->parent_exchange_id = *parent;
+        snapshot_ctx(st, k->tgid);
+    }
+}
+
+static __always_inline void capture_req(struct exchange *st, const void *src, __u64 len)
+{
+    __u32 off = st->req_cap;
+    if (off >= REQ_CAP || len == 0)
+        return;
+    __u32 n = len > REQ_CAP ? REQ_CAP : len;
+    if (n > REQ_CAP - off)
+        n = REQ_CAP - off;
+    if (bpf_probe_read_user(&st->req[off & (REQ_CAP - 1)], n & (REQ_CAP * 2 - 1), src) == 0)
+        st->req_cap = off + n;
+}
+
+static __always_inline void capture_resp(struct exchange *st, const void *src, __u64 len)
+{
+    __u32 off = st->resp_cap;
+    if (off >= RESP_CAP || len == 0)
+        return;
+    __u32 n = len > RESP_CAP ? RESP_CAP : len;
+    if (n > RESP_CAP - off)
+        n = RESP_CAP - off;
+    if (bpf_probe_read_user(&st->resp[off & (RESP_CAP - 1)], n & (RESP_CAP * 2 - 1), src) == 0)
+        st->resp_cap = off + n;
+}
+
+static __always_inline void capture(struct exchange *st, int req_dir, const void *src, __u64 len)
+{
+    if (req_dir)
+        capture_req(st, src, len);
+    else
+        capture_resp(st, src, len);
+}
+
+static __always_inline void capture_io(struct exchange *st, int req_dir, struct io_args *a,
+                                       __u64 ret)
+{
+    if (a->kind == IO_BUF) {
+        capture(st, req_dir, (const void *)a->ptr, ret);
+        return;
+    }
+    __u64 left = ret;
+#pragma unroll
+    for (int i = 0; i < MAX_IOV; i++) {
+        if (i >= a->vlen || left == 0)
+            break;
+        struct u_iovec iov = {};
+        if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(a->ptr + i * sizeof(iov))))
+            break;
+        __u64 take = iov.len < left ? iov.len : left;
+        capture(st, req_dir, (const void *)iov.base, take);
+        left -= take;
+    }
+}
+
+static __always_inline struct exchange *get_conn(struct sock_key *k, struct sock_info *si)
+{
+    struct exchange *st = conns.lookup(k);
+    if (st)
+        return st;
+    int zero = 0;
+    struct exchange *z = zero_exchange.lookup(&zero);
+    if (!z)
+        return 0;
+    conns.update(k, z);
+    st = conns.lookup(k);
+    if (!st)
+        return 0;
+    st->tgid = k->tgid;
+    st->fd = k->fd;
+    st->role = si->role;
+    st->family = si->family;
+    st->peer_port = si->peer_port;
+    st->listen_fd = si->listen_fd;
+    st->conn_id = si->conn_id;
+    __builtin_memcpy(st->peer_addr, si->peer_addr, sizeof(st->peer_addr));
+    stat_inc(ST_CONN_CREATED);
+    return st;
+}
+
+static __always_inline int on_enter_io(__u32 fd, __u64 ptr, __u32 kind, __u64 vlen)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct sock_key k = {.tgid = id >> 32, .fd = fd};
+    if (!socks.lookup(&k))
+        return 0;
+    __u32 tid = (__u32)id;
+    struct io_args a = {.ptr = ptr, .fd = fd, .kind = kind, .vlen = vlen};
+    active_io.update(&tid, &a);
+    return 0;
+}
+
+static __always_inline int on_enter_msg(__u32 fd, __u64 msg)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct sock_key k = {.tgid = id >> 32, .fd = fd};
+    if (!socks.lookup(&k))
+        return 0;
+    struct u_msghdr m = {};
+    if (bpf_probe_read_user(&m, sizeof(m), (const void *)msg))
+        return 0;
+    __u32 tid = (__u32)id;
+    struct io_args a = {.ptr = m.iov, .fd = fd, .kind = IO_IOVEC, .vlen = m.iovlen};
+    active_io.update(&tid, &a);
+    return 0;
+}
+
+static __always_inline int on_exit_io(int dir, long ret)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)id;
+    struct io_args *ap = active_io.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct io_args a = *ap;
+    active_io.delete(&tid);
+    if (ret <= 0)
+        return 0;
+    struct sock_key k = {.tgid = id >> 32, .fd = a.fd};
+    struct sock_info *si = socks.lookup(&k);
+    if (!si)
+        return 0;
+    struct exchange *st = get_conn(&k, si);
+    if (!st)
+        return 0;
+    __u64 now = bpf_ktime_get_ns();
+    int req_dir = (st->role == ROLE_SERVER) == (dir == DIR_IN);
+    if (req_dir) {
+        if (st->phase == PHASE_RESP) {
+            emit(st);
+            inflight.delete(&k);
+            st->phase = PHASE_IDLE;
+        }
+        if (st->phase == PHASE_IDLE)
+            start_exchange(st, &k, tid);
+        capture_io(st, 1, &a, ret);
+        st->req_bytes += ret;
+        st->req_calls += 1;
+        st->req_end_ns = now;
+    } else {
+        if (st->phase == PHASE_IDLE) {
+            /* Response bytes with no request seen: the capture began mid-exchange. */
+            stat_inc(ST_UNMATCHED_RESPONSE);
+            return 0;
+        }
+        if (st->phase == PHASE_REQ) {
+            st->phase = PHASE_RESP;
+            st->resp_start_ns = now;
+            st->resp_tid = tid;
+            if (st->role == ROLE_SERVER)
+                snapshot_ctx(st, k.tgid);
+            inflight.update(&k, &now);
+        }
+        capture_io(st, 0, &a, ret);
+        st->resp_bytes += ret;
+        st->resp_calls += 1;
+        st->resp_end_ns = now;
+    }
+    return 0;
+}
+
+/* --- data syscalls ------------------------------------------------------------------------ */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return on_enter_io(args->fd, (__u64)args->buf, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return on_exit_io(DIR_IN, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_enter_io(args->fd, (__u64)args->buf, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return on_exit_io(DIR_OUT, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return on_enter_io(args->fd, (__u64)args->ubuf, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return on_exit_io(DIR_IN, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_enter_io(args->fd, (__u64)args->buff, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return on_exit_io(DIR_OUT, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return on_enter_io(args->fd, (__u64)args->vec, IO_IOVEC, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return on_exit_io(DIR_IN, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_enter_io(args->fd, (__u64)args->vec, IO_IOVEC, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return on_exit_io(DIR_OUT, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return on_enter_msg(args->fd, (__u64)args->msg); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return on_exit_io(DIR_IN, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_enter_msg(args->fd, (__u64)args->msg); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return on_exit_io(DIR_OUT, args->ret); }
+
+/* --- connection lifecycle ----------------------------------------------------------------- */
+
+static __always_inline int on_enter_conn(__u32 fd, __u64 addr)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tgid = id >> 32;
+    if (!procs.lookup(&tgid))
+        return 0;
+    __u32 tid = (__u32)id;
+    struct conn_args a = {.addr = addr, .fd = fd};
+    active_conn.update(&tid, &a);
+    return 0;
+}
+
+/* Reads a sockaddr the application handed to accept/connect. Returns 0 for TCP/IP families
+ * (and for a NULL address, which accept allows), -1 for anything else (unix sockets...). */
+static __always_inline int read_peer(__u64 addr, struct sock_info *si)
+{
+    if (!addr)
+        return 0;
+    __u16 family = 0;
+    if (bpf_probe_read_user(&family, sizeof(family), (const void *)addr))
+        return -1;
+    __u16 port_be = 0;
+    bpf_probe_read_user(&port_be, sizeof(port_be), (const void *)(addr + 2));
+    si->family = family;
+    si->peer_port = (port_be >> 8) | ((port_be & 0xff) << 8);
+    if (family == AF_INET_) {
+        bpf_probe_read_user(si->peer_addr, 4, (const void *)(addr + 4));
+        return 0;
+    }
+    if (family == AF_INET6_) {
+        bpf_probe_read_user(si->peer_addr, 16, (const void *)(addr + 8));
+        return 0;
+    }
+    return -1;
+}
+
+static __always_inline void forget_conn(struct sock_key *k)
+{
+    conns.delete(k);
+    inflight.delete(k);
+}
+
+static __always_inline int on_exit_accept(long ret)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)id;
+    struct conn_args *ap = active_conn.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct conn_args a = *ap;
+    active_conn.delete(&tid);
+    if (ret < 0)
+        return 0;
+    struct sock_info si = {};
+    if (read_peer(a.addr, &si))
+        return 0;
+    si.role = ROLE_SERVER;
+    si.listen_fd = a.fd;
+    si.conn_id = next_id();
+    struct sock_key k = {.tgid = id >> 32, .fd = (__u32)ret};
+    forget_conn(&k);
+    socks.update(&k, &si);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return on_enter_conn(args->fd, (__u64)args->upeer_sockaddr); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return on_exit_accept(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return on_enter_conn(args->fd, (__u64)args->upeer_sockaddr); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return on_exit_accept(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) { return on_enter_conn(args->fd, (__u64)args->uservaddr); }
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)id;
+    struct conn_args *ap = active_conn.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct conn_args a = *ap;
+    active_conn.delete(&tid);
+    if (args->ret < 0 && args->ret != -EINPROGRESS_)
+        return 0;
+    struct sock_info si = {};
+    if (!a.addr || read_peer(a.addr, &si))
+        return 0;
+    si.role = ROLE_CLIENT;
+    si.conn_id = next_id();
+    struct sock_key k = {.tgid = id >> 32, .fd = a.fd};
+    forget_conn(&k);
+    socks.update(&k, &si);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    struct sock_key k = {.tgid = id >> 32, .fd = args->fd};
+    if (!socks.lookup(&k))
+        return 0;
+    struct exchange *st = conns.lookup(&k);
+    if (st && st->phase != PHASE_IDLE)
+        emit(st);
+    forget_conn(&k);
+    socks.delete(&k);
+    return 0;
+}
+
+/* --- process lifecycle -------------------------------------------------------------------- */
+
+static __always_inline void proc_event(__u32 what, __u32 pid, __u32 ppid)
+{
+    struct proc_event ev = {.type = EV_PROC, .what = what, .pid = pid, .ppid = ppid};
+    if (events.ringbuf_output(&ev, sizeof(ev), 0))
+        stat_inc(ST_PROC_LOST);
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    proc_event(PROC_EXEC, tgid, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (args->clone_flags & CLONE_THREAD)
+        return 0;
+    __u32 parent = bpf_get_current_pid_tgid() >> 32;
+    struct proc_info *pi = procs.lookup(&parent);
+    if (!pi)
+        return 0;
+    /* Select the child at once so its first syscalls are seen; user space re-reads its pid
+     * namespace, which differs after unshare(CLONE_NEWPID). */
+    __u32 child = args->pid;
+    struct proc_info copy = *pi;
+    procs.update(&child, &copy);
+    proc_event(PROC_FORK, child, parent);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    if (!args->group_dead)
+        return 0;
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!procs.lookup(&tgid))
+        return 0;
+    proc_event(PROC_EXIT, tgid, 0);
+    return 0;
+}

@@ -1,0 +1,62 @@
+/* ebpf-bridge context-map ABI: the one C source of truth.
+ *
+ * bridge/_abi.py mirrors every number and layout here; tests/e2e/test_abi_header.py compiles
+ * this header with BCC, loads it, and checks the two against each other. Change both together
+ * and bump BRIDGE_ABI_VERSION: the version is part of the pin path, so an SDK built for another
+ * version finds no map and stays a no-op instead of writing bytes the agent misreads.
+ */
+#ifndef EBPF_BRIDGE_ABI_H
+#define EBPF_BRIDGE_ABI_H
+
+#define BRIDGE_ABI_VERSION 1
+
+/* Pinned under /sys/fs/bpf/ebpf_bridge/v<BRIDGE_ABI_VERSION>/ */
+#define BRIDGE_PIN_ROOT "/sys/fs/bpf/ebpf_bridge"
+#define BRIDGE_PIN_DIR "/sys/fs/bpf/ebpf_bridge/v1"
+#define BRIDGE_CTX_BY_TID_PIN "/sys/fs/bpf/ebpf_bridge/v1/ctx_by_tid"
+
+#define BRIDGE_CTX_MAX_ENTRIES 16384
+
+/* Attribute limits. Keys longer than the limit are a caller error (ValueError); string values
+ * longer than the limit are truncated; attributes past the count or byte budget are dropped. */
+#define BRIDGE_MAX_ATTRS 8
+#define BRIDGE_MAX_KEY_LEN 48
+#define BRIDGE_MAX_STR_LEN 128
+#define BRIDGE_ATTR_BYTES 320
+
+/* Attribute encoding inside bridge_ctx_value.data, repeated attr_count times:
+ *   u8 type, u8 key_len, u16 value_len (little endian), key bytes, value bytes
+ * with value bytes: STR utf-8; INT 8 bytes signed LE; FLOAT 8 bytes IEEE-754 LE; BOOL 1 byte. */
+#define BRIDGE_ATTR_STR 1
+#define BRIDGE_ATTR_INT 2
+#define BRIDGE_ATTR_FLOAT 3
+#define BRIDGE_ATTR_BOOL 4
+
+/* bridge_ctx_value.flags */
+#define BRIDGE_CTX_F_TRUNCATED 0x1 /* the writer truncated or dropped something */
+#define BRIDGE_CTX_F_SDK_SPAN 0x2  /* sdk_trace_id/sdk_span_id/sdk_span_kind are set */
+
+/* Keyed as both sides can name a thread: the PID namespace inode plus the thread id inside that
+ * namespace. An app in a container cannot know its host tid; BPF gets the namespaced ids from
+ * bpf_get_ns_current_pid_tgid(). */
+struct bridge_ctx_key {
+    __u64 pidns_ino;
+    __u32 tid;
+    __u32 _pad;
+};
+
+struct bridge_ctx_value {
+    __u16 version;
+    __u8 attr_count;
+    __u8 flags;
+    __u16 data_len;
+    __u16 _pad;
+    /* Reserved for OpenTelemetry SDK coexistence: the active SDK span on this thread. */
+    __u8 sdk_trace_id[16];
+    __u8 sdk_span_id[8];
+    __u8 sdk_span_kind;
+    __u8 _pad2[7];
+    __u8 data[BRIDGE_ATTR_BYTES];
+};
+
+#endif

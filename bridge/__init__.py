@@ -1,0 +1,40 @@
+"""ebpf-bridge: business context from the application onto the spans an eBPF agent records.
+
+In a request handler::
+
+    import bridge
+    bridge.annotate(tenant_id="acme", user_id="u-42", feature_flag="new-checkout")
+
+The attributes land on every span the agent builds for this thread while the request runs.
+With no agent on the host every call is a cheap no-op; nothing here raises into the
+application except a caller error (an invalid key or an unsupported value type).
+
+The writer lives in ``sdk_side`` and is imported on first use, so code that only needs the
+shared contract (the agent imports ``bridge._abi``) never loads it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bridge._abi import AttrValue
+from bridge._status import BridgeStatus
+
+if TYPE_CHECKING:
+    from sdk_side._writer import annotate, clear, context, status
+
+__all__ = ["AttrValue", "BridgeStatus", "annotate", "clear", "context", "status"]
+
+_LAZY = frozenset({"annotate", "clear", "context", "status"})
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: load the writer on first use, then bind it here so later look-ups are plain
+    # module attributes with no indirection on the hot path.
+    if name in _LAZY:
+        from sdk_side import _writer
+
+        for lazy in _LAZY:
+            globals()[lazy] = getattr(_writer, lazy)
+        return globals()[name]
+    raise AttributeError(f"module 'bridge' has no attribute {name!r}")

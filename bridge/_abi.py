@@ -1,0 +1,191 @@
+"""The context-map ABI shared by the application side and the agent.
+
+Mirrors ``bpf/bridge_abi.h`` number for number; ``tests/e2e/test_abi_header.py`` loads that
+header with BCC and compares. Standard library only: applications import this.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+ABI_VERSION: Final = 1
+PIN_ROOT: Final = "/sys/fs/bpf/ebpf_bridge"
+PIN_DIR: Final = f"{PIN_ROOT}/v{ABI_VERSION}"
+CTX_BY_TID_NAME: Final = "ctx_by_tid"
+CTX_BY_TID_PIN: Final = f"{PIN_DIR}/{CTX_BY_TID_NAME}"
+CTX_MAX_ENTRIES: Final = 16384
+
+MAX_ATTRS: Final = 8
+MAX_KEY_LEN: Final = 48
+MAX_STR_LEN: Final = 128
+ATTR_BYTES: Final = 320
+
+ATTR_STR: Final = 1
+ATTR_INT: Final = 2
+ATTR_FLOAT: Final = 3
+ATTR_BOOL: Final = 4
+
+CTX_F_TRUNCATED: Final = 0x1
+CTX_F_SDK_SPAN: Final = 0x2
+
+# struct bridge_ctx_key { u64 pidns_ino; u32 tid; u32 _pad; }
+CTX_KEY: Final = struct.Struct("<QII")
+# struct bridge_ctx_value header: version, attr_count, flags, data_len, _pad,
+# sdk_trace_id[16], sdk_span_id[8], sdk_span_kind, _pad2[7]; then data[ATTR_BYTES].
+CTX_VALUE_HEADER: Final = struct.Struct("<HBBHH16s8sB7x")
+CTX_VALUE_SIZE: Final = CTX_VALUE_HEADER.size + ATTR_BYTES
+_ATTR_HEAD: Final = struct.Struct("<BBH")
+_I64: Final = struct.Struct("<q")
+_F64: Final = struct.Struct("<d")
+
+AttrValue = str | int | float | bool
+"""The value types ``bridge.annotate`` accepts."""
+
+
+def valid_key(key: str) -> bool:
+    """Whether ``key`` may name a business attribute.
+
+    Keys are ASCII identifiers that may also contain dots and dashes, start with a letter or an
+    underscore, and fit in ``MAX_KEY_LEN`` bytes: they become span attribute keys as given.
+    """
+    if not key or len(key) > MAX_KEY_LEN or not key.isascii():
+        return False
+    if not (key[0].isalpha() or key[0] == "_"):
+        return False
+    return all(c.isalnum() or c in "_.-" for c in key)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded attribute block and what the encoder had to give up to fit the ABI limits."""
+
+    data: bytes
+    count: int
+    truncated_values: int
+    dropped_attrs: int
+
+
+def _encode_value(value: AttrValue) -> tuple[int, bytes, bool]:
+    # bool before int: bool is a subclass of int.
+    if isinstance(value, bool):
+        return ATTR_BOOL, b"\x01" if value else b"\x00", False
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("integer out of the signed 64-bit range")
+        return ATTR_INT, _I64.pack(value), False
+    if isinstance(value, float):
+        return ATTR_FLOAT, _F64.pack(value), False
+    # A lone surrogate cannot be UTF-8: "replace" writes "?" so the agent always gets valid
+    # UTF-8 ("surrogatepass" would hand it bytes that no strict decoder accepts).
+    raw = value.encode("utf-8", "replace")
+    if len(raw) <= MAX_STR_LEN:
+        return ATTR_STR, raw, False
+    return ATTR_STR, truncate_utf8(raw, MAX_STR_LEN), True
+
+
+def truncate_utf8(raw: bytes, limit: int) -> bytes:
+    """The longest prefix of valid UTF-8 ``raw`` that fits in ``limit`` bytes and ends on a
+    character boundary."""
+    if len(raw) <= limit:
+        return raw
+    cut = limit
+    # Back off over continuation bytes (10xxxxxx) so no character is split.
+    while cut > 0 and raw[cut] & 0xC0 == 0x80:
+        cut -= 1
+    return raw[:cut]
+
+
+def encode_attr(key: str, value: AttrValue) -> tuple[bytes, bool]:
+    """One encoded attribute record (header, key, value) and whether the value was truncated.
+
+    ``key`` and ``value`` must have passed ``check_attr``.
+    """
+    kind, raw, cut = _encode_value(value)
+    kraw = key.encode("ascii")
+    return _ATTR_HEAD.pack(kind, len(kraw), len(raw)) + kraw + raw, cut
+
+
+def encode_attrs(attrs: Mapping[str, AttrValue]) -> Encoded:
+    """Encode validated attributes into the ``data`` block of a context value.
+
+    Strings longer than ``MAX_STR_LEN`` bytes are truncated; attributes past ``MAX_ATTRS`` or
+    past the ``ATTR_BYTES`` budget are dropped, in insertion order. Callers validate keys and
+    types first (see ``check_attr``); this function never raises for well-typed input.
+    """
+    out = bytearray()
+    count = truncated = dropped = 0
+    for key, value in attrs.items():
+        rec, cut = encode_attr(key, value)
+        if count >= MAX_ATTRS or len(out) + len(rec) > ATTR_BYTES:
+            dropped += 1
+            continue
+        out += rec
+        count += 1
+        truncated += cut
+    return Encoded(bytes(out), count, truncated, dropped)
+
+
+def check_attr(key: str, value: object) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``key`` if it cannot be an attribute."""
+    if not isinstance(key, str) or not valid_key(key):
+        raise ValueError(
+            f"invalid attribute key {key!r}: use 1-{MAX_KEY_LEN} ASCII letters, digits, "
+            "'_', '.' or '-', starting with a letter or '_'"
+        )
+    if not isinstance(value, (str, int, float, bool)):
+        raise TypeError(
+            f"attribute {key!r} has a value of type {type(value).__name__}; "
+            "use str, int, float or bool"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"attribute {key!r} must be a finite float, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"attribute {key!r} does not fit in a signed 64-bit integer")
+
+
+def pack_value(enc: Encoded, flags: int = 0) -> bytes:
+    """The full ``struct bridge_ctx_value`` bytes for an encoded attribute block."""
+    if enc.truncated_values or enc.dropped_attrs:
+        flags |= CTX_F_TRUNCATED
+    head = CTX_VALUE_HEADER.pack(
+        ABI_VERSION, enc.count, flags, len(enc.data), 0, bytes(16), bytes(8), 0
+    )
+    return head + enc.data.ljust(ATTR_BYTES, b"\x00")
+
+
+def decode_attrs(data: bytes, count: int) -> dict[str, AttrValue]:
+    """Decode an attribute block written by ``encode_attrs``.
+
+    The agent calls this on bytes that came from an application, so malformed input never
+    raises: decoding stops at the first attribute that does not fit.
+    """
+    out: dict[str, AttrValue] = {}
+    off = 0
+    n = len(data)
+    for _ in range(min(count, MAX_ATTRS)):
+        if off + _ATTR_HEAD.size > n:
+            break
+        kind, klen, vlen = _ATTR_HEAD.unpack_from(data, off)
+        off += _ATTR_HEAD.size
+        if off + klen + vlen > n:
+            break
+        key = data[off : off + klen].decode("ascii", "replace")
+        raw = data[off + klen : off + klen + vlen]
+        off += klen + vlen
+        value: AttrValue
+        if kind == ATTR_STR:
+            value = raw.decode("utf-8", "replace")
+        elif kind == ATTR_INT and vlen == 8:
+            value = _I64.unpack(raw)[0]
+        elif kind == ATTR_FLOAT and vlen == 8:
+            value = _F64.unpack(raw)[0]
+        elif kind == ATTR_BOOL and vlen == 1:
+            value = raw != b"\x00"
+        else:
+            continue
+        out[key] = value
+    return out

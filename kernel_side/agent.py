@@ -1,0 +1,449 @@
+"""The agent: loads ``bpf/agent.bpf.c``, keeps the process selection current, reads exchanges
+from the ring buffer, assembles spans and exports them until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+import bpf
+from bridge import _abi
+from kernel_side import processes
+from kernel_side.assembly import SpanAssembler
+from kernel_side.config import AgentConfig
+from kernel_side.events import (
+    EV_EXCHANGE,
+    EV_PROC,
+    PROC_EVENT,
+    PROC_EXEC,
+    PROC_EXIT,
+    PROC_FORK,
+    STAT_NAMES,
+    ExchangeLayout,
+)
+from kernel_side.export import make_exporter
+from kernel_side.export.batch import BatchExporter
+from kernel_side.model import Resource, SpanRecord
+
+log = logging.getLogger("ebpf_bridge.agent")
+
+_PAGE = 4096
+# Exited processes keep their resource this long, for exchanges still in flight.
+_DEAD_GRACE_S = 30.0
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start; the message says why and how to fix it."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ebpf-bridge")
+    except Exception:
+        return "0"
+
+
+@dataclass
+class ProcessRegistry:
+    """The selected processes, mirrored into the kernel's ``procs`` map."""
+
+    selector: processes.Selector
+    procs_map: Any
+    agent_pid: int
+    host: str = field(default_factory=processes.host_name)
+    sdk_version: str = field(default_factory=_version)
+    known: dict[int, processes.ProcInfo] = field(default_factory=dict)
+    rejected: set[int] = field(default_factory=set)
+    dead: dict[int, float] = field(default_factory=dict)
+
+    def _wanted(self, pid: int, listening: set[int]) -> bool:
+        if pid == self.agent_pid:
+            return False
+        sel = self.selector
+        if sel.select_all:
+            return processes.exe_path(pid) is not None
+        if pid in sel.pids or pid in listening:
+            return True
+        return bool(sel.exes) and processes.matches_exe(pid, sel.exes)
+
+    def add(self, pid: int) -> bool:
+        """Select ``pid``: record its namespace and resource and tell the kernel."""
+        ns = processes.pid_namespace(pid)
+        resource = processes.build_resource(pid, self.host, self.sdk_version)
+        if ns is None or resource is None:
+            return False
+        info = processes.ProcInfo(pid, ns[0], ns[1], resource)
+        old = self.known.get(pid)
+        if old is not None:
+            info.listen_ports = old.listen_ports
+        self.known[pid] = info
+        leaf = self.procs_map.Leaf(ns[0], ns[1])
+        self.procs_map[self.procs_map.Key(pid)] = leaf
+        if old is None:
+            log.info("tracing pid %d (%s)", pid, resource.attributes.get("service.name"))
+        return True
+
+    def scan(self) -> None:
+        """Select processes that appeared since the last scan; forget dead ones."""
+        pids = processes.all_pids()
+        fresh = [p for p in pids if p not in self.known and p not in self.rejected]
+        listening: set[int] = set()
+        if self.selector.ports and fresh:
+            listening = processes.pids_listening_on(self.selector.ports, fresh)
+        for pid in fresh:
+            if self._wanted(pid, listening):
+                self.add(pid)
+            elif not self.selector.ports:
+                # A port selector may match later, once the process listens.
+                self.rejected.add(pid)
+        alive = set(pids)
+        self.rejected &= alive
+        now = time.monotonic()
+        for pid in [p for p in self.known if p not in alive and p not in self.dead]:
+            self.dead[pid] = now
+        for pid, since in list(self.dead.items()):
+            if now - since > _DEAD_GRACE_S:
+                self.forget(pid)
+
+    def forget(self, pid: int) -> None:
+        """Drop ``pid`` entirely."""
+        self.dead.pop(pid, None)
+        self.known.pop(pid, None)
+        try:
+            del self.procs_map[self.procs_map.Key(pid)]
+        except KeyError:
+            pass
+
+    def on_event(self, what: int, pid: int, ppid: int) -> None:
+        """React to exec/fork/exit of processes."""
+        if what == PROC_FORK:
+            # The kernel already selected the child with its parent's namespace; the child may
+            # live in a new PID namespace (unshare --pid --fork), so read it again.
+            if not self.add(pid):
+                self.forget(pid)
+        elif what == PROC_EXEC:
+            if pid in self.known:
+                self.add(pid)
+            elif pid not in self.rejected or self.selector.exes or self.selector.select_all:
+                self.rejected.discard(pid)
+                if self._wanted(pid, set()):
+                    self.add(pid)
+        elif what == PROC_EXIT and pid in self.known:
+            self.dead[pid] = time.monotonic()
+            try:
+                del self.procs_map[self.procs_map.Key(pid)]
+            except KeyError:
+                pass
+
+    def resource_for(self, tgid: int) -> Resource:
+        """The resource of ``tgid``; a minimal one when the process was never seen."""
+        info = self.known.get(tgid)
+        if info is not None:
+            return info.resource
+        built = processes.build_resource(tgid, self.host, self.sdk_version)
+        if built is not None:
+            return built
+        return Resource((tgid, 0), {"service.name": "unknown_service", "process.pid": tgid,
+                                    "host.name": self.host, "telemetry.sdk.name": "ebpf-bridge"})
+
+    def listen_port(self, tgid: int, fd: int) -> int | None:
+        """The local port of listening socket ``fd`` in ``tgid`` (cached)."""
+        info = self.known.get(tgid)
+        if info is None:
+            return processes.listen_port_of_fd(tgid, fd)
+        port = info.listen_ports.get(fd)
+        if port is None:
+            port = processes.listen_port_of_fd(tgid, fd)
+            if port is not None:
+                info.listen_ports[fd] = port
+        return port
+
+
+class Fanout:
+    """Sends every span to each configured exporter through its own bounded batch queue."""
+
+    def __init__(self, batches: list[BatchExporter]) -> None:
+        self._batches = batches
+
+    def submit(self, span: SpanRecord) -> None:
+        """Queue ``span`` on every exporter (never blocks)."""
+        for b in self._batches:
+            b.submit(span)
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Flush and close every exporter."""
+        for b in self._batches:
+            b.shutdown(timeout_s)
+
+    def stats(self) -> dict[str, int]:
+        """Summed exporter counters."""
+        out: dict[str, int] = {}
+        for b in self._batches:
+            for k, v in b.stats().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
+def _check_environment() -> None:
+    if os.geteuid() != 0:
+        raise AgentError("the agent must run as root (it loads eBPF programs): sudo ebpf-bridge agent")
+    if not os.path.isdir("/sys/kernel/tracing/events/syscalls"):
+        raise AgentError(
+            "tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing "
+            "(or run scripts/install.sh); `ebpf-bridge doctor` checks everything"
+        )
+    with open("/proc/mounts") as f:
+        if not any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in f):
+            raise AgentError("bpffs is not mounted: mount -t bpf bpf /sys/fs/bpf")
+
+
+def _load_bcc() -> Any:
+    try:
+        import bcc
+    except ImportError:
+        raise AgentError(
+            "BCC is not importable: apt-get install python3-bpfcc and run the agent from a venv "
+            "made with --system-site-packages (BCC is not on PyPI; PyPI's 'bcc' is unrelated)"
+        ) from None
+    return bcc
+
+
+class Agent:
+    """One agent run. ``run()`` blocks until stopped and returns the exit code."""
+
+    def __init__(self, cfg: AgentConfig, *, out: Any = None) -> None:
+        self.cfg = cfg
+        self._out = out or sys.stdout
+        self._stop = False
+        self._bpf: Any = None
+        self._layout: ExchangeLayout | None = None
+        self.registry: ProcessRegistry | None = None
+        self.assembler: SpanAssembler | None = None
+        self.fanout: Fanout | None = None
+        self.callback_errors = 0
+        self.idle_flushed = 0
+        self.start_to_ready_s = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def stop(self, *_: object) -> None:
+        """Ask the loop to finish (signal-safe)."""
+        self._stop = True
+
+    def _compile(self) -> Any:
+        bcc = _load_bcc()
+        cfg = self.cfg
+        pin = os.path.join(cfg.pin_dir, _abi.CTX_BY_TID_NAME)
+        os.makedirs(cfg.pin_dir, exist_ok=True)
+        pages = cfg.ringbuf_mb * 1024 * 1024 // _PAGE
+        cflags = [
+            f"-I{bpf.SOURCE_DIR}",
+            f"-DREQ_CAP={cfg.req_capture}",
+            f"-DRESP_CAP={cfg.resp_capture}",
+            f"-DCONN_MAX={cfg.max_connections}",
+            f"-DSOCK_MAX={cfg.max_connections * 4}",
+            f"-DRINGBUF_PAGES={pages}",
+            f'-DPIN_CTX_BY_TID="{pin}"',
+            "-Wno-macro-redefined",
+        ]
+        src = (bpf.SOURCE_DIR / "agent.bpf.c").read_text()
+        try:
+            b = bcc.BPF(text=src, cflags=cflags)
+        except Exception as e:
+            raise AgentError(
+                f"loading the eBPF program failed: {e}. Run `ebpf-bridge doctor` to see which "
+                "requirement is missing (kernel headers, tracefs, permissions)."
+            ) from None
+        self._secure_pin(pin)
+        return b
+
+    def _secure_pin(self, pin: str) -> None:
+        # Apps open the map write-only; only root (the agent) may read it.
+        if self.cfg.app_group:
+            try:
+                gid = grp.getgrnam(self.cfg.app_group).gr_gid
+            except KeyError:
+                raise AgentError(
+                    f"--app-group {self.cfg.app_group!r} is not a group on this host: "
+                    "create it (groupadd) or pass an existing group"
+                ) from None
+            os.chown(pin, 0, gid)
+            os.chmod(pin, stat.S_IRUSR | stat.S_IWUSR | stat.S_IWGRP)
+        else:
+            os.chmod(pin, stat.S_IRUSR | stat.S_IWUSR)
+
+    def _make_fanout(self) -> Fanout:
+        cfg = self.cfg
+        batches = []
+        for kind in cfg.resolved_exporters():
+            exp = make_exporter(kind, endpoint=cfg.otlp_endpoint, protocol=cfg.otlp_protocol,
+                                jsonl_path=cfg.jsonl_path, stream=self._out)
+            batches.append(BatchExporter(exp, max_queue=cfg.export_queue))
+        return Fanout(batches)
+
+    def run(self) -> int:
+        """Start, trace until stopped, flush, and return the exit code."""
+        t0 = time.monotonic()
+        _check_environment()
+        self.fanout = self._make_fanout()
+        b = self._bpf = self._compile()
+        self._layout = ExchangeLayout.from_ctypes(b["conns"].Leaf)
+        self.registry = ProcessRegistry(self.cfg.selector, b["procs"], os.getpid())
+        self.assembler = SpanAssembler(
+            self.registry, self.fanout.submit, route_heuristic=self.cfg.route_heuristic,
+            parent_wait_s=self.cfg.parent_wait_s,
+        )
+        b["events"].open_ring_buffer(self._on_event)
+        self.registry.scan()
+        self.start_to_ready_s = time.monotonic() - t0
+        log.info("attached %d tracepoints in %.2f s; tracing %d processes; exporting to %s",
+                 b.num_open_tracepoints(), self.start_to_ready_s, len(self.registry.known),
+                 ", ".join(self._describe_exporters()))
+        if self.cfg.ready_file:
+            Path(self.cfg.ready_file).write_text(f"{os.getpid()}\n")
+        old = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._loop()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self._shutdown()
+        return 0
+
+    def _describe_exporters(self) -> list[str]:
+        out = []
+        for kind in self.cfg.resolved_exporters():
+            if kind == "otlp":
+                out.append(f"otlp {self.cfg.otlp_protocol} {self.cfg.otlp_endpoint}")
+            elif kind == "jsonl":
+                out.append(f"jsonl {os.path.abspath(self.cfg.jsonl_path)}")
+            else:
+                out.append(kind)
+        return out
+
+    def _loop(self) -> None:
+        b = self._bpf
+        assert self.registry is not None and self.assembler is not None
+        cfg = self.cfg
+        idle_ns = cfg.idle_flush_ms * 1_000_000
+        tick_s = min(0.05, cfg.idle_flush_ms / 2000)
+        next_scan = next_stats = time.monotonic()
+        next_stats += cfg.stats_interval_s
+        while not self._stop:
+            b.ring_buffer_poll(int(tick_s * 1000))
+            now = time.monotonic()
+            self._flush_idle(idle_ns)
+            self.assembler.tick()
+            if now >= next_scan:
+                self.registry.scan()
+                next_scan = now + cfg.rescan_interval_s
+            if cfg.stats_interval_s > 0 and now >= next_stats:
+                log.info("stats %s", self.format_stats())
+                next_stats = now + cfg.stats_interval_s
+
+    def _shutdown(self) -> None:
+        b = self._bpf
+        try:
+            if b is not None:
+                b.ring_buffer_consume()
+                self._flush_idle(0)
+                b.ring_buffer_consume()
+            if self.assembler is not None:
+                self.assembler.flush()
+            log.info("final stats %s", self.format_stats())
+        finally:
+            if self.fanout is not None:
+                self.fanout.shutdown(10.0)
+            if self.cfg.ready_file:
+                Path(self.cfg.ready_file).unlink(missing_ok=True)
+            if b is not None:
+                b.cleanup()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
+        try:
+            raw = ctypes.string_at(data, size)
+            kind = int.from_bytes(raw[:4], "little")
+            if kind == EV_EXCHANGE:
+                assert self._layout is not None and self.assembler is not None
+                self.assembler.on_exchange(self._layout.decode(raw))
+            elif kind == EV_PROC:
+                assert self.registry is not None
+                _t, what, pid, ppid = PROC_EVENT.unpack_from(raw)
+                self.registry.on_event(what, pid, ppid)
+        except Exception:
+            # Never let one event take the agent down; count and carry on.
+            self.callback_errors += 1
+            log.exception("event handling failed")
+        return 0
+
+    def _flush_idle(self, idle_ns: int) -> None:
+        """Emit exchanges whose response went quiet: the kernel only sees an exchange end at the
+        next request or a close, which may never come on an idle keep-alive connection."""
+        b = self._bpf
+        assert self._layout is not None and self.assembler is not None
+        inflight = b["inflight"]
+        conns = b["conns"]
+        now = time.monotonic_ns()
+        for key, _ in list(inflight.items()):
+            try:
+                leaf = conns[key]
+            except KeyError:
+                self._delete(inflight, key)
+                continue
+            raw = bytes(leaf)  # type: ignore[call-overload]
+            ex = self._layout.decode(raw)
+            if now - ex.resp_end_ns < idle_ns or ex.resp_end_ns == 0:
+                continue
+            self._delete(conns, key)
+            self._delete(inflight, key)
+            self.idle_flushed += 1
+            self.assembler.on_exchange(ex)
+
+    @staticmethod
+    def _delete(table: Any, key: Any) -> None:
+        try:
+            del table[key]
+        except KeyError:
+            pass
+
+    # -- stats --------------------------------------------------------------------------------
+
+    def kernel_stats(self) -> dict[str, int]:
+        """The kernel's counters, summed over CPUs."""
+        if self._bpf is None:
+            return {}
+        table = self._bpf["stats"]
+        return {name: int(table.sum(table.Key(i)).value) for i, name in enumerate(STAT_NAMES)}
+
+    def format_stats(self) -> str:
+        """One line with every counter a user needs to know what was seen and what was lost."""
+        parts = [f"{k}={v}" for k, v in self.kernel_stats().items()]
+        if self.assembler is not None:
+            s = self.assembler.stats
+            parts += [f"spans={s.spans}", f"unknown_protocol={s.unknown_protocol}",
+                      f"parse_errors={s.parse_errors}", f"waiting_parent={self.assembler.waiting}",
+                      f"parent_timeouts={s.parent_timeouts}"]
+        parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]
+        if self.fanout is not None:
+            parts += [f"export_{k}={v}" for k, v in self.fanout.stats().items()]
+        return " ".join(parts)
+
+
+def install_signal_handlers(handler: Callable[[int, FrameType | None], object]) -> None:
+    """Route SIGINT/SIGTERM to ``handler``."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)

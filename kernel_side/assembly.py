@@ -1,0 +1,326 @@
+"""Span assembly: kernel exchanges in, finished ``SpanRecord``s out.
+
+One place derives span names, kinds, attributes, ids and parents for every protocol.
+
+Ids are derived from the kernel's exchange ids with a per-run salt, so a client span can name
+its parent server span before that span's event has arrived (the kernel emits an exchange when
+it ends, and a handler's outgoing calls end before its own response does). Only the trace id
+may depend on the parent's request (an adopted ``traceparent``), so children wait for their
+parent for a bounded time and fall back to the derived trace id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from bridge import _abi
+from kernel_side import semconv
+from kernel_side.events import ROLE_SERVER, Exchange
+from kernel_side.model import AttrValue, Resource, SpanKind, SpanRecord, StatusCode
+from kernel_side.protocols import http1
+from kernel_side.protocols.traceparent import parse_traceparent
+
+log = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    # splitmix64 finaliser: a bijection, so distinct exchange ids give distinct ids.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class IdSource:
+    """Span and trace ids derived from exchange ids, unique per agent run."""
+
+    def __init__(self, salt: bytes | None = None) -> None:
+        raw = salt if salt is not None else os.urandom(24)
+        self._s1 = int.from_bytes(raw[0:8], "little")
+        self._s2 = int.from_bytes(raw[8:16], "little")
+        self._s3 = int.from_bytes(raw[16:24], "little")
+
+    def span_id(self, exchange_id: int, index: int = 0) -> bytes:
+        """The span id of message ``index`` of an exchange."""
+        v = _mix64(self._s1 ^ ((exchange_id << 6) | index)) or 1
+        return v.to_bytes(8, "big")
+
+    def trace_id(self, exchange_id: int) -> bytes:
+        """The trace id a root exchange starts."""
+        hi = _mix64(self._s2 ^ exchange_id)
+        lo = _mix64(self._s3 ^ exchange_id) or 1
+        return hi.to_bytes(8, "big") + lo.to_bytes(8, "big")
+
+
+class ProcessLookup(Protocol):
+    """What assembly needs to know about processes."""
+
+    def resource_for(self, tgid: int) -> Resource:
+        """The resource of ``tgid`` (a placeholder one if the process is unknown)."""
+        ...
+
+    def listen_port(self, tgid: int, fd: int) -> int | None:
+        """Local port of listening socket ``fd`` of ``tgid``."""
+        ...
+
+
+@dataclass
+class AssemblyStats:
+    """Counters of span assembly."""
+
+    spans: int = 0
+    unknown_protocol: int = 0
+    parse_errors: int = 0
+    parent_timeouts: int = 0
+    pending_overflow: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Waiting:
+    deadline_ns: int
+    span: SpanRecord
+
+
+class SpanAssembler:
+    """Turns exchanges into spans and hands finished spans to ``sink``."""
+
+    def __init__(
+        self,
+        procs: ProcessLookup,
+        sink: Callable[[SpanRecord], object],
+        *,
+        route_heuristic: bool = False,
+        parent_wait_s: float = 10.0,
+        max_pending: int = 50_000,
+        ids: IdSource | None = None,
+    ) -> None:
+        self._procs = procs
+        self._sink = sink
+        self._route_heuristic = route_heuristic
+        self._parent_wait_ns = int(parent_wait_s * 1e9)
+        self._max_pending = max_pending
+        self.ids = ids or IdSource()
+        # Kernel timestamps are CLOCK_MONOTONIC; spans want Unix time.
+        self._epoch_offset_ns = time.time_ns() - time.monotonic_ns()
+        self._servers: OrderedDict[int, bytes] = OrderedDict()
+        self._max_servers = 65_536
+        self._waiting: dict[int, list[_Waiting]] = {}
+        self._n_waiting = 0
+        self.stats = AssemblyStats()
+
+    # -- public -------------------------------------------------------------------------------
+
+    def on_exchange(self, ex: Exchange) -> None:
+        """Build and route the spans of one exchange. Never raises on bad bytes."""
+        try:
+            if http1.looks_like_request(ex.request):
+                self._http(ex)
+            else:
+                self.stats.unknown_protocol += 1
+        except Exception:  # a parser bug must cost one exchange, never the agent
+            self.stats.parse_errors += 1
+            log.exception("could not assemble exchange %d of pid %d", ex.exchange_id, ex.tgid)
+
+    def tick(self, now_ns: int | None = None) -> None:
+        """Release children whose parent did not show up in time."""
+        if not self._waiting:
+            return
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        for parent_id in list(self._waiting):
+            items = self._waiting[parent_id]
+            if items[0].deadline_ns <= now:
+                self._release(parent_id, self.ids.trace_id(parent_id), timed_out=True)
+
+    def flush(self) -> None:
+        """Release every waiting span (agent shutdown)."""
+        for parent_id in list(self._waiting):
+            self._release(parent_id, self.ids.trace_id(parent_id), timed_out=True)
+
+    @property
+    def waiting(self) -> int:
+        """Spans held back waiting for their parent."""
+        return self._n_waiting
+
+    # -- HTTP/1.1 -----------------------------------------------------------------------------
+
+    def _http(self, ex: Exchange) -> None:
+        requests = http1.parse_requests(ex.request, ex.req_bytes)
+        if not requests:
+            self.stats.unknown_protocol += 1
+            return
+        responses = [
+            r
+            for r in http1.parse_responses(ex.response, ex.resp_bytes, [q.method for q in requests])
+            if not r.informational
+        ]
+        business, ctx_truncated = self._business(ex)
+        resource = self._procs.resource_for(ex.tgid)
+        start = ex.req_start_ns + self._epoch_offset_ns
+        end = max(ex.resp_end_ns, ex.req_end_ns) + self._epoch_offset_ns
+        server = ex.role == ROLE_SERVER
+        local_port = self._procs.listen_port(ex.tgid, ex.listen_fd) if server else None
+        truncated = len(ex.request) < ex.req_bytes and not requests[-1].head_complete
+        for idx, req in enumerate(requests):
+            resp = responses[idx] if idx < len(responses) else None
+            attrs: dict[str, AttrValue] = {
+                semconv.HTTP_REQUEST_METHOD: req.method,
+                semconv.NETWORK_PROTOCOL_VERSION: req.version,
+            }
+            status = StatusCode.UNSET
+            if resp is not None:
+                attrs[semconv.HTTP_RESPONSE_STATUS_CODE] = resp.status
+                if resp.body_size is not None:
+                    attrs[semconv.HTTP_RESPONSE_BODY_SIZE] = resp.body_size
+                if resp.status >= 500 or (not server and resp.status >= 400):
+                    status = StatusCode.ERROR
+                    attrs[semconv.ERROR_TYPE] = str(resp.status)
+            if req.body_size is not None:
+                attrs[semconv.HTTP_REQUEST_BODY_SIZE] = req.body_size
+            if req.user_agent:
+                attrs[semconv.USER_AGENT_ORIGINAL] = req.user_agent
+            if ex.peer_address:
+                attrs[semconv.NETWORK_PEER_ADDRESS] = ex.peer_address
+                attrs[semconv.NETWORK_PEER_PORT] = ex.peer_port
+            if truncated:
+                attrs[semconv.BRIDGE_TRUNCATED] = True
+            if ctx_truncated:
+                attrs[semconv.BRIDGE_CONTEXT_TRUNCATED] = True
+            attrs.update(business)
+            span_id = self.ids.span_id(ex.exchange_id, idx)
+            if server:
+                self._http_server_attrs(attrs, req, ex, local_port)
+                name = req.method
+                if self._route_heuristic:
+                    name = f"{req.method} {http1.route_heuristic(req.path)}"
+                span = SpanRecord(b"", span_id, None, name, SpanKind.SERVER, start, end,
+                                  resource, attrs, status)
+                tp = parse_traceparent(req.traceparent)
+                if tp is not None:
+                    span.trace_id, span.parent_span_id = tp.trace_id, tp.span_id
+                else:
+                    span.trace_id = self.ids.trace_id(ex.exchange_id)
+                if idx == 0:
+                    self._server_done(ex.exchange_id, span.trace_id)
+                self._emit(span)
+            else:
+                self._http_client_attrs(attrs, req, ex)
+                span = SpanRecord(b"", span_id, None, req.method, SpanKind.CLIENT, start, end,
+                                  resource, attrs, status)
+                self._route_client(span, ex, req.traceparent)
+
+    @staticmethod
+    def _http_server_attrs(attrs: dict[str, AttrValue], req: http1.HttpRequest, ex: Exchange,
+                           local_port: int | None) -> None:
+        attrs[semconv.URL_PATH] = req.path
+        if req.query:
+            attrs[semconv.URL_QUERY] = req.query
+        attrs[semconv.URL_SCHEME] = "http"
+        if local_port is not None:
+            attrs[semconv.SERVER_PORT] = local_port
+        if req.host:
+            attrs[semconv.SERVER_ADDRESS] = _split_host(req.host)[0]
+        client = req.x_forwarded_for.split(",")[0].strip() if req.x_forwarded_for else None
+        client = client or ex.peer_address
+        if client:
+            attrs[semconv.CLIENT_ADDRESS] = client
+
+    @staticmethod
+    def _http_client_attrs(attrs: dict[str, AttrValue], req: http1.HttpRequest,
+                           ex: Exchange) -> None:
+        host, port = _split_host(req.host) if req.host else (None, None)
+        host = host or ex.peer_address
+        port = port or ex.peer_port or None
+        if host:
+            attrs[semconv.SERVER_ADDRESS] = host
+        if port:
+            attrs[semconv.SERVER_PORT] = port
+        if req.target.startswith(("http://", "https://")):
+            attrs[semconv.URL_FULL] = req.target
+        elif host:
+            hostport = req.host or (f"{host}:{port}" if port else host)
+            attrs[semconv.URL_FULL] = f"http://{hostport}{req.target}"
+        else:
+            attrs[semconv.URL_PATH] = req.path
+
+    # -- context and parents ------------------------------------------------------------------
+
+    @staticmethod
+    def _business(ex: Exchange) -> tuple[dict[str, AttrValue], bool]:
+        if ex.ctx is None:
+            return {}, False
+        version, count, flags, data_len, _pad, _tid, _sid, _kind = (
+            _abi.CTX_VALUE_HEADER.unpack_from(ex.ctx, 0)
+        )
+        if version != _abi.ABI_VERSION:
+            return {}, False
+        data = ex.ctx[_abi.CTX_VALUE_HEADER.size : _abi.CTX_VALUE_HEADER.size + data_len]
+        return _abi.decode_attrs(data, count), bool(flags & _abi.CTX_F_TRUNCATED)
+
+    def _server_done(self, exchange_id: int, trace_id: bytes) -> None:
+        self._servers[exchange_id] = trace_id
+        if len(self._servers) > self._max_servers:
+            self._servers.popitem(last=False)
+        if exchange_id in self._waiting:
+            self._release(exchange_id, trace_id, timed_out=False)
+
+    def _route_client(self, span: SpanRecord, ex: Exchange, traceparent: str | None) -> None:
+        parent = ex.parent_exchange_id
+        if not parent:
+            tp = parse_traceparent(traceparent)
+            if tp is not None:
+                span.trace_id, span.parent_span_id = tp.trace_id, tp.span_id
+            else:
+                span.trace_id = self.ids.trace_id(ex.exchange_id)
+            self._emit(span)
+            return
+        span.parent_span_id = self.ids.span_id(parent)
+        trace_id = self._servers.get(parent)
+        if trace_id is not None:
+            span.trace_id = trace_id
+            self._emit(span)
+            return
+        if self._n_waiting >= self._max_pending:
+            self.stats.pending_overflow += 1
+            span.trace_id = self.ids.trace_id(parent)
+            self._emit(span)
+            return
+        deadline = time.monotonic_ns() + self._parent_wait_ns
+        self._waiting.setdefault(parent, []).append(_Waiting(deadline, span))
+        self._n_waiting += 1
+
+    def _release(self, parent_id: int, trace_id: bytes, *, timed_out: bool) -> None:
+        items = self._waiting.pop(parent_id, [])
+        self._n_waiting -= len(items)
+        if timed_out:
+            self.stats.parent_timeouts += len(items)
+        for w in items:
+            w.span.trace_id = trace_id
+            self._emit(w.span)
+
+    def _emit(self, span: SpanRecord) -> None:
+        self.stats.spans += 1
+        self._sink(span)
+
+
+def _split_host(host: str) -> tuple[str | None, int | None]:
+    host = host.strip()
+    if not host:
+        return None, None
+    if host.startswith("["):
+        end = host.find("]")
+        name = host[1:end] if end > 0 else host
+        rest = host[end + 1 :] if end > 0 else ""
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+        return name, port
+    name, sep, port_s = host.rpartition(":")
+    if sep and port_s.isdigit() and ":" not in name:
+        return name, int(port_s)
+    return host, None

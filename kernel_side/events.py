@@ -1,0 +1,188 @@
+"""Decoding of ring-buffer events. The layout comes from the C struct, never retyped by hand.
+
+``ExchangeLayout.from_ctypes`` reads field offsets from the ctypes class BCC generates for the
+``conns`` map value (the same struct the kernel emits) and builds a ``struct.Struct`` for the
+fixed header, so one ``unpack_from`` decodes an event.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import struct
+from dataclasses import dataclass
+from typing import Any, Final
+
+EV_EXCHANGE: Final = 1
+EV_PROC: Final = 2
+
+ROLE_SERVER: Final = 1
+ROLE_CLIENT: Final = 2
+
+PROC_EXEC: Final = 1
+PROC_FORK: Final = 2
+PROC_EXIT: Final = 3
+
+AF_INET: Final = 2
+AF_INET6: Final = 10
+
+# Slots of the kernel's per-CPU `stats` array (ST_* in bpf/agent.bpf.c).
+STAT_NAMES: Final = (
+    "events_lost",
+    "exchanges",
+    "unmatched_responses",
+    "context_hits",
+    "pidns_errors",
+    "connections",
+    "proc_events_lost",
+)
+
+PROC_EVENT: Final = struct.Struct("<IIII")
+
+_HEADER_FIELDS: Final = (
+    "type",
+    "tgid",
+    "fd",
+    "role",
+    "family",
+    "phase",
+    "has_ctx",
+    "peer_port",
+    "listen_fd",
+    "req_tid",
+    "resp_tid",
+    "req_cap",
+    "resp_cap",
+    "req_calls",
+    "resp_calls",
+    "peer_addr",
+    "conn_id",
+    "exchange_id",
+    "parent_exchange_id",
+    "req_start_ns",
+    "req_end_ns",
+    "resp_start_ns",
+    "resp_end_ns",
+    "req_bytes",
+    "resp_bytes",
+    "ctx",
+)
+
+_CODES: Final[dict[Any, str]] = {
+    ctypes.c_ubyte: "B",
+    ctypes.c_ushort: "H",
+    ctypes.c_uint: "I",
+    ctypes.c_ulong: "Q" if ctypes.sizeof(ctypes.c_ulong) == 8 else "I",
+    ctypes.c_ulonglong: "Q",
+    ctypes.c_int: "i",
+    ctypes.c_longlong: "q",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request/response exchange on one connection, as the kernel paired it."""
+
+    tgid: int
+    fd: int
+    role: int
+    peer_address: str | None
+    peer_port: int
+    listen_fd: int
+    req_tid: int
+    resp_tid: int
+    conn_id: int
+    exchange_id: int
+    parent_exchange_id: int
+    req_start_ns: int
+    req_end_ns: int
+    resp_start_ns: int
+    resp_end_ns: int
+    req_bytes: int
+    resp_bytes: int
+    req_calls: int
+    resp_calls: int
+    request: bytes
+    response: bytes
+    ctx: bytes | None
+    """The raw ``struct bridge_ctx_value`` snapshot, when the thread had context."""
+
+
+def _format_addr(family: int, raw: bytes) -> str | None:
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == AF_INET6:
+        addr = ipaddress.IPv6Address(raw)
+        return str(addr.ipv4_mapped or addr)
+    return None
+
+
+class ExchangeLayout:
+    """Offsets of ``struct exchange`` and a decoder for it."""
+
+    def __init__(self, header: struct.Struct, names: tuple[str, ...], req_off: int,
+                 resp_off: int, ctx_size: int) -> None:
+        self._header = header
+        self._names = names
+        self.req_off = req_off
+        self.resp_off = resp_off
+        self.ctx_size = ctx_size
+
+    @classmethod
+    def from_ctypes(cls, leaf: type[ctypes.Structure]) -> ExchangeLayout:
+        """Build the decoder from BCC's ctypes class for the ``conns`` map value."""
+        fmt = "<"
+        pos = 0
+        names: list[str] = []
+        types = dict(leaf._fields_)
+        for name in _HEADER_FIELDS:
+            desc = getattr(leaf, name)
+            if desc.offset > pos:
+                fmt += f"{desc.offset - pos}x"
+            ctype = types[name]
+            if ctype in _CODES:
+                fmt += _CODES[ctype]
+            else:
+                fmt += f"{desc.size}s"
+            pos = desc.offset + desc.size
+            names.append(name)
+        if tuple(names) != _HEADER_FIELDS:
+            raise RuntimeError("exchange header fields out of order")
+        header = struct.Struct(fmt)
+        if header.size != pos:
+            raise RuntimeError(f"exchange header layout mismatch: {header.size} != {pos}")
+        return cls(header, tuple(names), leaf.req.offset, leaf.resp.offset, leaf.ctx.size)
+
+    def decode(self, data: bytes) -> Exchange:
+        """Decode one exchange event (or a ``conns`` value read by user space)."""
+        (
+            _type, tgid, fd, role, family, _phase, has_ctx, peer_port, listen_fd, req_tid,
+            resp_tid, req_cap, resp_cap, req_calls, resp_calls, peer_addr, conn_id,
+            exchange_id, parent_exchange_id, req_start_ns, req_end_ns, resp_start_ns,
+            resp_end_ns, req_bytes, resp_bytes, ctx,
+        ) = self._header.unpack_from(data, 0)
+        req_cap = max(0, min(req_cap, len(data) - self.req_off))
+        return Exchange(
+            tgid=tgid,
+            fd=fd,
+            role=role,
+            peer_address=_format_addr(family, peer_addr),
+            peer_port=peer_port,
+            listen_fd=listen_fd,
+            req_tid=req_tid,
+            resp_tid=resp_tid,
+            conn_id=conn_id,
+            exchange_id=exchange_id,
+            parent_exchange_id=parent_exchange_id,
+            req_start_ns=req_start_ns,
+            req_end_ns=req_end_ns,
+            resp_start_ns=resp_start_ns,
+            resp_end_ns=resp_end_ns,
+            req_bytes=req_bytes,
+            resp_bytes=resp_bytes,
+            req_calls=req_calls,
+            resp_calls=resp_calls,
+            request=data[self.req_off : self.req_off + req_cap],
+            response=data[self.resp_off : self.resp_off + resp_cap],
+            ctx=ctx if has_ctx else None,
+        )

@@ -1,0 +1,202 @@
+"""Raw ``bpf(2)`` through ctypes: just the commands the application side and its tests need.
+
+No libbpf, no BCC: an application that imports ``bridge`` must not need either. Every helper
+here raises ``OSError`` with the kernel's errno on failure; the hot path in ``_writer`` calls
+``syscall`` directly with preallocated arguments and reads the errno itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from typing import Final
+
+# bpf(2) syscall numbers differ per architecture; these are the two we run on.
+_SYS_BPF_BY_MACHINE: Final = {"x86_64": 321, "amd64": 321, "aarch64": 280, "arm64": 280}
+SYS_BPF: Final = _SYS_BPF_BY_MACHINE.get(platform.machine().lower(), 321)
+
+# enum bpf_cmd
+BPF_MAP_CREATE: Final = 0
+BPF_MAP_LOOKUP_ELEM: Final = 1
+BPF_MAP_UPDATE_ELEM: Final = 2
+BPF_MAP_DELETE_ELEM: Final = 3
+BPF_MAP_GET_NEXT_KEY: Final = 4
+BPF_OBJ_PIN: Final = 6
+BPF_OBJ_GET: Final = 7
+
+# enum bpf_map_type
+BPF_MAP_TYPE_HASH: Final = 1
+
+# BPF_MAP_UPDATE_ELEM flags
+BPF_ANY: Final = 0
+BPF_NOEXIST: Final = 1
+BPF_EXIST: Final = 2
+
+# BPF_OBJ_GET file_flags (0 means read-write)
+BPF_F_RDWR: Final = 0
+BPF_F_RDONLY: Final = 1 << 3
+BPF_F_WRONLY: Final = 1 << 4
+
+# BPF_MAP_CREATE map_flags
+BPF_F_NO_PREALLOC: Final = 1
+
+
+class MapElemAttr(ctypes.Structure):
+    """The ``bpf_attr`` member used by the ``BPF_MAP_*_ELEM`` commands."""
+
+    _fields_ = (
+        ("map_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    )
+
+
+class ObjAttr(ctypes.Structure):
+    """The ``bpf_attr`` member used by ``BPF_OBJ_PIN`` and ``BPF_OBJ_GET``."""
+
+    _fields_ = (
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+    )
+
+
+class MapCreateAttr(ctypes.Structure):
+    """The leading fields of the ``bpf_attr`` member used by ``BPF_MAP_CREATE``."""
+
+    _fields_ = (
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    )
+
+
+_libc: Final = ctypes.CDLL(None, use_errno=True)
+syscall: Final = _libc.syscall
+"""libc ``syscall(2)`` without ``argtypes``: measurably cheaper per call than declaring them.
+
+Callers must therefore pass every argument as a ctypes object (``c_long``, ``c_void_p``) so
+that 64-bit values are never narrowed to a C ``int``.
+"""
+syscall.restype = ctypes.c_long
+
+NR_BPF: Final = ctypes.c_long(SYS_BPF)
+CMD_UPDATE: Final = ctypes.c_long(BPF_MAP_UPDATE_ELEM)
+CMD_DELETE: Final = ctypes.c_long(BPF_MAP_DELETE_ELEM)
+ELEM_ATTR_SIZE: Final = ctypes.c_long(ctypes.sizeof(MapElemAttr))
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    ret: int = syscall(
+        NR_BPF, ctypes.c_long(cmd), ctypes.byref(attr), ctypes.c_long(ctypes.sizeof(attr))
+    )
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def obj_get(path: str, file_flags: int = BPF_F_RDWR) -> int:
+    """Open a pinned BPF object and return a new (close-on-exec) file descriptor."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    attr = ObjAttr(pathname=ctypes.addressof(raw), bpf_fd=0, file_flags=file_flags)
+    try:
+        return _bpf(BPF_OBJ_GET, attr)
+    except OSError as exc:
+        exc.filename = path
+        raise
+
+
+def obj_pin(fd: int, path: str) -> None:
+    """Pin the BPF object behind ``fd`` at ``path`` on a bpffs mount."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    attr = ObjAttr(pathname=ctypes.addressof(raw), bpf_fd=fd, file_flags=0)
+    try:
+        _bpf(BPF_OBJ_PIN, attr)
+    except OSError as exc:
+        exc.filename = path
+        raise
+
+
+def map_create(
+    key_size: int,
+    value_size: int,
+    max_entries: int,
+    map_type: int = BPF_MAP_TYPE_HASH,
+    map_flags: int = 0,
+    name: str = "",
+) -> int:
+    """Create a map (needs CAP_BPF or root) and return its file descriptor."""
+    attr = MapCreateAttr(
+        map_type=map_type,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        map_flags=map_flags,
+        map_name=name.encode("ascii")[:15],
+    )
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def _elem_attr(
+    fd: int, key: bytes, value: ctypes.Array[ctypes.c_char] | None, flags: int
+) -> tuple[MapElemAttr, ctypes.Array[ctypes.c_char]]:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    attr = MapElemAttr(
+        map_fd=fd,
+        key=ctypes.addressof(kbuf),
+        value=0 if value is None else ctypes.addressof(value),
+        flags=flags,
+    )
+    return attr, kbuf
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    """``BPF_MAP_UPDATE_ELEM`` with ``BPF_ANY``, ``BPF_NOEXIST`` or ``BPF_EXIST``."""
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    attr, _kbuf = _elem_attr(fd, key, vbuf, flags)
+    _bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+
+def map_delete(fd: int, key: bytes) -> None:
+    """``BPF_MAP_DELETE_ELEM``; ``ENOENT`` if the key is absent."""
+    attr, _kbuf = _elem_attr(fd, key, None, 0)
+    _bpf(BPF_MAP_DELETE_ELEM, attr)
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """``BPF_MAP_LOOKUP_ELEM``: the value bytes, or ``None`` if the key is absent.
+
+    Needs a readable fd: a ``BPF_F_WRONLY`` descriptor gets ``EPERM``.
+    """
+    vbuf = ctypes.create_string_buffer(value_size)
+    attr, _kbuf = _elem_attr(fd, key, vbuf, 0)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+    except FileNotFoundError:
+        return None
+    return vbuf.raw
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a hash map (``BPF_MAP_GET_NEXT_KEY`` walk; needs a readable fd)."""
+    keys: list[bytes] = []
+    cur = ctypes.create_string_buffer(key_size)
+    nxt = ctypes.create_string_buffer(key_size)
+    attr = MapElemAttr(map_fd=fd, key=0, value=ctypes.addressof(nxt), flags=0)
+    while True:
+        try:
+            _bpf(BPF_MAP_GET_NEXT_KEY, attr)
+        except FileNotFoundError:
+            return keys
+        keys.append(nxt.raw)
+        ctypes.memmove(cur, nxt, key_size)
+        attr.key = ctypes.addressof(cur)
