@@ -116,14 +116,16 @@ def parse_otlp_json(body: bytes) -> ExportTraceServiceRequest:
                 hex_ids_to_base64(item)
 
     hex_ids_to_base64(document)
-    return json_format.ParseDict(document, ExportTraceServiceRequest())
+    request = ExportTraceServiceRequest()
+    json_format.ParseDict(document, request)
+    return request
 
 
-class _TraceService(TraceServiceServicer):  # type: ignore[misc]
+class _TraceService(TraceServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self._receiver = receiver
 
-    def Export(  # noqa: N802 - the generated servicer's method name
+    def Export(
         self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> ExportTraceServiceResponse:
         self._receiver.record(request)
@@ -134,7 +136,7 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             if self.path.split("?", 1)[0] != TRACES_PATH:
                 self._reply(404, "text/plain", b"only POST /v1/traces is served\n")
                 return
@@ -166,7 +168,7 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        def log_message(self, format: str, *args: Any) -> None:
             """Silenced: per-request access lines would drown the span output."""
 
     return Handler
@@ -202,7 +204,8 @@ class OtlpReceiver:
     def start(self) -> OtlpReceiver:
         """Bind and start serving; returns self for chaining."""
         server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="otlp-grpc"))
-        add_TraceServiceServicer_to_server(_TraceService(self), server)
+        # The generated *_pb2_grpc module ships without type hints.
+        add_TraceServiceServicer_to_server(_TraceService(self), server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port(f"{self.host}:{self._grpc_port}")
         if port == 0:
             raise OSError(f"OTLP receiver: cannot bind gRPC on {self.host}:{self._grpc_port}")
@@ -290,7 +293,8 @@ class OtlpReceiver:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a receiver and print each received span as a JSON line until interrupted."""
     parser = argparse.ArgumentParser(
-        prog="python -m kernel_side.otlp_receiver", description=__doc__.splitlines()[0]
+        prog="python -m kernel_side.otlp_receiver",
+        description="Print received OTLP spans as JSON lines.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=4317, help="0 picks a free port")

@@ -24,7 +24,7 @@ import math
 import os
 import struct
 import threading
-import time
+from time import monotonic as _monotonic
 from types import TracebackType
 from typing import Final
 
@@ -49,9 +49,16 @@ _MAP_FULL: Final = frozenset({errno.E2BIG, errno.ENOMEM})
 # The fd number no longer refers to a map of ours: look at the pin again.
 _STALE_FD: Final = frozenset({errno.EBADF, errno.EINVAL})
 
-_KEY_CACHE_MAX: Final = 4096
-_keys: dict[str, bytes] = {}
-"""Validated attribute keys and their ASCII bytes; bounded so hostile key churn costs only speed."""
+_I64: Final = struct.Struct("<q")
+_F64: Final = struct.Struct("<d")
+_ABI_VERSION: Final = _abi.ABI_VERSION
+# Bound once: the hot path avoids attribute look-ups on other modules.
+_syscall: Final = _bpf.syscall
+_NR_BPF: Final = _bpf.NR_BPF
+_CMD_UPDATE: Final = _bpf.CMD_UPDATE
+_CMD_DELETE: Final = _bpf.CMD_DELETE
+_ELEM_SIZE: Final = _bpf.ELEM_ATTR_SIZE
+_ZEROS: Final = bytes(_VALUE_SIZE)
 
 
 class _Process:
@@ -60,6 +67,7 @@ class _Process:
     def __init__(self) -> None:
         self.fd = -1  # the fd number reserved for the map (see _install)
         self.fd_ident: tuple[int, int] | None = None
+        self.gen = 0  # bumped whenever the fd refers to another map: thread states rebuild
         self.connected = False
         self.pin_path = _env.ctx_by_tid_pin()
         self.pin_ident: tuple[int, int] | None = None
@@ -90,27 +98,36 @@ class _Thread:
         "a_noexist",
         "attrs",
         "buf",
-        "fd",
+        "data",
+        "gen",
         "key",
         "mirror",
         "pid",
-        "prev_len",
+        "stale",
+        "synced",
         "trunc",
+        "vbuf",
     )
 
-    def __init__(self, fd: int, pidns: int) -> None:
+    def __init__(self, fd: int, gen: int, pidns: int) -> None:
         self.pid = os.getpid()
-        self.fd = fd
-        # The mirror: key -> encoded record, exactly what this thread's entry holds (as far as
-        # this thread knows; the kernel may have deleted it since).
+        self.gen = gen
+        # The mirror: key -> encoded record, what this thread's entry holds as far as this
+        # thread knows (the kernel may have deleted it since). ``data`` is the records joined,
+        # ``trunc`` whether the entry carries CTX_F_TRUNCATED. Mirror dicts are never mutated
+        # in place, so holding a reference is a snapshot.
         self.mirror: dict[str, bytes] = {}
-        self.trunc = False  # the current entry had something truncated or dropped
-        self.prev_len = 0
+        self.data = b""
+        self.trunc = False
+        self.synced = False  # ``buf`` holds exactly the mirror's value
+        self.stale = False  # the last write found the entry cleared by the kernel
         self.buf = bytearray(_VALUE_SIZE)
+        # Exporting the buffer pins it: it can never be resized under the kernel's pointer.
+        self.vbuf = (ctypes.c_char * _VALUE_SIZE).from_buffer(self.buf)
         self.key = ctypes.create_string_buffer(
             _abi.CTX_KEY.pack(pidns, threading.get_native_id(), 0), _abi.CTX_KEY.size
         )
-        vaddr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        vaddr = ctypes.addressof(self.vbuf)
         kaddr = ctypes.addressof(self.key)
 
         def elem(value: int, flags: int) -> _bpf.MapElemAttr:
@@ -127,12 +144,39 @@ class _Thread:
             ctypes.c_void_p(ctypes.addressof(a)) for a in self.attrs
         )
 
+    def set_mirror(self, recs: dict[str, bytes], data: bytes, trunc: bool) -> None:
+        """Record a successful write of ``recs`` (the buffer holds exactly that value)."""
+        self.mirror = recs
+        self.data = data
+        self.trunc = trunc
+        self.synced = True
+
+    def forget(self) -> None:
+        """Record that nothing of ours is (or should be treated as being) in the map."""
+        self.mirror = {}
+        self.data = b""
+        self.trunc = False
+        self.synced = False
+
+    def fill(self, recs: dict[str, bytes], data: bytes, trunc: bool) -> None:
+        """Write the value for ``recs`` into the preallocated buffer."""
+        buf = self.buf
+        total = len(data)
+        _HEAD.pack_into(
+            buf, 0, _ABI_VERSION, len(recs), _abi.CTX_F_TRUNCATED if trunc else 0, total
+        )
+        end = _DATA_OFF + total
+        buf[_DATA_OFF:end] = data
+        # Zero whatever a longer earlier value left behind.
+        buf[end:] = _ZEROS[: _VALUE_SIZE - end]
+        self.synced = False
+
     def __del__(self) -> None:
         # A dead thread's entry would otherwise outlive it and, once its tid is reused, label
         # another thread's syscalls (and hold a slot of a bounded map).
         try:
-            if self.mirror and self.pid == os.getpid() and _P.connected and self.fd == _P.fd:
-                _bpf.syscall(_bpf.NR_BPF, _bpf.CMD_DELETE, self.a_delete, _bpf.ELEM_ATTR_SIZE)
+            if self.mirror and self.pid == os.getpid() and _P.connected and self.gen == _P.gen:
+                _syscall(_NR_BPF, _CMD_DELETE, self.a_delete, _ELEM_SIZE)
         except Exception:
             # Interpreter shutdown may already have torn down the globals used above.
             pass
@@ -167,6 +211,7 @@ def _install(newfd: int) -> None:
     else:
         _P.fd = newfd
     _P.fd_ident = _ident(os.fstat(_P.fd))
+    _P.gen += 1
 
 
 def _release() -> None:
@@ -186,7 +231,7 @@ def _release() -> None:
 
 def _refresh() -> bool:
     """Re-check the pin if due (at most once per ``RETRY_INTERVAL_S``); return ``connected``."""
-    now = time.monotonic()
+    now = _monotonic()
     if now < _P.next_check:
         return _P.connected
     with _lock:
@@ -250,8 +295,9 @@ def reconnect() -> bool:
 
 def _thread() -> _Thread:
     st: _Thread | None = getattr(_tls, "s", None)
-    if st is None or st.fd != _P.fd:
-        st = _Thread(_P.fd, _P.pidns)
+    if st is None or st.gen != _P.gen:
+        # First write on this thread, or a new map: nothing of ours is in it.
+        st = _Thread(_P.fd, _P.gen, _P.pidns)
         _tls.s = st
     return st
 
@@ -262,7 +308,7 @@ def _after_fork_in_child() -> None:
     # mirror and every cached key belongs to the parent. The map fd itself stays valid.
     old = _P
     _P = _Process()
-    _P.fd, _P.fd_ident, _P.connected = old.fd, old.fd_ident, old.connected
+    _P.fd, _P.fd_ident, _P.connected, _P.gen = old.fd, old.fd_ident, old.connected, old.gen
     _P.pin_path, _P.pin_ident = old.pin_path, old.pin_ident
     _lock = threading.Lock()
     _tls = threading.local()
@@ -274,11 +320,41 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 # --- validation and encoding ----------------------------------------------------------------
 
 
-def _remember(key: str) -> bytes:
-    kraw = key.encode("ascii")
-    if len(_keys) < _KEY_CACHE_MAX:
-        _keys[key] = kraw
-    return kraw
+class _Key:
+    """A validated attribute key with its encoded prefixes and recently seen string records.
+
+    Encoding is most of the Python cost of ``annotate``; the same keys (and often the same
+    values) repeat on every request, so the records are built once.
+    """
+
+    __slots__ = ("false_rec", "float_pre", "int_pre", "kraw", "strs", "true_rec")
+
+    def __init__(self, key: str) -> None:
+        kraw = key.encode("ascii")
+        klen = len(kraw)
+        self.kraw = kraw
+        # Keyed by the str value; typed ``object`` because look-ups use any value.
+        self.strs: dict[object, bytes] = {}
+        self.int_pre = _ATTR_HEAD.pack(_abi.ATTR_INT, klen, 8) + kraw
+        self.float_pre = _ATTR_HEAD.pack(_abi.ATTR_FLOAT, klen, 8) + kraw
+        self.true_rec = _ATTR_HEAD.pack(_abi.ATTR_BOOL, klen, 1) + kraw + b"\x01"
+        self.false_rec = _ATTR_HEAD.pack(_abi.ATTR_BOOL, klen, 1) + kraw + b"\x00"
+
+
+# Bounded so that key or value churn costs speed, never unbounded memory.
+_KEYS_MAX: Final = 512
+_STRS_PER_KEY_MAX: Final = 64
+_keys: dict[str, _Key] = {}
+_strs: dict[str, dict[object, bytes]] = {}
+"""key -> its ``_Key.strs``: one look-up less on the hot path."""
+
+
+def _key_info(key: str) -> _Key:
+    ki = _Key(key)
+    if len(_keys) < _KEYS_MAX:
+        _keys[key] = ki
+        _strs[key] = ki.strs
+    return ki
 
 
 def _validate(attrs: dict[str, AttrValue]) -> None:
@@ -294,25 +370,44 @@ def _validate(attrs: dict[str, AttrValue]) -> None:
             elif isinstance(v, float) and math.isfinite(v):
                 continue
         _abi.check_attr(k, v)
-        _remember(k)
+        _key_info(k)
 
 
-def _encode(attrs: dict[str, AttrValue]) -> tuple[dict[str, bytes], int]:
+def _record(k: str, v: AttrValue) -> tuple[bytes, bool]:
+    """Validate one attribute and encode it: (record, whether the value was truncated)."""
+    ki = _keys.get(k)
+    if ki is None:
+        _abi.check_attr(k, v)
+        ki = _key_info(k)
+    if isinstance(v, str):
+        raw = v.encode("utf-8", "replace")
+        if len(raw) > _MAX_STR_LEN:
+            # Rare: not cached, so every truncation is counted.
+            return _abi.encode_attr(k, v)
+        rec = _ATTR_HEAD.pack(_abi.ATTR_STR, len(ki.kraw), len(raw)) + ki.kraw + raw
+        strs = ki.strs
+        if len(strs) >= _STRS_PER_KEY_MAX:
+            strs.clear()
+        strs[v] = rec
+        return rec, False
+    if isinstance(v, bool):
+        return (ki.true_rec if v else ki.false_rec), False
+    if isinstance(v, int):
+        if _I64_MIN <= v <= _I64_MAX:
+            return ki.int_pre + _I64.pack(v), False
+    elif isinstance(v, float) and math.isfinite(v):
+        return ki.float_pre + _F64.pack(v), False
+    # Raises for out-of-range numbers and unsupported types, naming the key.
+    _abi.check_attr(k, v)
+    return _abi.encode_attr(k, v)
+
+
+def _records(attrs: dict[str, AttrValue]) -> tuple[dict[str, bytes], int]:
     """Validate and encode every item; return the records and how many values were cut."""
     recs: dict[str, bytes] = {}
     cut = 0
     for k, v in attrs.items():
-        kraw = _keys.get(k)
-        if kraw is not None and type(v) is str:
-            raw = v.encode("utf-8", "replace")
-            n = len(raw)
-            if n <= _MAX_STR_LEN:
-                recs[k] = _ATTR_HEAD.pack(_abi.ATTR_STR, len(kraw), n) + kraw + raw
-                continue
-        _abi.check_attr(k, v)
-        _remember(k)
-        rec, was_cut = _abi.encode_attr(k, v)
-        recs[k] = rec
+        recs[k], was_cut = _record(k, v)
         cut += was_cut
     return recs, cut
 
@@ -334,22 +429,9 @@ def _fit(recs: dict[str, bytes]) -> tuple[dict[str, bytes], int, int]:
 # --- map writes -----------------------------------------------------------------------------
 
 
-def _fill(st: _Thread, recs: dict[str, bytes], total: int, trunc: bool) -> None:
-    buf = st.buf
-    _HEAD.pack_into(
-        buf, 0, _abi.ABI_VERSION, len(recs), _abi.CTX_F_TRUNCATED if trunc else 0, total
-    )
-    end = _DATA_OFF + total
-    buf[_DATA_OFF:end] = b"".join(recs.values())
-    if total < st.prev_len:
-        # Zero what a longer earlier value left behind: the agent must only ever see this entry.
-        buf[end : _DATA_OFF + st.prev_len] = bytes(st.prev_len - total)
-    st.prev_len = total
-
-
 def _update(attr: ctypes.c_void_p) -> int:
     """One ``BPF_MAP_UPDATE_ELEM``; 0 on success, else the errno."""
-    if _bpf.syscall(_bpf.NR_BPF, _bpf.CMD_UPDATE, attr, _bpf.ELEM_ATTR_SIZE) == 0:
+    if _syscall(_NR_BPF, _CMD_UPDATE, attr, _ELEM_SIZE) == 0:
         _P.writes += 1
         return 0
     return ctypes.get_errno()
@@ -367,50 +449,34 @@ def _count_failure(err: int, what: str) -> None:
 
 
 def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool) -> None:
-    """Create the entry for a new request with ``recs`` only (the mirror is known to be stale)."""
-    recs, total, dropped = _fit(recs)
+    """Create the entry for a new request with ``recs`` only (nothing of ours is in the map)."""
+    recs, _, dropped = _fit(recs)
     _P.dropped_attrs += dropped
     trunc = trunc or dropped > 0
-    _fill(st, recs, total, trunc)
+    data = b"".join(recs.values())
+    st.fill(recs, data, trunc)
     err = _update(st.a_noexist)
     if err == errno.EEXIST:
         # The entry appeared since we learned it was gone (or was written by someone else on
         # this thread's key): ours replaces it.
         err = _update(st.a_any)
     if err:
-        st.mirror = {}
-        st.trunc = False
+        st.forget()
         _count_failure(err, "update")
         return
-    st.mirror = recs
-    st.trunc = trunc
+    st.set_mirror(recs, data, trunc)
 
 
-def _apply(st: _Thread, recs: dict[str, bytes], cut: int) -> bool:
-    """Merge ``recs`` into this request's entry; return False if the mirror was stale."""
-    _P.truncated_values += cut
-    mirror = st.mirror
-    if not mirror:
-        _write_new(st, recs, cut > 0)
-        return True
-    merged, total, dropped = _fit({**mirror, **recs})
-    trunc = st.trunc or cut > 0 or dropped > 0
-    _fill(st, merged, total, trunc)
-    err = _update(st.a_exist)
-    if err == 0:
-        _P.dropped_attrs += dropped
-        st.mirror = merged
-        st.trunc = trunc
-        return True
+def _on_exist_failed(st: _Thread, attrs: dict[str, AttrValue], err: int, cut: int) -> None:
     if err == errno.ENOENT:
         # The kernel cleared the entry: a new request began on this thread. Never carry an
         # earlier request's attributes into it.
-        _write_new(st, recs, cut > 0)
-        return False
-    _P.dropped_attrs += dropped
-    # The entry still holds the mirror's content; it stays as it was.
+        st.stale = True
+        st.forget()
+        _write_new(st, _records(attrs)[0], cut > 0)
+        return
+    # The entry still holds the mirror's content; the mirror stays as it was.
     _count_failure(err, "update")
-    return True
 
 
 # --- public API -----------------------------------------------------------------------------
@@ -426,31 +492,91 @@ def annotate(**attrs: AttrValue) -> None:
     else (no agent running, map full, value too long, kernel errors) never raises: it degrades
     as documented in ``BridgeStatus`` and is counted there.
     """
+    # This is the hot path: it is written out in one function on purpose (each Python call
+    # costs about as much as encoding an attribute).
     p = _P
-    if not (p.connected and time.monotonic() < p.next_check) and not _refresh():
+    if _monotonic() >= p.next_check:
+        _refresh()
+    if not p.connected:
         _validate(attrs)
         p.calls += 1
         p.noop_calls += 1
         return
-    recs, cut = _encode(attrs)
+    try:
+        st: _Thread = _tls.s
+    except AttributeError:
+        st = _thread()
+    if st.gen != p.gen:
+        st = _thread()
+    mirror = merged = st.mirror
+    data = st.data
+    rebuild = False
+    cut = 0
+    strs = _strs
+    try:
+        # Merge into a copy first: a bad key or value raises before anything changes.
+        for k, v in attrs.items():
+            known = strs.get(k)
+            # Only str records are cached; a value of another type never equals a str key.
+            rec = None if known is None else known.get(v)
+            if rec is None:
+                rec, was_cut = _record(k, v)
+                cut += was_cut
+            old = mirror.get(k)
+            if old == rec:
+                continue
+            if merged is mirror:
+                merged = mirror.copy()
+            merged[k] = rec
+            if old is None:
+                data += rec
+            else:
+                rebuild = True
+    except TypeError:
+        # An unhashable value fails the cache look-up; report it the documented way.
+        _validate(attrs)
+        raise
     p.calls += 1
-    _apply(_thread(), recs, cut)
+    if cut:
+        p.truncated_values += cut
+    st.stale = False
+    if not mirror:
+        _write_new(st, merged, cut > 0)
+        return
+    dropped = 0
+    trunc = st.trunc
+    if merged is not mirror or not st.synced:
+        if rebuild:
+            data = b"".join(merged.values())
+        if len(merged) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
+            merged, _, dropped = _fit(merged)
+            data = b"".join(merged.values())
+        trunc = trunc or cut > 0 or dropped > 0
+        st.fill(merged, data, trunc)
+    if _syscall(_NR_BPF, _CMD_UPDATE, st.a_exist, _ELEM_SIZE) == 0:
+        p.writes += 1
+        if dropped:
+            p.dropped_attrs += dropped
+        st.set_mirror(merged, data, trunc)
+        return
+    st.synced = False
+    _on_exist_failed(st, attrs, ctypes.get_errno(), cut)
 
 
 def clear() -> None:
     """Drop this thread's context: delete its map entry and forget the mirror."""
     st: _Thread | None = getattr(_tls, "s", None)
     if st is None or not st.mirror:
+        # Nothing of ours is in the map (deleting would only find ENOENT).
         return
-    st.mirror = {}
-    st.trunc = False
+    st.forget()
     _delete(st)
 
 
 def _delete(st: _Thread) -> None:
-    if not _refresh() or st.fd != _P.fd:
+    if not _refresh() or st.gen != _P.gen:
         return
-    if _bpf.syscall(_bpf.NR_BPF, _bpf.CMD_DELETE, st.a_delete, _bpf.ELEM_ATTR_SIZE) == 0:
+    if _syscall(_NR_BPF, _CMD_DELETE, st.a_delete, _ELEM_SIZE) == 0:
         _P.writes += 1
         return
     err = ctypes.get_errno()
@@ -472,22 +598,19 @@ class context:
     def __init__(self, **attrs: AttrValue) -> None:
         _validate(attrs)
         self._attrs = attrs
-        self._saved: tuple[dict[str, bytes], bool] | None = None
+        self._saved: tuple[_Thread, dict[str, bytes], bytes, bool] | None = None
 
     def __enter__(self) -> None:
-        p = _P
-        p.calls += 1
-        if not (p.connected and time.monotonic() < p.next_check) and not _refresh():
-            p.noop_calls += 1
-            self._saved = ({}, False)
-            return
-        st = _thread()
-        # Mirrors are never mutated in place, so keeping a reference is a snapshot.
-        saved = (st.mirror, st.trunc)
-        recs, cut = _encode(self._attrs)
-        if not _apply(st, recs, cut):
-            saved = ({}, False)
-        self._saved = saved
+        st: _Thread | None = getattr(_tls, "s", None)
+        before = (st.mirror, st.data, st.trunc) if st is not None else ({}, b"", False)
+        annotate(**self._attrs)
+        cur: _Thread | None = getattr(_tls, "s", None)
+        if cur is None:
+            return  # no agent: nothing was written, nothing to undo
+        if cur is not st or cur.stale:
+            # A new map, or a new request had begun: there was no earlier context to restore.
+            before = ({}, b"", False)
+        self._saved = (cur, *before)
 
     def __exit__(
         self,
@@ -496,31 +619,27 @@ class context:
         tb: TracebackType | None,
     ) -> None:
         saved, self._saved = self._saved, None
-        st: _Thread | None = getattr(_tls, "s", None)
-        if saved is None or st is None or not st.mirror:
-            # Nothing was written since (or the kernel already cleared it): nothing to undo.
+        if saved is None:
             return
-        mirror, trunc = saved
-        if mirror == st.mirror:
+        st, mirror, data, trunc = saved
+        if st is not getattr(_tls, "s", None) or not st.mirror or mirror == st.mirror:
+            # The map changed, the entry is already gone (cleared by the kernel or by
+            # clear()), or the block changed nothing: nothing to undo.
             return
         if not mirror:
-            st.mirror = {}
-            st.trunc = False
+            st.forget()
             _delete(st)
             return
-        if not _refresh() or st.fd != _P.fd:
-            st.mirror = {}
-            st.trunc = False
+        if not _refresh() or st.gen != _P.gen:
+            st.forget()
             return
-        total = sum(map(len, mirror.values()))
-        _fill(st, mirror, total, trunc)
+        st.fill(mirror, data, trunc)
         err = _update(st.a_exist)
         if err == 0:
-            st.mirror = mirror
-            st.trunc = trunc
+            st.set_mirror(mirror, data, trunc)
         elif err == errno.ENOENT:
-            st.mirror = {}
-            st.trunc = False
+            # A new request began inside the block: do not resurrect the old context.
+            st.forget()
         else:
             _count_failure(err, "update")
 

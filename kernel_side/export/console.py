@@ -28,8 +28,11 @@ def _use_color(stream: TextIO) -> bool:
     # https://no-color.org: any non-empty NO_COLOR disables color.
     if os.environ.get("NO_COLOR"):
         return False
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        # Duck-typed streams without isatty, or a stream that is already closed.
+        return False
 
 
 def format_span(span: SpanRecord, *, color: bool = False) -> str:

@@ -42,7 +42,10 @@ METHODS: Final = frozenset(
 MAX_VALUE_LEN: Final = 1024
 """Longest string stored in a record (characters); longer values are cut to this."""
 
-_METHOD_BYTES: Final = frozenset(m.encode() for m in METHODS)
+_METHOD_NAMES: Final = {m.encode(): m for m in METHODS}
+_METHOD_BYTES: Final = frozenset(_METHOD_NAMES)
+# "HTTP/1.<digit>" -> "1.<digit>": a dict lookup validates and converts in one step.
+_VERSIONS: Final = {f"HTTP/1.{d}".encode(): f"1.{d}" for d in range(10)}
 _MAX_METHOD_LEN: Final = max(len(m) for m in METHODS)
 # Above 2**53 a length cannot be an attribute value that every OTLP consumer reads exactly
 # (JSON numbers), and no real body is that large: treat it as garbage, not as a size.
@@ -134,6 +137,8 @@ def looks_like_response(data: bytes) -> bool:
 def _text(raw: bytes) -> str:
     # UTF-8 with replacement never raises and keeps attribute values valid UTF-8 for OTLP;
     # bounding the bytes first bounds the work on hostile input.
+    if len(raw) <= MAX_VALUE_LEN:
+        return raw.decode("utf-8", "replace")
     return raw[:MAX_VALUE_LEN].decode("utf-8", "replace")[:MAX_VALUE_LEN]
 
 
@@ -145,36 +150,27 @@ def _skip_blank_lines(data: bytes, pos: int, end: int) -> int:
     return pos
 
 
-class _HeadEndFinder:
-    """Finds the empty line that ends the header block starting at ``pos``.
+def _find_head_end(data: bytes, pos: int, absent: list[bool]) -> tuple[int, int]:
+    """Find the empty line ending the head that starts at ``pos``.
 
-    Both ``\\n\\r\\n`` and ``\\n\\n`` end a head (bare LF is tolerated). Each pattern's last
-    result is cached and reused while it still lies at or after ``pos``, and a miss stays a
-    miss for every later ``pos``, so pipelined parsing scans the buffer once per pattern
-    instead of once per message.
+    Returns (end of the last header line incl. its LF, end of the head), or (-1, -1).
+    Both ``\\n\\r\\n`` and a bare ``\\n\\n`` end a head. The bare-LF search is bounded by
+    the CRLF match, and ``absent`` remembers a pattern that has no match at or after an
+    earlier ``pos`` (so none after any later one): every byte is scanned a bounded number of
+    times across a whole pipeline, which keeps parsing linear.
     """
-
-    __slots__ = ("_crlf", "_crlf_from", "_data", "_lf", "_lf_from")
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._crlf = -2  # -2: not searched yet; -1: no match at or after *_from
-        self._crlf_from = 0
-        self._lf = -2
-        self._lf_from = 0
-
-    def find(self, pos: int) -> tuple[int, int]:
-        """Return (end of the last header line incl. its LF, end of the head), or (-1, -1)."""
-        if self._crlf == -2 or (self._crlf != -1 and self._crlf < pos):
-            self._crlf = self._data.find(b"\n\r\n", pos)
-        if self._lf == -2 or (self._lf != -1 and self._lf < pos):
-            self._lf = self._data.find(b"\n\n", pos)
-        crlf, lf = self._crlf, self._lf
-        if crlf >= 0 and (lf < 0 or crlf < lf):
+    crlf = -1 if absent[0] else data.find(b"\n\r\n", pos)
+    if crlf >= 0:
+        lf = data.find(b"\n\n", pos, crlf + 1)
+        if lf < 0:
             return crlf + 1, crlf + 3
-        if lf >= 0:
-            return lf + 1, lf + 2
+        return lf + 1, lf + 2
+    absent[0] = True
+    lf = -1 if absent[1] else data.find(b"\n\n", pos)
+    if lf < 0:
+        absent[1] = True
         return -1, -1
+    return lf + 1, lf + 2
 
 
 class _Head:
@@ -193,10 +189,6 @@ class _Head:
         self.lower = block.lower()
         self.complete = complete
         self.end = end
-
-    def has(self, name: bytes) -> bool:
-        """Whether header ``name`` (a ``_H_*`` pattern) is present."""
-        return self.lower.find(name) >= 0
 
     def first(self, name: bytes) -> bytes | None:
         """First value of header ``name``, whitespace-trimmed, original case."""
@@ -219,13 +211,13 @@ class _Head:
         return values
 
 
-def _locate_head(data: bytes, pos: int, heads: _HeadEndFinder) -> _Head:
+def _locate_head(data: bytes, pos: int, absent: list[bool]) -> _Head:
     """Locate the start line and header block of the message that starts at ``pos``.
 
     A head cut by the capture keeps only its whole lines: a header line without its LF may be
     a truncated value (a Content-Length of ``12`` that was ``1234``), so it is dropped.
     """
-    block_end, head_end = heads.find(pos)
+    block_end, head_end = _find_head_end(data, pos, absent)
     complete = head_end >= 0
     if not complete:
         block_end = data.rfind(b"\n", pos) + 1
@@ -305,8 +297,10 @@ def _body_framing(data: bytes, head: _Head) -> _Framing | None:
     whose final coding is not chunked"; requests and responses treat those differently.
     A bogus Content-Length yields an unknown size and end, which stops pipelining.
     """
-    te = head.all(_H_TRANSFER_ENCODING, lower=True)
-    if te:
+    lower = head.lower
+    # Most messages have neither header: `in` answers that without building lists.
+    if _H_TRANSFER_ENCODING in lower:
+        te = head.all(_H_TRANSFER_ENCODING, lower=True)
         # Only a final "chunked" coding frames the body; it overrides Content-Length.
         if te[-1].rsplit(b",", 1)[-1].strip(b" \t") != b"chunked":
             return None
@@ -314,10 +308,9 @@ def _body_framing(data: bytes, head: _Head) -> _Framing | None:
         if walked is None:
             return True, None, None
         return True, walked[0], walked[1]
-    cl = head.all(_H_CONTENT_LENGTH, lower=True)
-    if not cl:
+    if _H_CONTENT_LENGTH not in lower:
         return None
-    length = _parse_content_length(cl)
+    length = _parse_content_length(head.all(_H_CONTENT_LENGTH, lower=True))
     if length is None:
         return False, None, None
     return False, length, head.end + length if head.complete else None
@@ -348,17 +341,15 @@ def _parse_request_line(line: bytes, complete: bool) -> tuple[str, str, str] | N
     if complete:
         if len(parts) != 3:
             return None
-        version = parts[2]
-        if len(version) != 8 or not version.startswith(b"HTTP/1.") or not version[7:].isdigit():
+        version = _VERSIONS.get(parts[2])
+        if version is None:
             return None
-        return parts[0].decode("ascii"), _text(parts[1]), version[5:].decode("ascii")
+        return _METHOD_NAMES[parts[0]], _text(parts[1]), version
     # Cut mid-line: keep method and (possibly partial) target, but only if what follows the
     # target could still become a version; anything else is not HTTP/1.
     if len(parts) == 2 or (len(parts) == 3 and b"HTTP/1.".startswith(parts[2][:7])):
-        version_text = ""
-        if len(parts) == 3 and len(parts[2]) == 8 and parts[2][7:].isdigit():
-            version_text = parts[2][5:].decode("ascii")
-        return parts[0].decode("ascii"), _text(parts[1]), version_text
+        version_text = _VERSIONS.get(parts[2], "") if len(parts) == 3 else ""
+        return _METHOD_NAMES[parts[0]], _text(parts[1]), version_text
     return None
 
 
@@ -373,11 +364,15 @@ def parse_requests(data: bytes, total_len: int) -> list[HttpRequest]:
     """
     n = len(data)
     truncated = total_len > n
-    heads = _HeadEndFinder(data)
+    absent = [False, False]
     out: list[HttpRequest] = []
     pos = _skip_blank_lines(data, 0, n)
-    while pos < n and looks_like_request(data[pos : pos + _MAX_METHOD_LEN + 1]):
-        head = _locate_head(data, pos, heads)
+    while pos < n:
+        # looks_like_request, without slicing the buffer.
+        sp = data.find(b" ", pos, pos + _MAX_METHOD_LEN + 1)
+        if sp <= pos or data[pos:sp] not in _METHOD_BYTES:
+            break
+        head = _locate_head(data, pos, absent)
         if not head.line_complete and not truncated:
             break
         parsed = _parse_request_line(head.line, head.line_complete)
@@ -387,18 +382,24 @@ def parse_requests(data: bytes, total_len: int) -> list[HttpRequest]:
         path, query, authority = _split_target(target)
         framing = _body_framing(data, head)
         if framing is None:
-            if head.has(_H_TRANSFER_ENCODING):
+            if _H_TRANSFER_ENCODING in head.lower:
                 # Transfer-Encoding without a final chunked: RFC 9112 6.3 makes this a 400;
                 # the length is unknowable.
                 framing = (False, None, None)
+            elif head.complete:
+                framing = (False, 0, head.end)
             else:
-                framing = (False, 0, head.end if head.complete else None)
+                # A Content-Length may have been in the part the capture cut off.
+                framing = (False, None, None)
         chunked, body_size, end = framing
         host = head.first(_H_HOST)
-        traceparents = head.all(_H_TRACEPARENT) if head.has(_H_TRACEPARENT) else []
+        traceparent = head.first(_H_TRACEPARENT)
+        if traceparent is not None and head.lower.count(_H_TRACEPARENT) > 1:
+            # W3C trace context: more than one traceparent makes the context invalid.
+            traceparent = None
         user_agent = head.first(_H_USER_AGENT)
         # Repeated X-Forwarded-For headers form one list (RFC 9110 section 5.3).
-        xff = b", ".join(head.all(_H_XFF)) if head.has(_H_XFF) else None
+        xff = b", ".join(head.all(_H_XFF)) if _H_XFF in head.lower else None
         out.append(
             HttpRequest(
                 method=method,
@@ -407,8 +408,7 @@ def parse_requests(data: bytes, total_len: int) -> list[HttpRequest]:
                 query=query,
                 version=version,
                 host=_text(host) if host is not None else authority,
-                # W3C trace context: more than one traceparent makes the context invalid.
-                traceparent=_text(traceparents[0]) if len(traceparents) == 1 else None,
+                traceparent=_text(traceparent) if traceparent is not None else None,
                 user_agent=_text(user_agent) if user_agent is not None else None,
                 x_forwarded_for=_text(xff) if xff is not None else None,
                 body_size=body_size,
@@ -439,15 +439,18 @@ def parse_responses(
     n = len(data)
     total_len = max(total_len, n)
     truncated = total_len > n
-    heads = _HeadEndFinder(data)
+    absent = [False, False]
     out: list[HttpResponse] = []
     final_index = 0
     pos = 0
     while pos < n and looks_like_response(data[pos : pos + 12]):
-        head = _locate_head(data, pos, heads)
+        head = _locate_head(data, pos, absent)
         if not head.line_complete and not truncated:
             break
-        version_tok, _, rest = head.line.partition(b" ")
+        version = _VERSIONS.get(head.line[:8])
+        if version is None:
+            break
+        _, _, rest = head.line.partition(b" ")
         status_tok, _, reason = rest.partition(b" ")
         if len(status_tok.rstrip(b"\r")) != 3:
             break
@@ -479,7 +482,7 @@ def parse_responses(
             HttpResponse(
                 status=status,
                 reason=_text(reason.strip(b" \t\r")),
-                version=version_tok[5:].decode("ascii"),
+                version=version,
                 body_size=body_size,
                 chunked=chunked,
                 head_complete=head.complete,

@@ -1,0 +1,156 @@
+"""Harness for end-to-end tests: real agent processes, real servers, a real OTLP receiver.
+
+Everything waits on readiness (a file the process writes once it serves), never on a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+EXAMPLES = REPO / "examples"
+APPS = Path(__file__).resolve().parent / "apps"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e is e2e and needs root."""
+    for item in items:
+        if "/tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+            if os.geteuid() != 0:
+                item.add_marker(pytest.mark.skip(reason="e2e tests load eBPF programs: run as root"))
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Proc:
+    """A process the harness started, with its combined log."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        """Host pid."""
+        return self.popen.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal, wait, and kill if it does not go."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        return self.popen.returncode
+
+    def log_text(self) -> str:
+        """Everything it printed so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Harness:
+    """Starts processes, waits for their readiness, and stops them all at the end."""
+
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
+              ready_file: Path | None = None, timeout: float = 30.0) -> Proc:
+        """Start ``argv`` in its own process group; wait until ``ready_file`` exists."""
+        log = self.tmp / f"{name}.log"
+        full_env = {**os.environ, **(env or {})}
+        with log.open("wb") as out:
+            popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
+                                     env=full_env, start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        if ready_file is not None:
+            deadline = time.monotonic() + timeout
+            while not ready_file.exists():
+                if popen.poll() is not None:
+                    raise AssertionError(
+                        f"{name} exited with {popen.returncode} before it was ready:\n{_tail(log)}"
+                    )
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{name} not ready after {timeout}s:\n{_tail(log)}")
+                time.sleep(0.02)
+        return proc
+
+    def python_service(self, name: str, script: Path, *args: str,
+                       env: dict[str, str] | None = None,
+                       prefix: Sequence[str] = ()) -> tuple[Proc, int]:
+        """Start an example service that writes its port to a ready file; return it and the
+        port."""
+        ready = self.tmp / f"{name}.ready"
+        proc = self.start(name, [*prefix, PYTHON, str(script), "--port", "0",
+                                 "--ready-file", str(ready), *args],
+                          env={"OTEL_SERVICE_NAME": name, **(env or {})}, ready_file=ready)
+        return proc, int(ready.read_text())
+
+    def agent(self, *args: str, receiver: OtlpReceiver | None = None,
+              env: dict[str, str] | None = None) -> Proc:
+        """Start ``ebpf-bridge agent`` and wait until every probe is attached."""
+        ready = self.tmp / f"agent-{len(self.procs)}.ready"
+        argv = [PYTHON, "-m", "kernel_side.cli", "agent", "--ready-file", str(ready),
+                "--stats-interval", "0", *args]
+        if receiver is not None:
+            argv += ["--exporter", "otlp", "--otlp-endpoint", receiver.grpc_endpoint]
+        return self.start("agent", argv, env=env, ready_file=ready, timeout=60)
+
+    def stop_all(self) -> None:
+        """Stop every process, agents last so they can flush what the others did."""
+        for proc in sorted(self.procs, key=lambda p: p.name == "agent"):
+            proc.stop()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """A harness whose processes are all stopped after the test."""
+    h = Harness(tmp_path)
+    try:
+        yield h
+    finally:
+        h.stop_all()
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """A real OTLP/gRPC receiver on loopback."""
+    with OtlpReceiver(http_port=0) as r:
+        yield r
+
+
+def by_service(spans: Sequence[ReceivedSpan], service: str,
+               kind: int | None = None) -> list[ReceivedSpan]:
+    """Spans of one service (and kind: 2 server, 3 client)."""
+    return [s for s in spans if s.resource.get("service.name") == service
+            and (kind is None or s.kind == kind)]
+
+
+SERVER = 2
+CLIENT = 3
