@@ -3,6 +3,7 @@ from the ring buffer, assembles spans and exports them until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import grp
 import logging
@@ -11,10 +12,11 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 import bpf
 from bridge import _abi
@@ -121,10 +123,8 @@ class ProcessRegistry:
         """Drop ``pid`` entirely."""
         self.dead.pop(pid, None)
         self.known.pop(pid, None)
-        try:
+        with contextlib.suppress(KeyError):
             del self.procs_map[self.procs_map.Key(pid)]
-        except KeyError:
-            pass
 
     def on_event(self, what: int, pid: int, ppid: int) -> None:
         """React to exec/fork/exit of processes."""
@@ -142,10 +142,8 @@ class ProcessRegistry:
                     self.add(pid)
         elif what == PROC_EXIT and pid in self.known:
             self.dead[pid] = time.monotonic()
-            try:
+            with contextlib.suppress(KeyError):
                 del self.procs_map[self.procs_map.Key(pid)]
-            except KeyError:
-                pass
 
     def resource_for(self, tgid: int) -> Resource:
         """The resource of ``tgid``; a minimal one when the process was never seen."""
@@ -198,7 +196,9 @@ class Fanout:
 
 def _check_environment() -> None:
     if os.geteuid() != 0:
-        raise AgentError("the agent must run as root (it loads eBPF programs): sudo ebpf-bridge agent")
+        raise AgentError(
+            "the agent must run as root (it loads eBPF programs): sudo ebpf-bridge agent"
+        )
     if not os.path.isdir("/sys/kernel/tracing/events/syscalls"):
         raise AgentError(
             "tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing "
@@ -404,7 +404,7 @@ class Agent:
             except KeyError:
                 self._delete(inflight, key)
                 continue
-            raw = bytes(leaf)  # type: ignore[call-overload]
+            raw = bytes(leaf)
             ex = self._layout.decode(raw)
             if now - ex.resp_end_ns < idle_ns or ex.resp_end_ns == 0:
                 continue
@@ -415,10 +415,8 @@ class Agent:
 
     @staticmethod
     def _delete(table: Any, key: Any) -> None:
-        try:
+        with contextlib.suppress(KeyError):
             del table[key]
-        except KeyError:
-            pass
 
     # -- stats --------------------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from bridge import _abi
 from kernel_side import semconv
@@ -225,10 +226,11 @@ class SpanAssembler:
         attrs[semconv.URL_SCHEME] = "http"
         if local_port is not None:
             attrs[semconv.SERVER_PORT] = local_port
-        if req.host:
-            attrs[semconv.SERVER_ADDRESS] = _split_host(req.host)[0]
-        client = req.x_forwarded_for.split(",")[0].strip() if req.x_forwarded_for else None
-        client = client or ex.peer_address
+        host = _split_host(req.host)[0] if req.host else None
+        if host:
+            attrs[semconv.SERVER_ADDRESS] = host
+        forwarded = req.x_forwarded_for.split(",")[0].strip() if req.x_forwarded_for else None
+        client = forwarded or ex.peer_address
         if client:
             attrs[semconv.CLIENT_ADDRESS] = client
 

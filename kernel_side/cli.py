@@ -101,17 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the agent against the example services",
                           add_help=False)
     demo.add_argument("rest", nargs=argparse.REMAINDER)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # doctor and demo own their options; hand them the rest of the line untouched.
+    if argv and argv[0] == "doctor":
+        from kernel_side import doctor
+
+        return doctor.main(argv[1:])
+    if argv and argv[0] == "demo":
+        from kernel_side import demo as demo_cmd
+
+        return demo_cmd.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "agent":
         return _run_agent(args)
-    if args.command == "doctor":
-        from kernel_side import doctor
-
-        return doctor.main(args.rest)
-    if args.command == "demo":
-        from kernel_side import demo
-
-        return demo.main(args.rest)
     parser.print_help()
     return 2
 

@@ -88,7 +88,9 @@ def parse_port(value: str) -> tuple[int, int]:
         lo = int(lo_s)
         hi = int(hi_s) if sep else lo
     except ValueError:
-        raise ConfigError(f"--port {value!r}: use N or N-M, for example 8080 or 8000-8099") from None
+        raise ConfigError(
+            f"--port {value!r}: use N or N-M, for example 8080 or 8000-8099"
+        ) from None
     if not (0 < lo <= hi < 65536):
         raise ConfigError(f"--port {value!r}: ports must satisfy 1 <= N <= M <= 65535")
     return lo, hi
@@ -114,7 +116,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         norm = str(key).replace("-", "_")
         if norm not in _YAML_KEYS:
             raise ConfigError(
-                f"config file {path}: unknown setting {key!r}; known: {', '.join(sorted(_YAML_KEYS))}"
+                f"config file {path}: unknown setting {key!r}; "
+                f"known: {', '.join(sorted(_YAML_KEYS))}"
             )
         out[norm] = value
     return out

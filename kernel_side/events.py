@@ -134,7 +134,7 @@ class ExchangeLayout:
         fmt = "<"
         pos = 0
         names: list[str] = []
-        types = dict(leaf._fields_)
+        types = {f[0]: f[1] for f in leaf._fields_}
         for name in _HEADER_FIELDS:
             desc = getattr(leaf, name)
             if desc.offset > pos:

@@ -7,10 +7,10 @@ each; nothing else builds OTLP objects.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Union
 
-AttrValue = Union[str, int, float, bool]
+AttrValue = str | int | float | bool
 
 
 class SpanKind(enum.IntEnum):

@@ -11,9 +11,9 @@ import fnmatch
 import logging
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from kernel_side import semconv
 from kernel_side.model import AttrValue, Resource

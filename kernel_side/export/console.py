@@ -45,7 +45,8 @@ def format_span(span: SpanRecord, *, color: bool = False) -> str:
     clock = time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{nanos // 1_000_000:03d}"
     service = str(span.resource.attributes.get(SERVICE_NAME, "?"))
     kind = span.kind.name
-    status = span.status.name
+    code = span.attributes.get("http.response.status_code")
+    status = str(code) if code is not None else span.status.name
     if span.status_message:
         status += f"({span.status_message})"
     duration_ms = max(span.end_ns - span.start_ns, 0) / 1e6
@@ -57,7 +58,9 @@ def format_span(span: SpanRecord, *, color: bool = False) -> str:
         kind = _KIND_COLOR.get(span.kind, "") + kind + _RESET
         status = _STATUS_COLOR.get(span.status, "") + status + _RESET
         trace = _DIM + trace + _RESET
-    parts = [clock, service, kind, span.name, status, f"{duration_ms:.2f}ms"]
+    target = span.attributes.get("url.path") or span.attributes.get("url.full")
+    name = f"{span.name} {target}" if target and str(target) not in span.name else span.name
+    parts = [clock, service, kind, name, status, f"{duration_ms:.2f}ms"]
     if business:
         parts.append(business)
     parts.append(trace)

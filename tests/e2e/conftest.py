@@ -5,6 +5,7 @@ Everything waits on readiness (a file the process writes once it serves), never 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,7 +31,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "/tests/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
             if os.geteuid() != 0:
-                item.add_marker(pytest.mark.skip(reason="e2e tests load eBPF programs: run as root"))
+                item.add_marker(
+                    pytest.mark.skip(reason="e2e tests load eBPF programs: run as root")
+                )
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -56,10 +59,8 @@ class Proc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Signal, wait, and kill if it does not go."""
         if self.popen.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -8,6 +8,7 @@ import pytest
 
 from bridge import _abi
 from bridge._abi import (
+    AttrValue,
     ATTR_BYTES,
     CTX_F_TRUNCATED,
     MAX_ATTRS,
@@ -31,7 +32,7 @@ def test_layout_sizes_match_the_c_header() -> None:
 
 
 def test_round_trip_every_type() -> None:
-    attrs = {
+    attrs: dict[str, AttrValue] = {
         "tenant_id": "acme",
         "user.id": "u-42",
         "retries": -3,
