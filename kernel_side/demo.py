@@ -9,6 +9,7 @@ Every process it starts is stopped on exit, Ctrl-C included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -82,10 +83,8 @@ class Stack:
                     os.killpg(p.pid, signal.SIGTERM)
                     p.wait(10)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.killpg(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
 
 
 def _get(url: str, headers: dict[str, str]) -> int:
