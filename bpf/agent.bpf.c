@@ -70,6 +70,9 @@ struct sock_info {
  * this very struct to the ring buffer, cut after the captured request bytes. The response area
  * comes before the request area so that cut drops only unused space. Both areas are twice the
  * capture size because the verifier bounds offset and length independently. */
+#ifndef WAKEUP_EVERY
+#define WAKEUP_EVERY 64
+#endif
 struct exchange {
     __u32 type;
     __u32 tgid;
@@ -149,6 +152,7 @@ BPF_HASH(active_conn, __u32, struct conn_args, 10240);
 BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
 BPF_PERCPU_ARRAY(stats, __u64, ST_SLOTS);
 BPF_ARRAY(id_counter, __u64, 1);
+BPF_PERCPU_ARRAY(since_wakeup, __u64, 1);
 BPF_TABLE_PINNED("hash", struct bridge_ctx_key, struct bridge_ctx_value, ctx_by_tid,
                  BRIDGE_CTX_MAX_ENTRIES, PIN_CTX_BY_TID);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -200,13 +204,28 @@ static __always_inline void snapshot_ctx(struct exchange *st, __u32 tgid)
     stat_inc(ST_CTX_HITS);
 }
 
+/* Waking the consumer on every event costs the traced application an inter-processor
+ * interrupt per request. The consumer drains the ring on a short timer anyway, so only every
+ * WAKEUP_EVERY-th event on a CPU wakes it, to drain bursts before the ring fills. */
+static __always_inline __u64 wakeup_flag(void)
+{
+    int zero = 0;
+    __u64 *n = since_wakeup.lookup(&zero);
+    if (!n)
+        return 0;
+    *n += 1;
+    if (*n % WAKEUP_EVERY == 0)
+        return BPF_RB_FORCE_WAKEUP;
+    return BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void emit(struct exchange *st)
 {
     __u32 n = st->req_cap;
     if (n > REQ_CAP)
         n = REQ_CAP;
     st->type = EV_EXCHANGE;
-    if (events.ringbuf_output(st, offsetof(struct exchange, req) + n, 0))
+    if (events.ringbuf_output(st, offsetof(struct exchange, req) + n, wakeup_flag()))
         stat_inc(ST_LOST);
     else
         stat_inc(ST_EXCHANGES);
@@ -538,7 +557,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 static __always_inline void proc_event(__u32 what, __u32 pid, __u32 ppid)
 {
     struct proc_event ev = {.type = EV_PROC, .what = what, .pid = pid, .ppid = ppid};
-    if (events.ringbuf_output(&ev, sizeof(ev), 0))
+    if (events.ringbuf_output(&ev, sizeof(ev), wakeup_flag()))
         stat_inc(ST_PROC_LOST);
 }
 

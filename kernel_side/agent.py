@@ -343,6 +343,9 @@ class Agent:
         next_stats += cfg.stats_interval_s
         while not self._stop:
             b.ring_buffer_poll(int(tick_s * 1000))
+            # Most events are submitted without a wakeup (see wakeup_flag in the C source), so
+            # a poll that timed out has consumed nothing: drain explicitly.
+            b.ring_buffer_consume()
             now = time.monotonic()
             self._flush_idle(idle_ns)
             self.assembler.tick()

@@ -1,0 +1,255 @@
+"""Agent cost under load: nginx serving a tiny body, driven by wrk, with and without the agent.
+
+Measures, per run: throughput, nginx CPU per request (the kernel-side cost lands in the app's
+syscalls, so it shows here), agent CPU per span, spans exported, events lost, and agent
+start-to-ready. Prints a table and writes JSON. Never decides pass/fail.
+
+    sudo .venv/bin/python bench/agent_bench.py [--duration 10] [--connections 8] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its reaped children, in seconds."""
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    f = raw[raw.rfind(b")") + 2 :].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_nginx(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    """nginx with one worker returning 6 bytes, entirely inside ``tmp``."""
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+daemon off; master_process on; worker_processes 1; pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "hello\\n"; }} }}
+}}
+""")
+    p = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(tmp)], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return p
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nginx did not start")
+
+
+def nginx_worker(master: int) -> int:
+    kids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return int(kids[0])
+
+
+def run_wrk(port: int, duration: int, connections: int, rate: int, tmp: Path) -> dict[str, float]:
+    argv = [
+        "taskset",
+        "-c",
+        "1",
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        f"http://127.0.0.1:{port}/",
+    ]
+    if rate:
+        # Pace each connection: wrk waits delay() ms between a response and the next request.
+        script = tmp / "pace.lua"
+        script.write_text(f"function delay() return {connections * 1000 / rate} end\n")
+        argv[5:5] = ["-s", str(script)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(label: str) -> float:
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        if not m:
+            return float("nan")
+        scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+        return float(m.group(1)) * scale
+
+    return {"requests": reqs, "rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99")}
+
+
+def parse_stats(log: str) -> dict[str, int]:
+    line = [ln for ln in log.splitlines() if "final stats" in ln][-1]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+
+
+def one_run(
+    tmp: Path, duration: int, connections: int, rate: int, with_agent: bool
+) -> dict[str, float]:
+    port = free_port()
+    ngx = start_nginx(tmp, port)
+    worker = nginx_worker(ngx.pid)
+    subprocess.run(["taskset", "-pc", "1", str(worker)], capture_output=True, check=True)
+    agent = None
+    result: dict[str, float] = {}
+    try:
+        if with_agent:
+            ready = tmp / "agent.ready"
+            ready.unlink(missing_ok=True)
+            log = (tmp / "agent.log").open("w")
+            t0 = time.monotonic()
+            agent = subprocess.Popen(
+                [
+                    "taskset",
+                    "-c",
+                    "0",
+                    sys.executable,
+                    "-m",
+                    "kernel_side.cli",
+                    "agent",
+                    "--pid",
+                    str(ngx.pid),
+                    "--pid",
+                    str(worker),
+                    "--exporter",
+                    "jsonl",
+                    "--jsonl",
+                    str(tmp / "spans.jsonl"),
+                    "--ready-file",
+                    str(ready),
+                    "--stats-interval",
+                    "0",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+            while not ready.exists():
+                if agent.poll() is not None:
+                    raise RuntimeError((tmp / "agent.log").read_text())
+                time.sleep(0.01)
+            result["start_to_ready_s"] = time.monotonic() - t0
+            agent_cpu0 = cpu_seconds(agent.pid)
+        app_cpu0 = cpu_seconds(worker)
+        w = run_wrk(port, duration, connections, rate, tmp)
+        app_cpu = cpu_seconds(worker) - app_cpu0
+        result.update(w)
+        result["app_cpu_us_per_req"] = app_cpu / w["requests"] * 1e6
+        if agent is not None:
+            agent_cpu = cpu_seconds(agent.pid) - agent_cpu0
+            rss_kb = int(
+                re.search(
+                    r"VmRSS:\s+(\d+)",
+                    Path(  # type: ignore[union-attr]
+                        f"/proc/{agent.pid}/status"
+                    ).read_text(),
+                ).group(1)
+            )
+            os.kill(agent.pid, signal.SIGINT)
+            agent.wait(60)
+            stats = parse_stats((tmp / "agent.log").read_text())
+            # Spans still being drained after wrk stopped are counted in the CPU above.
+            result["agent_cpu_s"] = agent_cpu
+            result["spans"] = stats.get("spans", 0)
+            result["events_lost"] = stats.get("events_lost", 0)
+            result["exchanges"] = stats.get("exchanges", 0)
+            result["agent_cpu_us_per_span"] = agent_cpu / max(stats.get("spans", 0), 1) * 1e6
+            result["agent_rss_mb"] = rss_kb / 1024
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.kill()
+        os.killpg(ngx.pid, signal.SIGTERM)
+        ngx.wait(10)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--rate",
+        type=int,
+        default=0,
+        help="paced load in requests/s (0 = as fast as wrk can: the worst case)",
+    )
+    ap.add_argument("--json", default=str(REPO / "bench/results/agent.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (the agent loads eBPF programs)", file=sys.stderr)
+        return 1
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "agent": []}
+    for i in range(args.repeat):
+        for mode in ("bare", "agent"):
+            with tempfile.TemporaryDirectory() as d:
+                r = one_run(Path(d), args.duration, args.connections, args.rate, mode == "agent")
+            runs[mode].append(r)
+            print(
+                f"run {i + 1}/{args.repeat} {mode:5}: "
+                + " ".join(f"{k}={v:.4g}" for k, v in r.items()),
+                file=sys.stderr,
+            )
+
+    def med(mode: str, key: str) -> str:
+        vals = [r[key] for r in runs[mode] if key in r]
+        if not vals:
+            return "-"
+        return f"{statistics.median(vals):.4g} [{min(vals):.4g}-{max(vals):.4g}]"
+
+    keys = [
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "app_cpu_us_per_req",
+        "agent_cpu_us_per_span",
+        "spans",
+        "exchanges",
+        "events_lost",
+        "agent_rss_mb",
+        "start_to_ready_s",
+    ]
+    load = f"paced at {args.rate} req/s" if args.rate else "max rate"
+    print(
+        f"\nnginx 6-byte body, {load}, wrk -t1 -c{args.connections} -d{args.duration}s; "
+        "nginx worker "
+        "and wrk on CPU 1, agent on CPU 0; median [min-max] of",
+        args.repeat,
+        "runs",
+    )
+    print(f"{'metric':<24} {'bare':>30} {'agent':>30}")
+    for k in keys:
+        print(f"{k:<24} {med('bare', k):>30} {med('agent', k):>30}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"config": vars(args), "runs": runs}, indent=2))
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
