@@ -153,7 +153,7 @@ BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
 BPF_PERCPU_ARRAY(stats, __u64, ST_SLOTS);
 BPF_ARRAY(id_counter, __u64, 1);
 BPF_PERCPU_ARRAY(since_wakeup, __u64, 1);
-BPF_TABLE_PINNED("hash", struct bridge_ctx_key, struct bridge_ctx_value, ctx_by_tid,
+BPF_TABLE_PINNED("lru_hash", struct bridge_ctx_key, struct bridge_ctx_value, ctx_by_tid,
                  BRIDGE_CTX_MAX_ENTRIES, PIN_CTX_BY_TID);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 

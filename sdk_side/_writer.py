@@ -99,6 +99,7 @@ class _Thread:
         "attrs",
         "buf",
         "data",
+        "filled",
         "gen",
         "key",
         "mirror",
@@ -122,6 +123,7 @@ class _Thread:
         self.synced = False  # ``buf`` holds exactly the mirror's value
         self.stale = False  # the last write found the entry cleared by the kernel
         self.buf = bytearray(_VALUE_SIZE)
+        self.filled = 0  # data bytes in ``buf`` (the rest is zero)
         # Exporting the buffer pins it: it can never be resized under the kernel's pointer.
         self.vbuf = (ctypes.c_char * _VALUE_SIZE).from_buffer(self.buf)
         self.key = ctypes.create_string_buffer(
@@ -167,8 +169,10 @@ class _Thread:
         )
         end = _DATA_OFF + total
         buf[_DATA_OFF:end] = data
-        # Zero whatever a longer earlier value left behind.
-        buf[end:] = _ZEROS[: _VALUE_SIZE - end]
+        if total < self.filled:
+            # Zero what a longer earlier value left behind: the entry must hold only this one.
+            buf[end : _DATA_OFF + self.filled] = _ZEROS[: self.filled - total]
+        self.filled = total
         self.synced = False
 
     def __del__(self) -> None:
@@ -402,28 +406,16 @@ def _record(k: str, v: AttrValue) -> tuple[bytes, bool]:
     return _abi.encode_attr(k, v)
 
 
-def _records(attrs: dict[str, AttrValue]) -> tuple[dict[str, bytes], int]:
-    """Validate and encode every item; return the records and how many values were cut."""
-    recs: dict[str, bytes] = {}
-    cut = 0
-    for k, v in attrs.items():
-        recs[k], was_cut = _record(k, v)
-        cut += was_cut
-    return recs, cut
-
-
-def _fit(recs: dict[str, bytes]) -> tuple[dict[str, bytes], int, int]:
-    """Apply the count and byte budget in insertion order: (kept, data bytes, dropped)."""
-    total = sum(map(len, recs.values()))
-    if len(recs) <= _MAX_ATTRS and total <= _ATTR_BYTES:
-        return recs, total, 0
+def _fit(recs: dict[str, bytes]) -> tuple[dict[str, bytes], int]:
+    """Apply the count and byte budget in insertion order, as ``encode_attrs`` does:
+    (kept records, number dropped)."""
     kept: dict[str, bytes] = {}
     total = 0
     for k, rec in recs.items():
         if len(kept) < _MAX_ATTRS and total + len(rec) <= _ATTR_BYTES:
             kept[k] = rec
             total += len(rec)
-    return kept, total, len(recs) - len(kept)
+    return kept, len(recs) - len(kept)
 
 
 # --- map writes -----------------------------------------------------------------------------
@@ -450,32 +442,27 @@ def _count_failure(err: int, what: str) -> None:
 
 def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool) -> None:
     """Create the entry for a new request with ``recs`` only (nothing of ours is in the map)."""
-    recs, _, dropped = _fit(recs)
-    _P.dropped_attrs += dropped
-    trunc = trunc or dropped > 0
     data = b"".join(recs.values())
+    if len(recs) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
+        recs, dropped = _fit(recs)
+        _P.dropped_attrs += dropped
+        trunc = True
+        data = b"".join(recs.values())
     st.fill(recs, data, trunc)
-    err = _update(st.a_noexist)
+    p = _P
+    if _syscall(_NR_BPF, _CMD_UPDATE, st.a_noexist, _ELEM_SIZE) == 0:
+        p.writes += 1
+        st.set_mirror(recs, data, trunc)
+        return
+    err = ctypes.get_errno()
     if err == errno.EEXIST:
         # The entry appeared since we learned it was gone (or was written by someone else on
         # this thread's key): ours replaces it.
         err = _update(st.a_any)
-    if err:
-        st.forget()
-        _count_failure(err, "update")
-        return
-    st.set_mirror(recs, data, trunc)
-
-
-def _on_exist_failed(st: _Thread, attrs: dict[str, AttrValue], err: int, cut: int) -> None:
-    if err == errno.ENOENT:
-        # The kernel cleared the entry: a new request began on this thread. Never carry an
-        # earlier request's attributes into it.
-        st.stale = True
-        st.forget()
-        _write_new(st, _records(attrs)[0], cut > 0)
-        return
-    # The entry still holds the mirror's content; the mirror stays as it was.
+        if err == 0:
+            st.set_mirror(recs, data, trunc)
+            return
+    st.forget()
     _count_failure(err, "update")
 
 
@@ -498,7 +485,12 @@ def annotate(**attrs: AttrValue) -> None:
     if _monotonic() >= p.next_check:
         _refresh()
     if not p.connected:
-        _validate(attrs)
+        keys = _keys
+        for k, v in attrs.items():
+            # Known keys with str values (the common case) need no further checks.
+            if type(v) is not str or k not in keys:
+                _validate(attrs)
+                break
         p.calls += 1
         p.noop_calls += 1
         return
@@ -545,11 +537,12 @@ def annotate(**attrs: AttrValue) -> None:
         return
     dropped = 0
     trunc = st.trunc
+    full = merged
     if merged is not mirror or not st.synced:
         if rebuild:
             data = b"".join(merged.values())
         if len(merged) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
-            merged, _, dropped = _fit(merged)
+            merged, dropped = _fit(merged)
             data = b"".join(merged.values())
         trunc = trunc or cut > 0 or dropped > 0
         st.fill(merged, data, trunc)
@@ -560,7 +553,16 @@ def annotate(**attrs: AttrValue) -> None:
         st.set_mirror(merged, data, trunc)
         return
     st.synced = False
-    _on_exist_failed(st, attrs, ctypes.get_errno(), cut)
+    err = ctypes.get_errno()
+    if err == errno.ENOENT:
+        # The kernel cleared the entry: a new request began on this thread. Never carry an
+        # earlier request's attributes into it.
+        st.stale = True
+        st.forget()
+        _write_new(st, {k: full[k] for k in attrs}, cut > 0)
+        return
+    # The entry still holds the mirror's content; the mirror stays as it was.
+    _count_failure(err, "update")
 
 
 def clear() -> None:

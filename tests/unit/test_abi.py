@@ -8,12 +8,12 @@ import pytest
 
 from bridge import _abi
 from bridge._abi import (
-    AttrValue,
     ATTR_BYTES,
     CTX_F_TRUNCATED,
     MAX_ATTRS,
     MAX_KEY_LEN,
     MAX_STR_LEN,
+    AttrValue,
     check_attr,
     decode_attrs,
     encode_attr,

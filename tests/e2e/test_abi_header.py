@@ -1,0 +1,69 @@
+"""The map ABI has one source of truth: bpf/bridge_abi.h. Compile it with BCC, load a map of
+its structs, and check bridge/_abi.py against what the compiler laid out."""
+
+from __future__ import annotations
+
+import re
+
+import bpf
+from bridge import _abi
+
+HEADER = bpf.SOURCE_DIR / "bridge_abi.h"
+
+
+def _defines() -> dict[str, str]:
+    text = HEADER.read_text()
+    return dict(re.findall(r"^#define (BRIDGE_\w+) (.+?)\s*(?:/\*.*)?$", text, re.M))
+
+
+def test_constants_match() -> None:
+    d = _defines()
+    assert int(d["BRIDGE_ABI_VERSION"]) == _abi.ABI_VERSION
+    assert d["BRIDGE_PIN_ROOT"].strip('"') == _abi.PIN_ROOT
+    assert d["BRIDGE_PIN_DIR"].strip('"') == _abi.PIN_DIR
+    assert d["BRIDGE_CTX_BY_TID_PIN"].strip('"') == _abi.CTX_BY_TID_PIN
+    assert _abi.CTX_BY_TID_PIN.endswith("/" + _abi.CTX_BY_TID_NAME)
+    for name, value in (("MAX_ATTRS", _abi.MAX_ATTRS), ("MAX_KEY_LEN", _abi.MAX_KEY_LEN),
+                        ("MAX_STR_LEN", _abi.MAX_STR_LEN), ("ATTR_BYTES", _abi.ATTR_BYTES),
+                        ("CTX_MAX_ENTRIES", _abi.CTX_MAX_ENTRIES),
+                        ("ATTR_STR", _abi.ATTR_STR), ("ATTR_INT", _abi.ATTR_INT),
+                        ("ATTR_FLOAT", _abi.ATTR_FLOAT), ("ATTR_BOOL", _abi.ATTR_BOOL)):
+        assert int(d[f"BRIDGE_{name}"]) == value, name
+    assert int(d["BRIDGE_CTX_F_TRUNCATED"], 0) == _abi.CTX_F_TRUNCATED
+    assert int(d["BRIDGE_CTX_F_SDK_SPAN"], 0) == _abi.CTX_F_SDK_SPAN
+
+
+def test_layout_compiled_by_bcc_matches_python() -> None:
+    from bcc import BPF
+
+    b = BPF(text="""
+#include "bridge_abi.h"
+BPF_HASH(abi_check, struct bridge_ctx_key, struct bridge_ctx_value, 1);
+""", cflags=[f"-I{bpf.SOURCE_DIR}"])
+    try:
+        table = b["abi_check"]
+        key, leaf = table.Key, table.Leaf
+        import ctypes
+
+        assert ctypes.sizeof(key) == _abi.CTX_KEY.size == 16
+        assert ctypes.sizeof(leaf) == _abi.CTX_VALUE_SIZE
+        # Field offsets the Python struct formats assume.
+        assert key.pidns_ino.offset == 0 and key.tid.offset == 8
+        assert leaf.version.offset == 0
+        assert leaf.attr_count.offset == 2
+        assert leaf.flags.offset == 3
+        assert leaf.data_len.offset == 4
+        assert leaf.sdk_trace_id.offset == 8
+        assert leaf.sdk_span_id.offset == 24
+        assert leaf.sdk_span_kind.offset == 32
+        assert leaf.data.offset == _abi.CTX_VALUE_HEADER.size
+        # A value packed by Python reads back field by field through the C layout.
+        enc = _abi.encode_attrs({"tenant_id": "acme", "seats": 12})
+        raw = _abi.pack_value(enc)
+        v = leaf.from_buffer_copy(raw)
+        assert (v.version, v.attr_count, v.data_len) == (_abi.ABI_VERSION, 2, len(enc.data))
+        assert bytes(v.data)[: v.data_len] == enc.data
+        table[key(77, 5)] = v
+        assert bytes(table[key(77, 5)]) == raw
+    finally:
+        b.cleanup()
