@@ -565,7 +565,8 @@ def test_adversarial_inputs_are_linear(data: bytes) -> None:
     start = time.perf_counter()
     parse_requests(data, len(data) + 1)
     parse_responses(data, len(data) + 1)
-    assert time.perf_counter() - start < 1.0
+    # A hang detector, not a speed test: quadratic work on these inputs takes minutes.
+    assert time.perf_counter() - start < 20.0
 
 
 _token = st.text("abcdefghijklmnopqrstuvwxyz0123456789-._~", min_size=1, max_size=12)
