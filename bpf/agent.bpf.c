@@ -110,6 +110,7 @@ struct proc_event {
     __u32 what;
     __u32 pid;
     __u32 ppid;
+    char comm[16];
 };
 
 /* Userland ABI layouts (x86_64/arm64 LP64), declared here rather than taken from kernel
@@ -153,6 +154,15 @@ BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
 BPF_PERCPU_ARRAY(stats, __u64, ST_SLOTS);
 BPF_ARRAY(id_counter, __u64, 1);
 BPF_PERCPU_ARRAY(since_wakeup, __u64, 1);
+/* --exe names without wildcards (comm, at most 15 bytes): a process that execs one is selected
+ * in the kernel at once, so a short-lived client (curl) is traced from its first connect
+ * rather than from whenever user space reads its exec event. default_ns holds the agent's pid
+ * namespace for such processes until user space records their own. */
+struct exec_name {
+    char comm[16];
+};
+BPF_HASH(exec_names, struct exec_name, __u8, 256);
+BPF_ARRAY(default_ns, struct proc_info, 1);
 BPF_TABLE_PINNED("lru_hash", struct bridge_ctx_key, struct bridge_ctx_value, ctx_by_tid,
                  BRIDGE_CTX_MAX_ENTRIES, PIN_CTX_BY_TID);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -557,6 +567,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 static __always_inline void proc_event(__u32 what, __u32 pid, __u32 ppid)
 {
     struct proc_event ev = {.type = EV_PROC, .what = what, .pid = pid, .ppid = ppid};
+    /* A short-lived process may be gone before user space reads /proc: keep its name. */
+    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     if (events.ringbuf_output(&ev, sizeof(ev), wakeup_flag()))
         stat_inc(ST_PROC_LOST);
 }
@@ -564,6 +576,22 @@ static __always_inline void proc_event(__u32 what, __u32 pid, __u32 ppid)
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!procs.lookup(&tgid)) {
+        struct exec_name name = {};
+        bpf_get_current_comm(&name.comm, sizeof(name.comm));
+        int zero = 0;
+        struct proc_info *ns = default_ns.lookup(&zero);
+        if (ns && exec_names.lookup(&name)) {
+            struct proc_info copy = *ns;
+            procs.update(&tgid, &copy);
+            /* Wake user space now: it must read /proc/<pid> (resource, namespace) while a
+             * short-lived process is still there. */
+            struct proc_event ev = {.type = EV_PROC, .what = PROC_EXEC, .pid = tgid};
+            if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_FORCE_WAKEUP))
+                stat_inc(ST_PROC_LOST);
+            return 0;
+        }
+    }
     proc_event(PROC_EXEC, tgid, 0);
     return 0;
 }

@@ -12,6 +12,7 @@ import signal
 import stat
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +36,15 @@ from kernel_side.events import (
 )
 from kernel_side.export import make_exporter
 from kernel_side.export.batch import BatchExporter
-from kernel_side.model import Resource, SpanRecord
+from kernel_side.model import AttrValue, Resource, SpanRecord
 
 log = logging.getLogger("ebpf_bridge.agent")
 
 _PAGE = 4096
 # Exited processes keep their resource this long, for exchanges still in flight.
 _DEAD_GRACE_S = 30.0
+# Names of recently exec'd/forked processes kept for those that vanish before /proc is read.
+_MAX_COMMS = 4096
 
 
 class AgentError(RuntimeError):
@@ -69,6 +72,8 @@ class ProcessRegistry:
     known: dict[int, processes.ProcInfo] = field(default_factory=dict)
     rejected: set[int] = field(default_factory=set)
     dead: dict[int, float] = field(default_factory=dict)
+    comms: OrderedDict[int, str] = field(default_factory=OrderedDict)
+    """Names from exec/fork events, for processes gone before /proc could be read."""
 
     def _wanted(self, pid: int, listening: set[int]) -> bool:
         if pid == self.agent_pid:
@@ -122,12 +127,18 @@ class ProcessRegistry:
     def forget(self, pid: int) -> None:
         """Drop ``pid`` entirely."""
         self.dead.pop(pid, None)
+        self.comms.pop(pid, None)
         self.known.pop(pid, None)
         with contextlib.suppress(KeyError):
             del self.procs_map[self.procs_map.Key(pid)]
 
-    def on_event(self, what: int, pid: int, ppid: int) -> None:
+    def on_event(self, what: int, pid: int, ppid: int, comm: str = "") -> None:
         """React to exec/fork/exit of processes."""
+        if comm and what in (PROC_EXEC, PROC_FORK):
+            self.comms[pid] = comm
+            self.comms.move_to_end(pid)
+            if len(self.comms) > _MAX_COMMS:
+                self.comms.popitem(last=False)
         if what == PROC_FORK:
             # The kernel already selected the child with its parent's namespace; the child may
             # live in a new PID namespace (unshare --pid --fork), so read it again.
@@ -138,10 +149,15 @@ class ProcessRegistry:
                 self.add(pid)
             elif pid not in self.rejected or self.selector.exes or self.selector.select_all:
                 self.rejected.discard(pid)
-                if self._wanted(pid, set()):
-                    self.add(pid)
-        elif what == PROC_EXIT and pid in self.known:
-            self.dead[pid] = time.monotonic()
+                if self._wanted(pid, set()) and self.add(pid):
+                    return
+                if pid not in self.known:
+                    # The kernel may have selected it by its name (exec_names): undo that.
+                    with contextlib.suppress(KeyError):
+                        del self.procs_map[self.procs_map.Key(pid)]
+        elif what == PROC_EXIT:
+            if pid in self.known:
+                self.dead[pid] = time.monotonic()
             with contextlib.suppress(KeyError):
                 del self.procs_map[self.procs_map.Key(pid)]
 
@@ -153,8 +169,14 @@ class ProcessRegistry:
         built = processes.build_resource(tgid, self.host, self.sdk_version)
         if built is not None:
             return built
-        return Resource((tgid, 0), {"service.name": "unknown_service", "process.pid": tgid,
-                                    "host.name": self.host, "telemetry.sdk.name": "ebpf-bridge"})
+        comm = self.comms.get(tgid)
+        attrs: dict[str, AttrValue] = {
+            "service.name": comm or "unknown_service", "process.pid": tgid,
+            "host.name": self.host, "telemetry.sdk.name": "ebpf-bridge",
+        }
+        if comm:
+            attrs["process.executable.name"] = comm
+        return Resource((tgid, 0), attrs)
 
     def listen_port(self, tgid: int, fd: int) -> int | None:
         """The local port of listening socket ``fd`` in ``tgid`` (cached)."""
@@ -301,6 +323,7 @@ class Agent:
         b = self._bpf = self._compile()
         self._layout = ExchangeLayout.from_ctypes(b["conns"].Leaf)
         self.registry = ProcessRegistry(self.cfg.selector, b["procs"], os.getpid())
+        self._select_exec_names(b)
         self.assembler = SpanAssembler(
             self.registry, self.fanout.submit, route_heuristic=self.cfg.route_heuristic,
             parent_wait_s=self.cfg.parent_wait_s,
@@ -321,6 +344,19 @@ class Agent:
                 signal.signal(s, h)
             self._shutdown()
         return 0
+
+    def _select_exec_names(self, b: Any) -> None:
+        """Let the kernel select, at exec, processes named by a wildcard-free ``--exe``."""
+        ns = processes.pid_namespace(os.getpid())
+        names = {os.path.basename(e).encode()[:15] for e in self.cfg.selector.exes
+                 if e and not any(c in e for c in "*?[")}
+        if ns is None or not names:
+            return
+        table = b["exec_names"]
+        for name in names:
+            table[table.Key(name)] = table.Leaf(1)
+        dflt = b["default_ns"]
+        dflt[dflt.Key(0)] = dflt.Leaf(ns[0], ns[1])
 
     def _describe_exporters(self) -> list[str]:
         out = []
@@ -385,8 +421,9 @@ class Agent:
                 self.assembler.on_exchange(self._layout.decode(raw))
             elif kind == EV_PROC:
                 assert self.registry is not None
-                _t, what, pid, ppid = PROC_EVENT.unpack_from(raw)
-                self.registry.on_event(what, pid, ppid)
+                _t, what, pid, ppid, comm = PROC_EVENT.unpack_from(raw)
+                self.registry.on_event(what, pid, ppid, comm.split(b"\0", 1)[0].decode(
+                    "utf-8", "replace"))
         except Exception:
             # Never let one event take the agent down; count and carry on.
             self.callback_errors += 1

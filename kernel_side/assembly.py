@@ -49,14 +49,19 @@ class IdSource:
         self._s3 = int.from_bytes(raw[16:24], "little")
 
     def span_id(self, exchange_id: int, index: int = 0) -> bytes:
-        """The span id of message ``index`` of an exchange."""
-        v = _mix64(self._s1 ^ ((exchange_id << 6) | index)) or 1
+        """The span id of message ``index`` of an exchange.
+
+        Distinct for every exchange id below 2**48 (a counter) and index below 2**16 (a
+        capture buffer holds at most a few hundred pipelined requests).
+        """
+        v = _mix64(self._s1 ^ (((exchange_id << 16) | (index & 0xFFFF)) & _MASK64)) or 1
         return v.to_bytes(8, "big")
 
-    def trace_id(self, exchange_id: int) -> bytes:
-        """The trace id a root exchange starts."""
-        hi = _mix64(self._s2 ^ exchange_id)
-        lo = _mix64(self._s3 ^ exchange_id) or 1
+    def trace_id(self, exchange_id: int, index: int = 0) -> bytes:
+        """The trace id that message ``index`` of a root exchange starts."""
+        key = ((exchange_id << 16) | (index & 0xFFFF)) & _MASK64
+        hi = _mix64(self._s2 ^ key)
+        lo = _mix64(self._s3 ^ key) or 1
         return hi.to_bytes(8, "big") + lo.to_bytes(8, "big")
 
 
@@ -207,7 +212,8 @@ class SpanAssembler:
                 if tp is not None:
                     span.trace_id, span.parent_span_id = tp.trace_id, tp.span_id
                 else:
-                    span.trace_id = self.ids.trace_id(ex.exchange_id)
+                    # Pipelined requests are unrelated operations: one trace each.
+                    span.trace_id = self.ids.trace_id(ex.exchange_id, idx)
                 if idx == 0:
                     self._server_done(ex.exchange_id, span.trace_id)
                 self._emit(span)
@@ -215,7 +221,7 @@ class SpanAssembler:
                 self._http_client_attrs(attrs, req, ex)
                 span = SpanRecord(b"", span_id, None, req.method, SpanKind.CLIENT, start, end,
                                   resource, attrs, status)
-                self._route_client(span, ex, req.traceparent)
+                self._route_client(span, ex, req.traceparent, idx)
 
     @staticmethod
     def _http_server_attrs(attrs: dict[str, AttrValue], req: http1.HttpRequest, ex: Exchange,
@@ -247,7 +253,8 @@ class SpanAssembler:
         if req.target.startswith(("http://", "https://")):
             attrs[semconv.URL_FULL] = req.target
         elif host:
-            hostport = req.host or (f"{host}:{port}" if port else host)
+            name = f"[{host}]" if ":" in host else host
+            hostport = req.host or (f"{name}:{port}" if port else name)
             attrs[semconv.URL_FULL] = f"http://{hostport}{req.target}"
         else:
             attrs[semconv.URL_PATH] = req.path
@@ -273,14 +280,15 @@ class SpanAssembler:
         if exchange_id in self._waiting:
             self._release(exchange_id, trace_id, timed_out=False)
 
-    def _route_client(self, span: SpanRecord, ex: Exchange, traceparent: str | None) -> None:
+    def _route_client(self, span: SpanRecord, ex: Exchange, traceparent: str | None,
+                      index: int) -> None:
         parent = ex.parent_exchange_id
         if not parent:
             tp = parse_traceparent(traceparent)
             if tp is not None:
                 span.trace_id, span.parent_span_id = tp.trace_id, tp.span_id
             else:
-                span.trace_id = self.ids.trace_id(ex.exchange_id)
+                span.trace_id = self.ids.trace_id(ex.exchange_id, index)
             self._emit(span)
             return
         span.parent_span_id = self.ids.span_id(parent)

@@ -96,7 +96,9 @@ def parse_port(value: str) -> tuple[int, int]:
     return lo, hi
 
 
-_YAML_KEYS = {f.name for f in fields(AgentConfig)} | {"pid", "exe", "port", "exporter", "jsonl"}
+# selector and exporters are spelled pid/exe/port and exporter, as the flags are.
+_SCALARS = {f.name for f in fields(AgentConfig)} - {"selector", "exporters"}
+_YAML_KEYS = _SCALARS | {"pid", "exe", "port", "exporter", "jsonl"}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -129,10 +131,36 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _check_type(name: str, value: Any) -> Any:
+    """``value`` if it has the type of setting ``name`` (YAML is untyped), else ConfigError."""
+    default = getattr(AgentConfig(), name)
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    else:
+        ok, want = isinstance(value, str), "a string"
+    if not ok:
+        raise ConfigError(f"setting {name} must be {want}, got {value!r}")
+    return value
+
+
+def _pid(value: Any) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"pid {value!r} is not a process id: use a number") from None
+
+
 def build(settings: dict[str, Any]) -> AgentConfig:
     """Make a validated config from merged settings (YAML first, then flags that were given)."""
     cfg = AgentConfig()
-    pids = tuple(int(p) for p in _as_list(settings.pop("pid", None)))
+    pids = tuple(_pid(p) for p in _as_list(settings.pop("pid", None)))
     exes = tuple(str(e) for e in _as_list(settings.pop("exe", None)))
     ports = tuple(parse_port(str(p)) for p in _as_list(settings.pop("port", None)))
     exporters = tuple(str(e) for e in _as_list(settings.pop("exporter", None)))
@@ -148,7 +176,6 @@ def build(settings: dict[str, Any]) -> AgentConfig:
     if not settings.get("otlp_protocol"):
         settings["otlp_protocol"] = os.environ.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "grpc"
     settings.setdefault("pin_dir", os.environ.get(EBPF_BRIDGE_PIN_DIR) or _abi.PIN_DIR)
-    known = {f.name for f in fields(AgentConfig)}
-    clean = {k: v for k, v in settings.items() if k in known and v is not None}
+    clean = {k: _check_type(k, v) for k, v in settings.items() if k in _SCALARS and v is not None}
     cfg = replace(cfg, selector=Selector(pids, exes, ports), exporters=exporters, **clean)
     return cfg.validate()

@@ -37,7 +37,7 @@ STAT_NAMES: Final = (
     "proc_events_lost",
 )
 
-PROC_EVENT: Final = struct.Struct("<IIII")
+PROC_EVENT: Final = struct.Struct("<IIII16s")
 
 _HEADER_FIELDS: Final = (
     "type",
