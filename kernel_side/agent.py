@@ -37,6 +37,7 @@ from kernel_side.events import (
 from kernel_side.export import make_exporter
 from kernel_side.export.batch import BatchExporter
 from kernel_side.model import AttrValue, Resource, SpanRecord
+from kernel_side.protocols.registry import register_all
 
 log = logging.getLogger("ebpf_bridge.agent")
 
@@ -328,6 +329,7 @@ class Agent:
             self.registry, self.fanout.submit, route_heuristic=self.cfg.route_heuristic,
             parent_wait_s=self.cfg.parent_wait_s,
         )
+        register_all(self.assembler)
         b["events"].open_ring_buffer(self._on_event)
         self.registry.scan()
         self.start_to_ready_s = time.monotonic() - t0

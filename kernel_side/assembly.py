@@ -120,17 +120,32 @@ class SpanAssembler:
         self._max_servers = 65_536
         self._waiting: dict[int, list[_Waiting]] = {}
         self._n_waiting = 0
+        self._conn_states: OrderedDict[tuple[int, int, str], dict[str, object]] = OrderedDict()
+        self._max_conn_states = 65_536
+        self._protocols: list[tuple[Callable[[Exchange], bool],
+                                    Callable[[SpanAssembler, Exchange], None]]] = []
         self.stats = AssemblyStats()
 
     # -- public -------------------------------------------------------------------------------
+
+    def add_protocol(self, detect: Callable[[Exchange], bool],
+                     build: Callable[[SpanAssembler, Exchange], None]) -> None:
+        """Register a protocol: ``detect`` looks at an exchange's bytes (cheaply; by content,
+        never by port), ``build`` turns it into spans with ``client_span``/``server_span``.
+        Protocols are tried in registration order, after HTTP/1.1."""
+        self._protocols.append((detect, build))
 
     def on_exchange(self, ex: Exchange) -> None:
         """Build and route the spans of one exchange. Never raises on bad bytes."""
         try:
             if http1.looks_like_request(ex.request):
                 self._http(ex)
-            else:
-                self.stats.unknown_protocol += 1
+                return
+            for detect, build in self._protocols:
+                if detect(ex):
+                    build(self, ex)
+                    return
+            self.stats.unknown_protocol += 1
         except Exception:  # a parser bug must cost one exchange, never the agent
             self.stats.parse_errors += 1
             log.exception("could not assemble exchange %d of pid %d", ex.exchange_id, ex.tgid)
@@ -258,6 +273,49 @@ class SpanAssembler:
             attrs[semconv.URL_FULL] = f"http://{hostport}{req.target}"
         else:
             attrs[semconv.URL_PATH] = req.path
+
+    # -- for protocol span builders ------------------------------------------------------------
+
+    def base_span(self, ex: Exchange, name: str, kind: SpanKind, index: int = 0,
+                  attributes: dict[str, AttrValue] | None = None) -> SpanRecord:
+        """A span for message ``index`` of ``ex`` with times, resource, peer attributes and
+        the thread's business context filled in; ids and parents are set by ``finish``."""
+        attrs: dict[str, AttrValue] = dict(attributes or {})
+        if ex.peer_address:
+            attrs.setdefault(semconv.NETWORK_PEER_ADDRESS, ex.peer_address)
+            attrs.setdefault(semconv.NETWORK_PEER_PORT, ex.peer_port)
+        business, ctx_truncated = self._business(ex)
+        if ctx_truncated:
+            attrs[semconv.BRIDGE_CONTEXT_TRUNCATED] = True
+        attrs.update(business)
+        start = ex.req_start_ns + self._epoch_offset_ns
+        end = max(ex.resp_end_ns, ex.req_end_ns) + self._epoch_offset_ns
+        return SpanRecord(b"", self.ids.span_id(ex.exchange_id, index), None, name, kind, start,
+                          end, self._procs.resource_for(ex.tgid), attrs)
+
+    def conn_state(self, ex: Exchange, protocol: str) -> dict[str, object]:
+        """Per-connection memory for stateful protocols (a database name from a startup
+        message, prepared statements). Bounded: the least recently used connections go."""
+        key = (ex.tgid, ex.conn_id, protocol)
+        state = self._conn_states.get(key)
+        if state is None:
+            state = self._conn_states[key] = {}
+            if len(self._conn_states) > self._max_conn_states:
+                self._conn_states.popitem(last=False)
+        else:
+            self._conn_states.move_to_end(key)
+        return state
+
+    def finish(self, span: SpanRecord, ex: Exchange, index: int = 0) -> None:
+        """Give ``span`` its trace and parent and hand it on: a client span joins the server
+        span its thread was serving; a server span starts a trace."""
+        if span.kind == SpanKind.SERVER:
+            span.trace_id = self.ids.trace_id(ex.exchange_id, index)
+            if index == 0:
+                self._server_done(ex.exchange_id, span.trace_id)
+            self._emit(span)
+        else:
+            self._route_client(span, ex, None, index)
 
     # -- context and parents ------------------------------------------------------------------
 
