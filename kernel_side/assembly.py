@@ -120,6 +120,7 @@ class SpanAssembler:
         self._max_servers = 65_536
         self._waiting: dict[int, list[_Waiting]] = {}
         self._n_waiting = 0
+        self._ctx_cache: dict[bytes, tuple[dict[str, AttrValue], bool]] = {}
         self._conn_states: OrderedDict[tuple[int, int, str], dict[str, object]] = OrderedDict()
         self._max_conn_states = 65_536
         self._protocols: list[tuple[Callable[[Exchange], bool],
@@ -319,16 +320,28 @@ class SpanAssembler:
 
     # -- context and parents ------------------------------------------------------------------
 
-    @staticmethod
-    def _business(ex: Exchange) -> tuple[dict[str, AttrValue], bool]:
+    def _business(self, ex: Exchange) -> tuple[dict[str, AttrValue], bool]:
         if ex.ctx is None:
             return {}, False
+        # Many requests carry the same context block (same tenant, same flag): decode each
+        # distinct block once.
+        cached = self._ctx_cache.get(ex.ctx)
+        if cached is not None:
+            return cached
+        decoded = self._decode_ctx(ex.ctx)
+        if len(self._ctx_cache) >= 4096:
+            self._ctx_cache.clear()
+        self._ctx_cache[ex.ctx] = decoded
+        return decoded
+
+    @staticmethod
+    def _decode_ctx(ctx: bytes) -> tuple[dict[str, AttrValue], bool]:
         version, count, flags, data_len, _pad, _tid, _sid, _kind = (
-            _abi.CTX_VALUE_HEADER.unpack_from(ex.ctx, 0)
+            _abi.CTX_VALUE_HEADER.unpack_from(ctx, 0)
         )
         if version != _abi.ABI_VERSION:
             return {}, False
-        data = ex.ctx[_abi.CTX_VALUE_HEADER.size : _abi.CTX_VALUE_HEADER.size + data_len]
+        data = ctx[_abi.CTX_VALUE_HEADER.size : _abi.CTX_VALUE_HEADER.size + data_len]
         return _abi.decode_attrs(data, count), bool(flags & _abi.CTX_F_TRUNCATED)
 
     def _server_done(self, exchange_id: int, trace_id: bytes) -> None:

@@ -79,7 +79,7 @@ _CODES: Final[dict[Any, str]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Exchange:
     """One request/response exchange on one connection, as the kernel paired it."""
 

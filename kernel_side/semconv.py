@@ -47,3 +47,11 @@ ERROR_TYPE: Final = "error.type"
 # Attributes of our own, namespaced so they cannot collide with semconv or business keys.
 BRIDGE_TRUNCATED: Final = "ebpf_bridge.capture.truncated"
 BRIDGE_CONTEXT_TRUNCATED: Final = "ebpf_bridge.context.truncated"
+
+# Database
+DB_SYSTEM_NAME: Final = "db.system.name"
+DB_NAMESPACE: Final = "db.namespace"
+DB_OPERATION_NAME: Final = "db.operation.name"
+DB_COLLECTION_NAME: Final = "db.collection.name"
+DB_QUERY_TEXT: Final = "db.query.text"
+DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"

@@ -121,6 +121,9 @@ class BatchExporter:
         self._thread.join(timeout_s)
         # Closing the exporter also aborts an export still in flight past the deadline.
         self._exporter.shutdown()
+        # The worker sleeps until exactly the deadline before counting what it drops: give it
+        # a moment to finish that accounting, so stats() after shutdown() are final.
+        self._thread.join(2.0)
 
     def stats(self) -> dict[str, int]:
         """Counters since creation, plus the current queue length."""

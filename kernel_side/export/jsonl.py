@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+
+import orjson
 
 from kernel_side.export.base import SpanExporter
 from kernel_side.export.otlp_json import to_otlp_json
@@ -27,13 +28,14 @@ class JsonlExporter(SpanExporter):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = self.path.open("ab")
 
     def export(self, spans: Sequence[SpanRecord]) -> bool:
         """Append ``spans`` as one line; False (logged) on I/O errors or after shutdown."""
         if not spans:
             return True
-        line = json.dumps(to_otlp_json(spans), separators=(",", ":"), ensure_ascii=False) + "\n"
+        # orjson: a tenth of the stdlib encoder's cost per span, same compact UTF-8 output.
+        line = orjson.dumps(to_otlp_json(spans), option=orjson.OPT_APPEND_NEWLINE)
         with self._lock:
             if self._file.closed:
                 logger.warning("jsonl export to %s after shutdown: %d spans", self.path, len(spans))

@@ -68,7 +68,7 @@ _H_CONTENT_LENGTH: Final = b"\ncontent-length:"
 _H_TRANSFER_ENCODING: Final = b"\ntransfer-encoding:"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HttpRequest:
     """One HTTP/1.x request seen (at least partly) in a captured request buffer."""
 
@@ -96,7 +96,7 @@ class HttpRequest:
     """Total length of the message (head + framed body) when known."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HttpResponse:
     """One HTTP/1.x response seen (at least partly) in a captured response buffer."""
 

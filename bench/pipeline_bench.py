@@ -1,0 +1,144 @@
+"""Agent user-space cost per span, stage by stage, on a realistic HTTP/1.1 exchange.
+
+Stages: decode (ring-buffer bytes -> Exchange), parse+assemble (HTTP/1.1 parse, ids, attributes,
+business context -> SpanRecord), and export encoding for each exporter (OTLP protobuf build +
+serialize, OTLP-JSON line). The kernel-to-user transfer (BCC's ctypes callback) is measured by
+agent_bench.py under real load, not here. Prints a table and writes JSON; never pass/fail.
+
+    .venv/bin/python bench/pipeline_bench.py [--n 20000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bridge import _abi  # noqa: E402
+from kernel_side.assembly import SpanAssembler  # noqa: E402
+from kernel_side.events import ExchangeLayout  # noqa: E402
+from kernel_side.export.otlp_json import to_otlp_json  # noqa: E402
+from kernel_side.export.otlp_proto import to_export_request  # noqa: E402
+from kernel_side.model import Resource, SpanRecord  # noqa: E402
+
+REQ = (b"GET /orders/4711?expand=items HTTP/1.1\r\nHost: orders.internal:8081\r\n"
+       b"User-Agent: python-requests/2.32.3\r\nAccept-Encoding: gzip, deflate\r\n"
+       b"Accept: */*\r\nConnection: keep-alive\r\nX-Tenant-ID: acme\r\n"
+       b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n")
+RESP = (b"HTTP/1.1 200 OK\r\nServer: BaseHTTP/0.6 Python/3.11.2\r\n"
+        b"Date: Tue, 24 Nov 2026 22:00:00 GMT\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 61\r\n\r\n"
+        b'{"order": "4711", "tenant": "acme", "in_stock": true, "n": 3}')
+
+
+class _Layout(ctypes.Structure):
+    """The C ``struct exchange`` as BCC would present it (REQ_CAP 1024, RESP_CAP 512)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint), ("tgid", ctypes.c_uint), ("fd", ctypes.c_uint),
+        ("role", ctypes.c_ubyte), ("family", ctypes.c_ubyte), ("phase", ctypes.c_ubyte),
+        ("has_ctx", ctypes.c_ubyte), ("peer_port", ctypes.c_ushort), ("_pad0", ctypes.c_ushort),
+        ("listen_fd", ctypes.c_uint), ("req_tid", ctypes.c_uint), ("resp_tid", ctypes.c_uint),
+        ("req_cap", ctypes.c_uint), ("resp_cap", ctypes.c_uint), ("req_calls", ctypes.c_uint),
+        ("resp_calls", ctypes.c_uint), ("peer_addr", ctypes.c_ubyte * 16),
+        ("conn_id", ctypes.c_ulonglong), ("exchange_id", ctypes.c_ulonglong),
+        ("parent_exchange_id", ctypes.c_ulonglong), ("req_start_ns", ctypes.c_ulonglong),
+        ("req_end_ns", ctypes.c_ulonglong), ("resp_start_ns", ctypes.c_ulonglong),
+        ("resp_end_ns", ctypes.c_ulonglong), ("req_bytes", ctypes.c_ulonglong),
+        ("resp_bytes", ctypes.c_ulonglong), ("ctx", ctypes.c_ubyte * _abi.CTX_VALUE_SIZE),
+        ("resp", ctypes.c_ubyte * 1024), ("req", ctypes.c_ubyte * 2048),
+    ]
+
+
+def make_event() -> bytes:
+    ev = _Layout()
+    ev.type, ev.tgid, ev.fd, ev.role, ev.family, ev.peer_port = 1, 4242, 7, 1, 2, 51000
+    ev.listen_fd, ev.req_tid, ev.resp_tid = 3, 4243, 4243
+    ev.peer_addr[:4] = [127, 0, 0, 1]
+    ev.conn_id, ev.exchange_id = 9, 1000
+    ev.req_start_ns, ev.req_end_ns = 1_000_000, 1_010_000
+    ev.resp_start_ns, ev.resp_end_ns = 1_900_000, 2_000_000
+    ev.req_bytes, ev.resp_bytes, ev.req_cap, ev.resp_cap = len(REQ), len(RESP), len(REQ), len(RESP)
+    ev.has_ctx = 1
+    ctx = _abi.pack_value(_abi.encode_attrs(
+        {"tenant_id": "acme", "user_id": "u-42", "feature_flag": "new-checkout"}))
+    ctypes.memmove(ctypes.addressof(ev) + _Layout.ctx.offset, ctx, len(ctx))
+    ctypes.memmove(ctypes.addressof(ev) + _Layout.req.offset, REQ, len(REQ))
+    ctypes.memmove(ctypes.addressof(ev) + _Layout.resp.offset, RESP, len(RESP))
+    return bytes(ev)[: _Layout.req.offset + len(REQ)]
+
+
+class _Procs:
+    resource = Resource((4242, 1), {"service.name": "orders", "process.pid": 4242,
+                                    "host.name": "vm", "telemetry.sdk.name": "ebpf-bridge"})
+
+    def resource_for(self, tgid: int) -> Resource:
+        return self.resource
+
+    def listen_port(self, tgid: int, fd: int) -> int | None:
+        return 8081
+
+
+def per_call_us(fn: object, n: int, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()  # type: ignore[operator]
+        out.append((time.perf_counter() - t0) / n * 1e6)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", default=str(REPO / "bench/results/pipeline.json"))
+    args = ap.parse_args()
+    raw = make_event()
+    layout = ExchangeLayout.from_ctypes(_Layout)
+    ex = layout.decode(raw)
+    spans: list[SpanRecord] = []
+    asm = SpanAssembler(_Procs(), spans.append)
+    asm.on_exchange(ex)
+    span = spans[0]
+    assert span.attributes.get("tenant_id") == "acme", span.attributes
+    batch = [span] * 512
+
+    stages = {
+        "decode (bytes -> Exchange)": lambda: layout.decode(raw),
+        "parse + assemble (-> SpanRecord)": lambda: asm.on_exchange(ex),
+        "otlp protobuf build+serialize (per span, batch 512)":
+            lambda: to_export_request(batch).SerializeToString(),
+        "otlp-json line (per span, batch 512)": lambda: orjson.dumps(to_otlp_json(batch)),
+    }
+    results: dict[str, list[float]] = {}
+    for name, fn in stages.items():
+        n = args.n if "batch" not in name else max(args.n // 512, 5)
+        vals = per_call_us(fn, n, args.repeat)
+        if "batch" in name:
+            vals = [v / 512 for v in vals]
+        results[name] = vals
+        spans.clear()
+    print(f"{'stage':<52} {'us/span median':>15} {'min-max':>15}")
+    for name, vals in results.items():
+        print(f"{name:<52} {statistics.median(vals):>15.2f} "
+              f"{min(vals):>7.2f}-{max(vals):<7.2f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"us_per_span": results}, indent=2))
+    print(f"JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
