@@ -353,6 +353,31 @@ static __always_inline struct exchange *get_conn(struct sock_key *k, struct sock
     return st;
 }
 
+#define INTERIM_MAX 64
+
+/* Whether everything answered so far is one interim response (1xx but 101, e.g. "HTTP/1.1 100
+ * Continue\r\n\r\n"), after which request bytes continue the same request. Only short answers
+ * that were captured whole qualify, and their head must end exactly at the last byte. */
+static __always_inline int interim_only(struct exchange *st)
+{
+    __u64 n = st->resp_bytes;
+    if (n < 16 || n > INTERIM_MAX || n != st->resp_cap)
+        return 0;
+    __u8 *r = st->resp;
+    if (r[0] != 'H' || r[1] != 'T' || r[2] != 'T' || r[3] != 'P' || r[4] != '/' || r[9] != '1')
+        return 0;
+    if (r[10] == '0' && r[11] == '1')
+        return 0;
+#pragma unroll
+    for (int i = 12; i < INTERIM_MAX - 3; i++) {
+        if (i + 3 > n)
+            break;
+        if (r[i] == '\n' && r[i + 1] == '\r' && r[i + 2] == '\n')
+            return i + 3 == n;
+    }
+    return 0;
+}
+
 static __always_inline int on_enter_io(__u32 fd, __u64 ptr, __u32 kind, __u64 vlen)
 {
     __u64 id = bpf_get_current_pid_tgid();
@@ -401,6 +426,11 @@ static __always_inline int on_exit_io(int dir, long ret)
     __u64 now = bpf_ktime_get_ns();
     int req_dir = (st->role == ROLE_SERVER) == (dir == DIR_IN);
     if (req_dir) {
+        if (st->phase == PHASE_RESP && interim_only(st)) {
+            /* "100 Continue" between a request head and its body: same exchange. */
+            st->phase = PHASE_REQ;
+            inflight.delete(&k);
+        }
         if (st->phase == PHASE_RESP) {
             emit(st);
             inflight.delete(&k);

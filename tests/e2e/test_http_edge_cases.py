@@ -303,3 +303,27 @@ def test_spans_resource(edge: Edge) -> None:
         assert s.resource["telemetry.sdk.name"] == "ebpf-bridge"
         assert s.resource["process.executable.name"].startswith("python")
         assert s.attributes["client.address"] == "127.0.0.1"
+
+
+def test_expect_100_continue(edge: Edge) -> None:
+    """A client that waits for "100 Continue" before sending the body: the interim response
+    sits between the request head and the body. One span, with the final status."""
+    tag = secrets.token_hex(4)
+    body = b"b" * 5000
+    head = (f"POST /echo/c{tag} HTTP/1.1\r\nHost: e\r\nContent-Length: {len(body)}\r\n"
+            "Expect: 100-continue\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", edge.port)) as sock:
+        sock.sendall(head)
+        sock.settimeout(10)
+        interim = sock.recv(1024)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        sock.sendall(body)
+        answer = _recv_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(body), answer[:200]
+    spans = edge.wait_server(_prefix(f"/echo/c{tag}"), 1)
+    assert len(spans) == 1
+    a = spans[0].attributes
+    assert a["http.request.method"] == "POST"
+    assert a["http.request.body.size"] == 5000
+    assert a.get("http.response.status_code") == 200, a
+    assert a.get("http.response.body.size") == 5000, a
