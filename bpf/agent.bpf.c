@@ -14,6 +14,18 @@
 
 #define EV_EXCHANGE 1
 #define EV_PROC 2
+#define EV_CHUNK 3
+
+/* sock_info.mode */
+#define MODE_UNKNOWN 0   /* no request bytes seen yet */
+#define MODE_EXCHANGE 1  /* request/response protocols: paired in the kernel */
+#define MODE_STREAM 2    /* multiplexed protocols (HTTP/2): every read/write is a chunk */
+
+#define CHUNK_F_CLOSE 1
+
+#ifndef CHUNK_CAP
+#define CHUNK_CAP 4096
+#endif
 
 #define ROLE_SERVER 1
 #define ROLE_CLIENT 2
@@ -45,6 +57,7 @@
 #define ST_NS_ERRORS 4
 #define ST_CONN_CREATED 5
 #define ST_PROC_LOST 6
+#define ST_CHUNKS 7
 #define ST_SLOTS 8
 
 struct proc_info {
@@ -64,6 +77,34 @@ struct sock_info {
     __u16 peer_port;
     __u32 listen_fd;
     __u8 peer_addr[16];
+    __u8 mode;
+    __u8 _pad[7];
+};
+
+/* One read or write on a stream-mode connection, in order. HTTP/2 multiplexes streams in both
+ * directions at once, so pairing in the kernel is impossible: user space reassembles frames and
+ * keeps the HPACK tables. */
+struct chunk {
+    __u32 type;
+    __u32 tgid;
+    __u32 fd;
+    __u8 role;
+    __u8 from_client;
+    __u8 has_ctx;
+    __u8 flags;
+    __u16 peer_port;
+    __u8 family;
+    __u8 _pad0;
+    __u32 listen_fd;
+    __u32 tid;
+    __u32 cap;
+    __u64 len;
+    __u64 conn_id;
+    __u64 ts_ns;
+    __u64 parent_exchange_id;
+    __u8 peer_addr[16];
+    struct bridge_ctx_value ctx;
+    __u8 data[CHUNK_CAP * 2];
 };
 
 /* Per-connection exchange state, and also the event layout: an exchange is emitted by handing
@@ -151,6 +192,7 @@ BPF_TABLE("lru_hash", __u32, __u64, active_server, SOCK_MAX);
 BPF_HASH(active_io, __u32, struct io_args, 10240);
 BPF_HASH(active_conn, __u32, struct conn_args, 10240);
 BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
+BPF_PERCPU_ARRAY(chunk_scratch, struct chunk, 1);
 BPF_PERCPU_ARRAY(stats, __u64, ST_SLOTS);
 BPF_ARRAY(id_counter, __u64, 1);
 BPF_PERCPU_ARRAY(since_wakeup, __u64, 1);
@@ -378,6 +420,124 @@ static __always_inline int interim_only(struct exchange *st)
     return 0;
 }
 
+static __always_inline void chunk_copy(struct chunk *c, const void *src, __u64 len)
+{
+    __u32 off = c->cap;
+    if (off >= CHUNK_CAP || len == 0)
+        return;
+    __u32 n = len > CHUNK_CAP ? CHUNK_CAP : len;
+    if (n > CHUNK_CAP - off)
+        n = CHUNK_CAP - off;
+    if (bpf_probe_read_user(&c->data[off & (CHUNK_CAP - 1)], n & (CHUNK_CAP * 2 - 1), src) == 0)
+        c->cap = off + n;
+}
+
+static __always_inline struct chunk *chunk_start(struct sock_key *k, struct sock_info *si,
+                                                 __u32 tid)
+{
+    int zero = 0;
+    struct chunk *c = chunk_scratch.lookup(&zero);
+    if (!c)
+        return 0;
+    c->type = EV_CHUNK;
+    c->tgid = k->tgid;
+    c->fd = k->fd;
+    c->role = si->role;
+    c->family = si->family;
+    c->peer_port = si->peer_port;
+    c->listen_fd = si->listen_fd;
+    c->conn_id = si->conn_id;
+    __builtin_memcpy(c->peer_addr, si->peer_addr, sizeof(c->peer_addr));
+    c->tid = tid;
+    c->cap = 0;
+    c->len = 0;
+    c->flags = 0;
+    c->has_ctx = 0;
+    c->from_client = 0;
+    c->parent_exchange_id = 0;
+    c->ts_ns = bpf_ktime_get_ns();
+    return c;
+}
+
+static __always_inline void chunk_emit(struct chunk *c)
+{
+    __u32 n = c->cap;
+    if (n > CHUNK_CAP)
+        n = CHUNK_CAP;
+    if (events.ringbuf_output(c, offsetof(struct chunk, data) + n, wakeup_flag()))
+        stat_inc(ST_LOST);
+    else
+        stat_inc(ST_CHUNKS);
+}
+
+/* The thread's context rides on the chunks the application itself writes: a client's requests
+ * and a server's responses. */
+static __always_inline void chunk_ctx(struct chunk *c, __u32 tgid, __u32 tid)
+{
+    struct bridge_ctx_key key = {};
+    if (ns_ctx_key(tgid, &key))
+        return;
+    struct bridge_ctx_value *v = ctx_by_tid.lookup(&key);
+    if (v) {
+        __builtin_memcpy(&c->ctx, v, sizeof(c->ctx));
+        c->has_ctx = 1;
+    }
+    if (c->role == ROLE_CLIENT) {
+        __u64 *parent = active_server.lookup(&tid);
+        if (parent)
+            c->parent_exchange_id = *parent;
+    }
+}
+
+static __always_inline void stream_io(struct sock_key *k, struct sock_info *si, int dir,
+                                      struct io_args *a, long ret)
+{
+    __u32 tid = (__u32)bpf_get_current_pid_tgid();
+    struct chunk *c = chunk_start(k, si, tid);
+    if (!c)
+        return;
+    c->from_client = (si->role == ROLE_SERVER) == (dir == DIR_IN);
+    c->len = ret;
+    if (c->from_client == (si->role == ROLE_CLIENT))
+        chunk_ctx(c, k->tgid, tid);
+    if (a->kind == IO_BUF) {
+        chunk_copy(c, (const void *)a->ptr, ret);
+    } else {
+        __u64 left = ret;
+#pragma unroll
+        for (int i = 0; i < MAX_IOV; i++) {
+            if (i >= a->vlen || left == 0)
+                break;
+            struct u_iovec iov = {};
+            if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(a->ptr + i * sizeof(iov))))
+                break;
+            __u64 take = iov.len < left ? iov.len : left;
+            chunk_copy(c, (const void *)iov.base, take);
+            left -= take;
+        }
+    }
+    chunk_emit(c);
+}
+
+/* The first request bytes decide how a connection is traced: the HTTP/2 client preface
+ * ("PRI * HTTP/2.0") switches it to stream mode. */
+static __always_inline void choose_mode(struct sock_info *si, struct io_args *a)
+{
+    __u64 ptr = a->ptr;
+    if (a->kind != IO_BUF) {
+        struct u_iovec iov = {};
+        if (a->vlen == 0 || bpf_probe_read_user(&iov, sizeof(iov), (const void *)ptr))
+            return;
+        ptr = iov.base;
+    }
+    char head[4] = {};
+    if (bpf_probe_read_user(head, sizeof(head), (const void *)ptr))
+        return;
+    si->mode = (head[0] == 'P' && head[1] == 'R' && head[2] == 'I' && head[3] == ' ')
+                   ? MODE_STREAM
+                   : MODE_EXCHANGE;
+}
+
 static __always_inline int on_enter_io(__u32 fd, __u64 ptr, __u32 kind, __u64 vlen)
 {
     __u64 id = bpf_get_current_pid_tgid();
@@ -420,6 +580,12 @@ static __always_inline int on_exit_io(int dir, long ret)
     struct sock_info *si = socks.lookup(&k);
     if (!si)
         return 0;
+    if (si->mode == MODE_UNKNOWN && (si->role == ROLE_SERVER) == (dir == DIR_IN))
+        choose_mode(si, &a);
+    if (si->mode == MODE_STREAM) {
+        stream_io(&k, si, dir, &a, ret);
+        return 0;
+    }
     struct exchange *st = get_conn(&k, si);
     if (!st)
         return 0;
@@ -582,8 +748,16 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct sock_key k = {.tgid = id >> 32, .fd = args->fd};
-    if (!socks.lookup(&k))
+    struct sock_info *si = socks.lookup(&k);
+    if (!si)
         return 0;
+    if (si->mode == MODE_STREAM) {
+        struct chunk *c = chunk_start(&k, si, (__u32)id);
+        if (c) {
+            c->flags = CHUNK_F_CLOSE;
+            chunk_emit(c);
+        }
+    }
     struct exchange *st = conns.lookup(&k);
     if (st && st->phase != PHASE_IDLE)
         emit(st);

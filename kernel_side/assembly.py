@@ -21,7 +21,7 @@ from typing import Protocol
 
 from bridge import _abi
 from kernel_side import semconv
-from kernel_side.events import ROLE_SERVER, Exchange
+from kernel_side.events import ROLE_SERVER, Chunk, Exchange
 from kernel_side.model import AttrValue, Resource, SpanKind, SpanRecord, StatusCode
 from kernel_side.protocols import http1
 from kernel_side.protocols.traceparent import parse_traceparent
@@ -56,6 +56,17 @@ class IdSource:
         """
         v = _mix64(self._s1 ^ (((exchange_id << 16) | (index & 0xFFFF)) & _MASK64)) or 1
         return v.to_bytes(8, "big")
+
+    def stream_span_id(self, conn_id: int, stream_id: int) -> bytes:
+        """The span id of stream ``stream_id`` of a multiplexed connection."""
+        v = _mix64(self._s1 ^ _mix64(conn_id ^ 0x5EED) ^ stream_id) or 1
+        return v.to_bytes(8, "big")
+
+    def stream_trace_id(self, conn_id: int, stream_id: int) -> bytes:
+        """The trace id a root stream starts."""
+        key = _mix64(conn_id ^ 0xFEED) ^ stream_id
+        return (_mix64(self._s2 ^ key).to_bytes(8, "big")
+                + (_mix64(self._s3 ^ key) or 1).to_bytes(8, "big"))
 
     def trace_id(self, exchange_id: int, index: int = 0) -> bytes:
         """The trace id that message ``index`` of a root exchange starts."""
@@ -120,6 +131,7 @@ class SpanAssembler:
         self._max_servers = 65_536
         self._waiting: dict[int, list[_Waiting]] = {}
         self._n_waiting = 0
+        self._stream_handler: Callable[[Chunk], None] | None = None
         self._ctx_cache: dict[bytes, tuple[dict[str, AttrValue], bool]] = {}
         self._conn_states: OrderedDict[tuple[int, int, str], dict[str, object]] = OrderedDict()
         self._max_conn_states = 65_536
@@ -136,11 +148,27 @@ class SpanAssembler:
         Protocols are tried in registration order, after HTTP/1.1."""
         self._protocols.append((detect, build))
 
+    def set_stream_handler(self, handler: Callable[[Chunk], None]) -> None:
+        """Where stream-mode chunks (HTTP/2) go; see ``kernel_side.protocols.http2_spans``."""
+        self._stream_handler = handler
+
+    def on_chunk(self, chunk: Chunk) -> None:
+        """Route one stream-mode chunk. Never raises on bad bytes."""
+        if self._stream_handler is None:
+            self.stats.unknown_protocol += 1
+            return
+        try:
+            self._stream_handler(chunk)
+        except Exception:
+            self.stats.parse_errors += 1
+            log.exception("could not handle a chunk of pid %d", chunk.tgid)
+
     def on_exchange(self, ex: Exchange) -> None:
         """Build and route the spans of one exchange. Never raises on bad bytes."""
         try:
-            if http1.looks_like_request(ex.request):
-                self._http(ex)
+            # Redis inline commands can look like an HTTP request line ("GET key"): when the
+            # HTTP parser finds no request, let the other protocols try.
+            if http1.looks_like_request(ex.request) and self._http(ex):
                 return
             for detect, build in self._protocols:
                 if detect(ex):
@@ -173,11 +201,10 @@ class SpanAssembler:
 
     # -- HTTP/1.1 -----------------------------------------------------------------------------
 
-    def _http(self, ex: Exchange) -> None:
+    def _http(self, ex: Exchange) -> bool:
         requests = http1.parse_requests(ex.request, ex.req_bytes)
         if not requests:
-            self.stats.unknown_protocol += 1
-            return
+            return False
         responses = [
             r
             for r in http1.parse_responses(ex.response, ex.resp_bytes, [q.method for q in requests])
@@ -238,6 +265,7 @@ class SpanAssembler:
                 span = SpanRecord(b"", span_id, None, req.method, SpanKind.CLIENT, start, end,
                                   resource, attrs, status)
                 self._route_client(span, ex, req.traceparent, idx)
+        return True
 
     @staticmethod
     def _http_server_attrs(attrs: dict[str, AttrValue], req: http1.HttpRequest, ex: Exchange,
@@ -294,6 +322,34 @@ class SpanAssembler:
         return SpanRecord(b"", self.ids.span_id(ex.exchange_id, index), None, name, kind, start,
                           end, self._procs.resource_for(ex.tgid), attrs)
 
+    def resource_for(self, tgid: int) -> Resource:
+        """The resource of process ``tgid``."""
+        return self._procs.resource_for(tgid)
+
+    def listen_port(self, tgid: int, fd: int) -> int | None:
+        """Local port of listening socket ``fd`` in ``tgid``."""
+        return self._procs.listen_port(tgid, fd)
+
+    def business(self, ctx: bytes | None) -> tuple[dict[str, AttrValue], bool]:
+        """Business attributes (and whether they were truncated) from a context snapshot."""
+        if ctx is None:
+            return {}, False
+        cached = self._ctx_cache.get(ctx)
+        if cached is None:
+            cached = self._decode_ctx(ctx)
+            if len(self._ctx_cache) >= 4096:
+                self._ctx_cache.clear()
+            self._ctx_cache[ctx] = cached
+        return cached
+
+    def epoch_ns(self, monotonic_ns: int) -> int:
+        """A kernel (CLOCK_MONOTONIC) timestamp as Unix time."""
+        return monotonic_ns + self._epoch_offset_ns
+
+    def server_span_done(self, span: SpanRecord) -> None:
+        """Hand on a server span whose ids and trace are set."""
+        self._emit(span)
+
     def conn_state(self, ex: Exchange, protocol: str) -> dict[str, object]:
         """Per-connection memory for stateful protocols (a database name from a startup
         message, prepared statements). Bounded: the least recently used connections go."""
@@ -321,18 +377,9 @@ class SpanAssembler:
     # -- context and parents ------------------------------------------------------------------
 
     def _business(self, ex: Exchange) -> tuple[dict[str, AttrValue], bool]:
-        if ex.ctx is None:
-            return {}, False
-        # Many requests carry the same context block (same tenant, same flag): decode each
-        # distinct block once.
-        cached = self._ctx_cache.get(ex.ctx)
-        if cached is not None:
-            return cached
-        decoded = self._decode_ctx(ex.ctx)
-        if len(self._ctx_cache) >= 4096:
-            self._ctx_cache.clear()
-        self._ctx_cache[ex.ctx] = decoded
-        return decoded
+        # Many requests carry the same context block (same tenant, same flag): ``business``
+        # decodes each distinct block once.
+        return self.business(ex.ctx)
 
     @staticmethod
     def _decode_ctx(ctx: bytes) -> tuple[dict[str, AttrValue], bool]:
@@ -353,13 +400,20 @@ class SpanAssembler:
 
     def _route_client(self, span: SpanRecord, ex: Exchange, traceparent: str | None,
                       index: int) -> None:
-        parent = ex.parent_exchange_id
+        self.route_client(span, ex.parent_exchange_id, traceparent,
+                          lambda: self.ids.trace_id(ex.exchange_id, index))
+
+    def route_client(self, span: SpanRecord, parent: int, traceparent: str | None,
+                     root_trace: Callable[[], bytes]) -> None:
+        """Parent a client span under the server exchange ``parent`` its thread was serving
+        (waiting a bounded time for that span's trace id), else under an outgoing
+        ``traceparent``, else start the trace ``root_trace()``; then hand it on."""
         if not parent:
             tp = parse_traceparent(traceparent)
             if tp is not None:
                 span.trace_id, span.parent_span_id = tp.trace_id, tp.span_id
             else:
-                span.trace_id = self.ids.trace_id(ex.exchange_id, index)
+                span.trace_id = root_trace()
             self._emit(span)
             return
         span.parent_span_id = self.ids.span_id(parent)

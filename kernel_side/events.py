@@ -15,6 +15,8 @@ from typing import Any, Final
 
 EV_EXCHANGE: Final = 1
 EV_PROC: Final = 2
+EV_CHUNK: Final = 3
+CHUNK_F_CLOSE: Final = 1
 
 ROLE_SERVER: Final = 1
 ROLE_CLIENT: Final = 2
@@ -35,6 +37,7 @@ STAT_NAMES: Final = (
     "pidns_errors",
     "connections",
     "proc_events_lost",
+    "chunks",
 )
 
 PROC_EVENT: Final = struct.Struct("<IIII16s")
@@ -131,26 +134,8 @@ class ExchangeLayout:
     @classmethod
     def from_ctypes(cls, leaf: type[ctypes.Structure]) -> ExchangeLayout:
         """Build the decoder from BCC's ctypes class for the ``conns`` map value."""
-        fmt = "<"
-        pos = 0
-        names: list[str] = []
-        types = {f[0]: f[1] for f in leaf._fields_}
-        for name in _HEADER_FIELDS:
-            desc = getattr(leaf, name)
-            if desc.offset > pos:
-                fmt += f"{desc.offset - pos}x"
-            ctype = types[name]
-            if ctype in _CODES:
-                fmt += _CODES[ctype]
-            else:
-                fmt += f"{desc.size}s"
-            pos = desc.offset + desc.size
-            names.append(name)
-        if tuple(names) != _HEADER_FIELDS:
-            raise RuntimeError("exchange header fields out of order")
-        header = struct.Struct(fmt)
-        if header.size != pos:
-            raise RuntimeError(f"exchange header layout mismatch: {header.size} != {pos}")
+        header = _struct_for(leaf, _HEADER_FIELDS)
+        names = _HEADER_FIELDS
         return cls(header, tuple(names), leaf.req.offset, leaf.resp.offset, leaf.ctx.size)
 
     def decode(self, data: bytes) -> Exchange:
@@ -185,4 +170,70 @@ class ExchangeLayout:
             request=data[self.req_off : self.req_off + req_cap],
             response=data[self.resp_off : self.resp_off + resp_cap],
             ctx=ctx if has_ctx else None,
+        )
+
+
+_CHUNK_FIELDS: Final = (
+    "type", "tgid", "fd", "role", "from_client", "has_ctx", "flags", "peer_port", "family",
+    "listen_fd", "tid", "cap", "len", "conn_id", "ts_ns", "parent_exchange_id", "peer_addr", "ctx",
+)
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One read or write on a stream-mode (HTTP/2) connection, in order."""
+
+    tgid: int
+    fd: int
+    role: int
+    from_client: bool
+    closed: bool
+    peer_address: str | None
+    peer_port: int
+    listen_fd: int
+    tid: int
+    total_len: int
+    conn_id: int
+    ts_ns: int
+    parent_exchange_id: int
+    data: bytes
+    ctx: bytes | None
+
+
+def _struct_for(leaf: type[ctypes.Structure], names: tuple[str, ...]) -> struct.Struct:
+    fmt = "<"
+    pos = 0
+    types = {f[0]: f[1] for f in leaf._fields_}
+    for name in names:
+        desc = getattr(leaf, name)
+        if desc.offset > pos:
+            fmt += f"{desc.offset - pos}x"
+        ctype = types[name]
+        fmt += _CODES.get(ctype, f"{desc.size}s")
+        pos = desc.offset + desc.size
+    out = struct.Struct(fmt)
+    if out.size != pos:
+        raise RuntimeError(f"event layout mismatch for {leaf.__name__}: {out.size} != {pos}")
+    return out
+
+
+class ChunkLayout:
+    """Decoder for ``struct chunk``, built from BCC's ctypes class of ``chunk_scratch``."""
+
+    def __init__(self, leaf: type[ctypes.Structure]) -> None:
+        self._header = _struct_for(leaf, _CHUNK_FIELDS)
+        self.data_off = leaf.data.offset
+
+    def decode(self, raw: bytes) -> Chunk:
+        """Decode one chunk event."""
+        (
+            _type, tgid, fd, role, from_client, has_ctx, flags, peer_port, family, listen_fd,
+            tid, cap, total, conn_id, ts_ns, parent, peer_addr, ctx,
+        ) = self._header.unpack_from(raw, 0)
+        return Chunk(
+            tgid=tgid, fd=fd, role=role, from_client=bool(from_client),
+            closed=bool(flags & CHUNK_F_CLOSE), peer_address=_format_addr(family, peer_addr),
+            peer_port=peer_port, listen_fd=listen_fd, tid=tid, total_len=total, conn_id=conn_id,
+            ts_ns=ts_ns, parent_exchange_id=parent,
+            data=raw[self.data_off : self.data_off + cap], ctx=ctx if has_ctx else None,
         )

@@ -55,3 +55,9 @@ DB_OPERATION_NAME: Final = "db.operation.name"
 DB_COLLECTION_NAME: Final = "db.collection.name"
 DB_QUERY_TEXT: Final = "db.query.text"
 DB_RESPONSE_STATUS_CODE: Final = "db.response.status_code"
+
+# RPC (semconv 1.37 names; RPC conventions were not yet stable in that version)
+RPC_SYSTEM: Final = "rpc.system"
+RPC_SERVICE: Final = "rpc.service"
+RPC_METHOD: Final = "rpc.method"
+RPC_GRPC_STATUS_CODE: Final = "rpc.grpc.status_code"

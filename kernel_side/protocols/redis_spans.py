@@ -36,13 +36,13 @@ MAX_PLACEHOLDERS = 64
 """Arguments written as ``?`` in ``db.query.text``; more are summarised as ``...``."""
 
 # Commands whose first argument names a subcommand (a keyword, never user data).
-_CONTAINERS = frozenset(
-    "ACL CLIENT CLUSTER COMMAND CONFIG DEBUG FUNCTION LATENCY MEMORY MODULE OBJECT PUBSUB "
-    "SCRIPT SLOWLOG XGROUP XINFO".split()
-)
-_SUBSCRIBES = frozenset(
-    "SUBSCRIBE PSUBSCRIBE SSUBSCRIBE UNSUBSCRIBE PUNSUBSCRIBE SUNSUBSCRIBE".split()
-)
+_CONTAINERS = frozenset((
+    "ACL", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "DEBUG", "FUNCTION", "LATENCY", "MEMORY",
+    "MODULE", "OBJECT", "PUBSUB", "SCRIPT", "SLOWLOG", "XGROUP", "XINFO",
+))
+_SUBSCRIBES = frozenset((
+    "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE",
+))
 _STATE_KEY = "redis"
 
 
