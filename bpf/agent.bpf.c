@@ -48,6 +48,9 @@
 #define AF_INET6_ 10
 #define EINPROGRESS_ 115
 #define MAX_IOV 4
+/* HTTP/2 stacks gather many small slices into one sendmsg (frame header, HPACK block, data):
+ * a header block left out of the capture would cost the connection its HPACK state. */
+#define STREAM_MAX_IOV 64
 
 /* stats slots; kernel_side/bpf_layout.py names them */
 #define ST_LOST 0
@@ -504,8 +507,7 @@ static __always_inline void stream_io(struct sock_key *k, struct sock_info *si, 
         chunk_copy(c, (const void *)a->ptr, ret);
     } else {
         __u64 left = ret;
-#pragma unroll
-        for (int i = 0; i < MAX_IOV; i++) {
+        for (int i = 0; i < STREAM_MAX_IOV; i++) {
             if (i >= a->vlen || left == 0)
                 break;
             struct u_iovec iov = {};
@@ -768,12 +770,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 
 /* --- process lifecycle -------------------------------------------------------------------- */
 
-static __always_inline void proc_event(__u32 what, __u32 pid, __u32 ppid)
+static __always_inline void proc_event(__u32 what, __u32 pid, __u32 ppid, int urgent)
 {
     struct proc_event ev = {.type = EV_PROC, .what = what, .pid = pid, .ppid = ppid};
     /* A short-lived process may be gone before user space reads /proc: keep its name. */
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    if (events.ringbuf_output(&ev, sizeof(ev), wakeup_flag()))
+    __u64 flags = urgent ? BPF_RB_FORCE_WAKEUP : wakeup_flag();
+    if (events.ringbuf_output(&ev, sizeof(ev), flags))
         stat_inc(ST_PROC_LOST);
 }
 
@@ -796,7 +799,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             return 0;
         }
     }
-    proc_event(PROC_EXEC, tgid, 0);
+    /* A traced process that execs (a wrapper script starting the real binary) changes its
+     * resource: wake user space while /proc still shows it. */
+    proc_event(PROC_EXEC, tgid, 0, procs.lookup(&tgid) != 0);
     return 0;
 }
 
@@ -813,7 +818,7 @@ TRACEPOINT_PROBE(task, task_newtask)
     __u32 child = args->pid;
     struct proc_info copy = *pi;
     procs.update(&child, &copy);
-    proc_event(PROC_FORK, child, parent);
+    proc_event(PROC_FORK, child, parent, 1);
     return 0;
 }
 
@@ -824,6 +829,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     __u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!procs.lookup(&tgid))
         return 0;
-    proc_event(PROC_EXIT, tgid, 0);
+    proc_event(PROC_EXIT, tgid, 0, 0);
     return 0;
 }

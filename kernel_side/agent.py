@@ -25,6 +25,7 @@ from kernel_side import processes
 from kernel_side.assembly import SpanAssembler
 from kernel_side.config import AgentConfig
 from kernel_side.events import (
+    EV_CHUNK,
     EV_EXCHANGE,
     EV_PROC,
     PROC_EVENT,
@@ -32,11 +33,14 @@ from kernel_side.events import (
     PROC_EXIT,
     PROC_FORK,
     STAT_NAMES,
+    ChunkLayout,
     ExchangeLayout,
 )
 from kernel_side.export import make_exporter
 from kernel_side.export.batch import BatchExporter
+from kernel_side.health import HealthServer, HealthState, agent_metrics
 from kernel_side.model import AttrValue, Resource, SpanRecord
+from kernel_side.protocols.http2_spans import StreamSpans
 from kernel_side.protocols.registry import register_all
 
 log = logging.getLogger("ebpf_bridge.agent")
@@ -147,7 +151,9 @@ class ProcessRegistry:
                 self.forget(pid)
         elif what == PROC_EXEC:
             if pid in self.known:
-                self.add(pid)
+                if not self.add(pid) and comm:
+                    # Gone before /proc could be read: the exec's name is what we know.
+                    self.known[pid].resource = processes.renamed(self.known[pid].resource, comm)
             elif pid not in self.rejected or self.selector.exes or self.selector.select_all:
                 self.rejected.discard(pid)
                 if self._wanted(pid, set()) and self.add(pid):
@@ -252,18 +258,34 @@ class Agent:
         self._stop = False
         self._bpf: Any = None
         self._layout: ExchangeLayout | None = None
+        self._chunk_layout: ChunkLayout | None = None
+        self.streams: StreamSpans | None = None
         self.registry: ProcessRegistry | None = None
         self.assembler: SpanAssembler | None = None
         self.fanout: Fanout | None = None
         self.callback_errors = 0
         self.idle_flushed = 0
         self.start_to_ready_s = 0.0
+        self.health_state = HealthState()
+        self.health: HealthServer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def stop(self, *_: object) -> None:
         """Ask the loop to finish (signal-safe)."""
         self._stop = True
+
+    def _start_health(self) -> None:
+        """Serve /healthz, /readyz and /metrics when --health-port is set (see health.py)."""
+        if self.cfg.health_port is None:
+            return
+        try:
+            self.health = HealthServer(self.cfg.health_address, self.cfg.health_port,
+                                       self.health_state, lambda: agent_metrics(self))
+        except OSError as e:
+            raise AgentError(f"{e.strerror}: pass a free --health-port") from None
+        log.info("health endpoint on http://%s:%d (/healthz /readyz /metrics)",
+                 self.cfg.health_address, self.health.port)
 
     def _compile(self) -> Any:
         bcc = _load_bcc()
@@ -320,9 +342,11 @@ class Agent:
         """Start, trace until stopped, flush, and return the exit code."""
         t0 = time.monotonic()
         _check_environment()
+        self._start_health()
         self.fanout = self._make_fanout()
         b = self._bpf = self._compile()
         self._layout = ExchangeLayout.from_ctypes(b["conns"].Leaf)
+        self._chunk_layout = ChunkLayout(b["chunk_scratch"].sLeaf)
         self.registry = ProcessRegistry(self.cfg.selector, b["procs"], os.getpid())
         self._select_exec_names(b)
         self.assembler = SpanAssembler(
@@ -330,6 +354,9 @@ class Agent:
             parent_wait_s=self.cfg.parent_wait_s,
         )
         register_all(self.assembler)
+        self.streams = StreamSpans(self.assembler, max_connections=self.cfg.max_connections,
+                                   route_heuristic=self.cfg.route_heuristic)
+        self.assembler.set_stream_handler(self.streams)
         b["events"].open_ring_buffer(self._on_event)
         self.registry.scan()
         self.start_to_ready_s = time.monotonic() - t0
@@ -338,6 +365,7 @@ class Agent:
                  ", ".join(self._describe_exporters()))
         if self.cfg.ready_file:
             Path(self.cfg.ready_file).write_text(f"{os.getpid()}\n")
+        self.health_state.mark_ready()
         old = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._loop()
@@ -385,6 +413,7 @@ class Agent:
             # a poll that timed out has consumed nothing: drain explicitly.
             b.ring_buffer_consume()
             now = time.monotonic()
+            self.health_state.beat(now)
             self._flush_idle(idle_ns)
             self.assembler.tick()
             if now >= next_scan:
@@ -396,12 +425,15 @@ class Agent:
 
     def _shutdown(self) -> None:
         b = self._bpf
+        self.health_state.ready = False
         try:
             if b is not None:
                 b.ring_buffer_consume()
                 self._flush_idle(0)
                 b.ring_buffer_consume()
             if self.assembler is not None:
+                if self.streams is not None:
+                    self.streams.flush(time.monotonic_ns())
                 self.assembler.flush()
             log.info("final stats %s", self.format_stats())
         finally:
@@ -409,6 +441,8 @@ class Agent:
                 self.fanout.shutdown(10.0)
             if self.cfg.ready_file:
                 Path(self.cfg.ready_file).unlink(missing_ok=True)
+            if self.health is not None:  # before cleanup: /metrics reads the BPF maps
+                self.health.stop()
             if b is not None:
                 b.cleanup()
 
@@ -421,6 +455,9 @@ class Agent:
             if kind == EV_EXCHANGE:
                 assert self._layout is not None and self.assembler is not None
                 self.assembler.on_exchange(self._layout.decode(raw))
+            elif kind == EV_CHUNK:
+                assert self._chunk_layout is not None and self.assembler is not None
+                self.assembler.on_chunk(self._chunk_layout.decode(raw))
             elif kind == EV_PROC:
                 assert self.registry is not None
                 _t, what, pid, ppid, comm = PROC_EVENT.unpack_from(raw)

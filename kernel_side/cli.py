@@ -63,6 +63,12 @@ def _agent_parser(sub: Any) -> None:
                      help="name server spans 'GET /orders/*' by folding ids out of the path")
     run.add_argument("--app-group", metavar="GROUP",
                      help="group allowed to write context into the pinned map (default: root only)")
+    run.add_argument("--health-port", type=int, metavar="N",
+                     help="serve /healthz, /readyz and Prometheus /metrics on this TCP port "
+                     "(default: off)")
+    run.add_argument("--health-address", metavar="ADDR",
+                     help="address the health endpoint binds (default 127.0.0.1; 0.0.0.0 in a "
+                     "pod, so the kubelet can probe it)")
     run.add_argument("--log-level", default="info",
                      choices=("debug", "info", "warning", "error"))
 
@@ -76,7 +82,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
         for key in ("pid", "exe", "port", "exporter", "otlp_endpoint", "otlp_protocol", "jsonl",
                     "ready_file", "stats_interval_s", "idle_flush_ms", "parent_wait_s",
-                    "route_heuristic", "app_group"):
+                    "route_heuristic", "app_group", "health_port", "health_address"):
             value = getattr(args, key)
             if value is not None:
                 settings[key] = value

@@ -43,6 +43,8 @@ class AgentConfig:
     max_connections: int = 4096
     ringbuf_mb: int = 8
     export_queue: int = 20_000
+    health_port: int | None = None
+    health_address: str = "127.0.0.1"
 
     def resolved_exporters(self) -> tuple[str, ...]:
         """The exporters to run: as configured, else otlp with an endpoint, else jsonl."""
@@ -78,6 +80,12 @@ class AgentConfig:
         for lo, hi in self.selector.ports:
             if not (0 < lo <= hi < 65536):
                 raise ConfigError(f"port range {lo}-{hi} is not within 1-65535")
+        if self.health_port is not None and not (0 < self.health_port < 65536):
+            raise ConfigError(
+                f"health_port must be a TCP port from 1 to 65535, got {self.health_port}"
+            )
+        if not self.health_address:
+            raise ConfigError("health_address must be an address to bind, e.g. 0.0.0.0")
         return self
 
 
@@ -99,6 +107,8 @@ def parse_port(value: str) -> tuple[int, int]:
 # selector and exporters are spelled pid/exe/port and exporter, as the flags are.
 _SCALARS = {f.name for f in fields(AgentConfig)} - {"selector", "exporters"}
 _YAML_KEYS = _SCALARS | {"pid", "exe", "port", "exporter", "jsonl"}
+# Settings that default to None but take an integer (the other None defaults are strings).
+_OPTIONAL_INTS = {"health_port"}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -134,6 +144,8 @@ def _as_list(value: Any) -> list[Any]:
 def _check_type(name: str, value: Any) -> Any:
     """``value`` if it has the type of setting ``name`` (YAML is untyped), else ConfigError."""
     default = getattr(AgentConfig(), name)
+    if name in _OPTIONAL_INTS:
+        default = 0
     if isinstance(default, bool):
         ok, want = isinstance(value, bool), "true or false"
     elif isinstance(default, int):

@@ -119,6 +119,16 @@ def build_resource(pid: int, host_name: str, sdk_version: str) -> Resource | Non
     return Resource(key=(pid, _start_time(pid)), attributes=attrs)
 
 
+def renamed(resource: Resource, exe_name: str) -> Resource:
+    """``resource`` after its process exec'd ``exe_name``; a service name that came from the
+    executable follows it, one set by configuration stays."""
+    attrs = dict(resource.attributes)
+    if attrs.get(semconv.SERVICE_NAME) == attrs.get(semconv.PROCESS_EXECUTABLE_NAME):
+        attrs[semconv.SERVICE_NAME] = exe_name
+    attrs[semconv.PROCESS_EXECUTABLE_NAME] = exe_name
+    return Resource(resource.key, attrs)
+
+
 def pid_namespace(pid: int) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the PID namespace ``pid`` lives in, as bpf_get_ns_current_pid_tgid
     wants them."""

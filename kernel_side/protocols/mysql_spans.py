@@ -104,8 +104,8 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
             if sid == 0xFFFFFFFF:  # MariaDB: the statement prepared last on this connection
                 last = state.get("last_stmt")
                 sid = last if isinstance(last, int) else None
-            text = stmts.get(sid) if sid is not None else None
-            _span(asm, ex, state, index, text if isinstance(text, str) else None, cmd, reply)
+            known = stmts.get(sid) if sid is not None else None
+            _span(asm, ex, state, index, known if isinstance(known, str) else None, cmd, reply)
             index += 1
         elif code == mysql.COM_STMT_CLOSE:
             if cmd.statement_id is not None:

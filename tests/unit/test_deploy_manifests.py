@@ -1,0 +1,265 @@
+"""Deployment artifacts, validated statically (no cluster, no Docker engine here): every
+Kubernetes document deserializes into the official client model without losing a field, the
+agent DaemonSet has what the agent needs, and the Compose file and Dockerfiles hang together."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "examples" / "k8s"
+COMPOSE = REPO / "examples" / "docker-compose.yml"
+DOCKERFILES = sorted((REPO / "examples" / "docker").glob("*.Dockerfile"))
+
+kubernetes = pytest.importorskip("kubernetes")
+
+_MODELS = {
+    ("v1", "Namespace"): "V1Namespace",
+    ("v1", "ConfigMap"): "V1ConfigMap",
+    ("v1", "Service"): "V1Service",
+    ("apps/v1", "Deployment"): "V1Deployment",
+    ("apps/v1", "DaemonSet"): "V1DaemonSet",
+}
+
+
+def _docs() -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for f in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            if doc is not None:
+                out.append((f.name, doc))
+    return out
+
+
+DOCS = _docs()
+
+
+def _deserialize(doc: dict[str, Any]) -> Any:
+    model = _MODELS[(doc["apiVersion"], doc["kind"])]
+    # The private deserializer takes the decoded dict directly; the public deserialize()
+    # changed signature between client releases.
+    client = kubernetes.client.ApiClient()
+    return client._ApiClient__deserialize(json.loads(json.dumps(doc)), model)
+
+
+def test_every_expected_manifest_exists() -> None:
+    names = {f.name for f in K8S.glob("*.yaml")}
+    assert {"namespace.yaml", "agent-daemonset.yaml", "agent-daemonset-privileged.yaml",
+            "agent-configmap.yaml", "collector.yaml"} <= names
+    assert (K8S / "README.md").exists()
+
+
+@pytest.mark.parametrize("doc", [d for _, d in DOCS],
+                         ids=[f"{f}:{d['kind']}/{d['metadata']['name']}" for f, d in DOCS])
+def test_manifest_round_trips_through_the_client_model(doc: dict[str, Any]) -> None:
+    assert (doc["apiVersion"], doc["kind"]) in _MODELS, "unexpected kind: add it to _MODELS"
+    obj = _deserialize(doc)
+    again = kubernetes.client.ApiClient().sanitize_for_serialization(obj)
+    # Unknown or misspelled fields are dropped by the model: the round trip must be exact.
+    assert again == doc
+
+
+def test_everything_is_namespaced_to_the_one_namespace() -> None:
+    for _, d in DOCS:
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "ebpf-bridge", d["metadata"]["name"]
+
+
+def _daemonsets() -> list[tuple[str, dict[str, Any]]]:
+    return [(f, d) for f, d in DOCS if d["kind"] == "DaemonSet"]
+
+
+def _agent(ds: dict[str, Any]) -> dict[str, Any]:
+    (c,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "agent"]
+    return c
+
+
+def _mounts(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {m["mountPath"]: m for m in c["volumeMounts"]}
+
+
+@pytest.mark.parametrize("name,ds", _daemonsets(), ids=[f for f, _ in _daemonsets()])
+def test_daemonset_has_what_the_agent_needs(name: str, ds: dict[str, Any]) -> None:
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True
+    assert not pod.get("hostNetwork")
+    c = _agent(ds)
+    # Health endpoint: flags, container port and the three probes agree.
+    args = c["args"]
+    assert "--config=/etc/ebpf-bridge/config.yaml" in args
+    port = int(next(a.split("=", 1)[1] for a in args if a.startswith("--health-port=")))
+    assert "--health-address=0.0.0.0" in args
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["health"] == port
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                        ("startupProbe", "/readyz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and get["port"] in ("health", port), probe
+    res = c["resources"]
+    assert res["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    assert res["limits"] == {"cpu": "1", "memory": "512Mi"}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.ebpf-bridge:4317"
+    m = _mounts(c)
+    assert m["/sys/fs/bpf"].get("readOnly") is not True  # the context map is pinned there
+    assert m["/sys/kernel/tracing"]
+    assert m["/lib/modules"]["readOnly"] is True and m["/usr/src"]["readOnly"] is True
+    assert m["/etc/ebpf-bridge"]["readOnly"] is True
+    vols = {v["name"]: v for v in pod["volumes"]}
+    host = {vols[mm["name"]]["hostPath"]["path"] for mm in m.values()
+            if "hostPath" in vols[mm["name"]]}
+    assert host == {"/sys/fs/bpf", "/sys/kernel/tracing", "/lib/modules", "/usr/src"}
+    assert vols[m["/etc/ebpf-bridge"]["name"]]["configMap"]["name"] == "ebpf-bridge-agent"
+    # Bidirectional propagation is only allowed for privileged containers.
+    for cont in [*pod.get("initContainers", []), *pod["containers"]]:
+        for mm in cont.get("volumeMounts", []):
+            if mm.get("mountPropagation") == "Bidirectional":
+                assert cont["securityContext"].get("privileged") is True, cont["name"]
+
+
+def test_capability_daemonset_is_not_privileged() -> None:
+    (ds,) = [d for f, d in _daemonsets() if f == "agent-daemonset.yaml"]
+    sc = _agent(ds)["securityContext"]
+    assert sc["privileged"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {"BPF", "PERFMON", "SYS_PTRACE", "SYS_RESOURCE"} <= set(sc["capabilities"]["add"])
+    assert sc["runAsUser"] == 0  # the agent checks for root
+    assert _mounts(_agent(ds))["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+
+
+def test_privileged_daemonset_is_the_documented_fallback() -> None:
+    (ds,) = [d for f, d in _daemonsets() if f == "agent-daemonset-privileged.yaml"]
+    assert _agent(ds)["securityContext"]["privileged"] is True
+    head = (K8S / "agent-daemonset-privileged.yaml").read_text().split("apiVersion", 1)[0]
+    assert "5.8" in head
+    readme = (K8S / "README.md").read_text()
+    assert "agent-daemonset-privileged.yaml" in readme and "RBAC" in readme
+
+
+def test_agent_configmap_is_a_config_the_agent_accepts(tmp_path: Path) -> None:
+    from kernel_side.config import build, load_yaml
+
+    (cm,) = [d for f, d in DOCS if f == "agent-configmap.yaml"]
+    f = tmp_path / "config.yaml"
+    f.write_text(cm["data"]["config.yaml"])
+    cfg = build({**load_yaml(f), "otlp_endpoint": "http://otel-collector.ebpf-bridge:4317"})
+    assert cfg.resolved_exporters() == ("otlp",)
+
+
+def test_collector_listens_where_the_agents_send() -> None:
+    (cm,) = [d for f, d in DOCS if f == "collector.yaml" and d["kind"] == "ConfigMap"]
+    conf = yaml.safe_load(cm["data"]["collector.yaml"])
+    protos = conf["receivers"]["otlp"]["protocols"]
+    assert protos["grpc"]["endpoint"] == "0.0.0.0:4317"
+    assert protos["http"]["endpoint"] == "0.0.0.0:4318"
+    traces = conf["service"]["pipelines"]["traces"]
+    assert traces["receivers"] == ["otlp"] and "batch" in traces["processors"]
+    assert traces["exporters"] == ["debug"]
+    (dep,) = [d for f, d in DOCS if d["kind"] == "Deployment"]
+    image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert re.fullmatch(r"otel/opentelemetry-collector-contrib:\d+\.\d+\.\d+", image)
+    (svc,) = [d for f, d in DOCS if d["kind"] == "Service"]
+    assert svc["metadata"]["name"] == "otel-collector"
+    assert {p["port"] for p in svc["spec"]["ports"]} == {4317, 4318}
+
+
+# -- Compose -------------------------------------------------------------------------------
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_lists_every_service() -> None:
+    services = _compose()["services"]
+    assert {"agent", "otel-collector", "orders", "inventory", "postgres", "redis"} <= set(
+        services)
+    existing = {p.stem for p in (REPO / "examples" / "python").glob("*.py")}
+    assert existing <= set(services), "every example service has a Compose service"
+
+
+def test_compose_agent_is_privileged_with_host_pids_and_mounts() -> None:
+    agent = _compose()["services"]["agent"]
+    assert agent["privileged"] is True
+    assert agent["pid"] == "host"
+    mounts = {v.split(":")[1]: v for v in agent["volumes"]}
+    assert set(mounts) == {"/sys/fs/bpf", "/sys/kernel/tracing", "/lib/modules", "/usr/src"}
+    for ro in ("/sys/kernel/tracing", "/lib/modules", "/usr/src"):
+        assert mounts[ro].endswith(":ro"), ro
+    assert not mounts["/sys/fs/bpf"].endswith(":ro")
+    assert agent["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith(
+        "http://otel-collector:")
+
+
+def test_compose_builds_have_dockerfiles_and_ports_are_unique() -> None:
+    services = _compose()["services"]
+    published: list[str] = []
+    for name, svc in services.items():
+        if "build" in svc:
+            ctx = (COMPOSE.parent / svc["build"]["context"]).resolve()
+            assert (ctx / svc["build"]["dockerfile"]).is_file(), name
+        for p in svc.get("ports", []):
+            published.append(str(p).split(":")[0])
+        if "image" in svc and "build" not in svc:
+            assert not svc["image"].endswith(":latest") and ":" in svc["image"], name
+    assert len(published) == len(set(published)), published
+
+
+def test_compose_app_services_name_themselves() -> None:
+    services = _compose()["services"]
+    for name in ("orders", "inventory"):
+        assert services[name]["environment"]["OTEL_SERVICE_NAME"] == name
+
+
+# -- Dockerfiles ----------------------------------------------------------------------------
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_there_is_a_dockerfile_per_example_service_and_the_agent() -> None:
+    names = {p.name for p in DOCKERFILES}
+    assert "agent.Dockerfile" in names
+    for svc in (REPO / "examples" / "python").glob("*.py"):
+        assert f"{svc.stem}.Dockerfile" in names, svc
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=[p.name for p in DOCKERFILES])
+def test_dockerfile_is_well_formed(path: Path) -> None:
+    ins = _instructions(path)
+    assert ins[0][0] == "FROM", "FROM must come first"
+    known = {"FROM", "RUN", "COPY", "ADD", "ENV", "WORKDIR", "ENTRYPOINT", "CMD", "EXPOSE",
+             "ARG", "LABEL", "USER", "VOLUME", "HEALTHCHECK", "SHELL", "STOPSIGNAL"}
+    for word, _ in ins:
+        assert word in known, word
+    for word, rest in ins:
+        if word == "FROM":
+            image = rest.split()[0]
+            assert ":" in image and not image.endswith(":latest"), image
+        if word in ("ENTRYPOINT", "CMD") and rest.startswith("["):
+            json.loads(rest)
+        if word in ("COPY", "ADD"):
+            for src in rest.split()[:-1]:
+                if not src.startswith("--"):
+                    assert (REPO / src).exists(), f"{path.name}: COPY {src} does not exist"
+    assert any(w in ("ENTRYPOINT", "CMD") for w, _ in ins)
+
+
+def test_agent_image_runs_the_agent() -> None:
+    ins = dict(_instructions(REPO / "examples" / "docker" / "agent.Dockerfile"))
+    assert json.loads(ins["ENTRYPOINT"]) == ["ebpf-bridge", "agent"]
+    assert ins["FROM"].startswith("debian:bookworm")
