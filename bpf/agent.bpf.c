@@ -81,7 +81,28 @@ struct sock_info {
     __u32 listen_fd;
     __u8 peer_addr[16];
     __u8 mode;
-    __u8 _pad[7];
+    __u8 local_known;
+    __u16 local_port;
+    __u32 _pad;
+    __u8 local_addr[16];
+};
+
+/* A TCP socket's own address, learned from sock:inet_sock_set_state (keyed by the kernel's
+ * socket address, which the syscall tracepoints never see) and tied to (tgid, fd) by
+ * sock:sock_send_length/sock_recv_length, which fire inside the syscall. */
+struct sk_tuple {
+    __u8 saddr[16];
+    __u16 sport;
+    __u16 family;
+    __u32 _pad;
+};
+
+/* An endpoint (address, port) of a traced client socket on this node. */
+struct addr_port {
+    __u8 addr[16];
+    __u16 port;
+    __u16 _pad0;
+    __u32 _pad1;
 };
 
 /* One read or write on a stream-mode connection, in order. HTTP/2 multiplexes streams in both
@@ -144,6 +165,10 @@ struct exchange {
     __u64 resp_end_ns;
     __u64 req_bytes;
     __u64 resp_bytes;
+    __u8 local_addr[16];
+    __u16 local_port;
+    __u8 peer_traced; /* server side: the client is a traced socket on this node */
+    __u8 _pad1[5];
     struct bridge_ctx_value ctx;
     __u8 resp[RESP_CAP * 2];
     __u8 req[REQ_CAP * 2];
@@ -196,6 +221,8 @@ BPF_HASH(active_io, __u32, struct io_args, 10240);
 BPF_HASH(active_conn, __u32, struct conn_args, 10240);
 BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
 BPF_PERCPU_ARRAY(chunk_scratch, struct chunk, 1);
+BPF_TABLE("lru_hash", __u64, struct sk_tuple, sk_ports, SOCK_MAX);
+BPF_TABLE("lru_hash", struct addr_port, __u8, client_by_port, SOCK_MAX);
 BPF_PERCPU_ARRAY(stats, __u64, ST_SLOTS);
 BPF_ARRAY(id_counter, __u64, 1);
 BPF_PERCPU_ARRAY(since_wakeup, __u64, 1);
@@ -210,6 +237,12 @@ BPF_HASH(exec_names, struct exec_name, __u8, 256);
 BPF_ARRAY(default_ns, struct proc_info, 1);
 BPF_TABLE_PINNED("lru_hash", struct bridge_ctx_key, struct bridge_ctx_value, ctx_by_tid,
                  BRIDGE_CTX_MAX_ENTRIES, PIN_CTX_BY_TID);
+/* The loader passes the pin path; the fallback is the default pin directory. */
+#ifndef PIN_CTX_BY_CONN
+#define PIN_CTX_BY_CONN BRIDGE_CTX_BY_CONN_PIN
+#endif
+BPF_TABLE_PINNED("lru_hash", struct bridge_conn_key, struct bridge_ctx_value, ctx_by_conn,
+                 BRIDGE_CTX_MAX_ENTRIES, PIN_CTX_BY_CONN);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline void stat_inc(int slot)
@@ -245,18 +278,77 @@ static __always_inline int ns_ctx_key(__u32 tgid, struct bridge_ctx_key *key)
     return 0;
 }
 
-static __always_inline void snapshot_ctx(struct exchange *st, __u32 tgid)
+/* The connection (process as the app names it, fd) for ctx_by_conn; call from the process. */
+static __always_inline int ns_conn_key(__u32 tgid, __u32 fd, struct bridge_conn_key *key)
 {
+    struct proc_info *pi = procs.lookup(&tgid);
+    if (!pi)
+        return -1;
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(pi->ns_dev, pi->ns_ino, &ns, sizeof(ns)))
+        return -1;
+    key->pidns_ino = pi->ns_ino;
+    key->tgid = ns.tgid;
+    key->fd = fd;
+    return 0;
+}
+
+/* The context for I/O on (tgid, fd) by the current thread: the connection's entry wins over
+ * the thread's. */
+static __always_inline struct bridge_ctx_value *lookup_ctx(__u32 tgid, __u32 fd)
+{
+    struct bridge_conn_key ck = {};
+    if (ns_conn_key(tgid, fd, &ck) == 0) {
+        struct bridge_ctx_value *cv = ctx_by_conn.lookup(&ck);
+        if (cv)
+            return cv;
+    }
     struct bridge_ctx_key key = {};
-    st->has_ctx = 0;
     if (ns_ctx_key(tgid, &key))
-        return;
-    struct bridge_ctx_value *v = ctx_by_tid.lookup(&key);
+        return 0;
+    return ctx_by_tid.lookup(&key);
+}
+
+static __always_inline void snapshot_ctx(struct exchange *st, __u32 tgid, __u32 fd)
+{
+    st->has_ctx = 0;
+    struct bridge_ctx_value *v = lookup_ctx(tgid, fd);
     if (!v)
         return;
     __builtin_memcpy(&st->ctx, v, sizeof(st->ctx));
     st->has_ctx = 1;
     stat_inc(ST_CTX_HITS);
+}
+
+/* IPv4-mapped IPv6 (::ffff:a.b.c.d) becomes plain IPv4 bytes, so a dual-stack server's view
+ * of a peer and the IPv4 client's own view of itself compare equal. */
+static __always_inline void addr_key(struct addr_port *out, const __u8 *addr, __u16 port)
+{
+    __builtin_memset(out, 0, sizeof(*out));
+    int mapped = 1;
+#pragma unroll
+    for (int i = 0; i < 10; i++)
+        if (addr[i])
+            mapped = 0;
+    if (mapped && addr[10] == 0xff && addr[11] == 0xff) {
+        out->addr[0] = addr[12];
+        out->addr[1] = addr[13];
+        out->addr[2] = addr[14];
+        out->addr[3] = addr[15];
+    } else {
+        __builtin_memcpy(out->addr, addr, 16);
+    }
+    out->port = port;
+}
+
+static __always_inline void mark_peer(struct exchange *st)
+{
+    if (st->role != ROLE_SERVER || st->peer_traced)
+        return;
+    struct addr_port ap;
+    addr_key(&ap, st->peer_addr, st->peer_port);
+    if (client_by_port.lookup(&ap))
+        st->peer_traced = 1;
 }
 
 /* Waking the consumer on every event costs the traced application an inter-processor
@@ -280,6 +372,7 @@ static __always_inline void emit(struct exchange *st)
     if (n > REQ_CAP)
         n = REQ_CAP;
     st->type = EV_EXCHANGE;
+    mark_peer(st);
     if (events.ringbuf_output(st, offsetof(struct exchange, req) + n, wakeup_flag()))
         stat_inc(ST_LOST);
     else
@@ -307,16 +400,20 @@ static __always_inline void start_exchange(struct exchange *st, struct sock_key 
     st->has_ctx = 0;
     if (st->role == ROLE_SERVER) {
         /* A new inbound request on this thread: whatever context the thread held belonged to
-         * an earlier request. */
+         * an earlier request. Not so for an event-loop thread (task-scoped entries): it serves
+         * many requests at once and the SDK keeps its entry in step with the running task. */
         struct bridge_ctx_key key = {};
-        if (ns_ctx_key(k->tgid, &key) == 0)
-            ctx_by_tid.delete(&key);
+        if (ns_ctx_key(k->tgid, &key) == 0) {
+            struct bridge_ctx_value *old = ctx_by_tid.lookup(&key);
+            if (old && !(old->flags & BRIDGE_CTX_F_TASK_SCOPED))
+                ctx_by_tid.delete(&key);
+        }
         active_server.update(&tid, &st->exchange_id);
     } else {
         __u64 *parent = active_server.lookup(&tid);
         if (parent)
             st->parent_exchange_id = *parent;
-        snapshot_ctx(st, k->tgid);
+        snapshot_ctx(st, k->tgid, k->fd);
     }
 }
 
@@ -475,12 +572,9 @@ static __always_inline void chunk_emit(struct chunk *c)
 
 /* The thread's context rides on the chunks the application itself writes: a client's requests
  * and a server's responses. */
-static __always_inline void chunk_ctx(struct chunk *c, __u32 tgid, __u32 tid)
+static __always_inline void chunk_ctx(struct chunk *c, __u32 tgid, __u32 fd, __u32 tid)
 {
-    struct bridge_ctx_key key = {};
-    if (ns_ctx_key(tgid, &key))
-        return;
-    struct bridge_ctx_value *v = ctx_by_tid.lookup(&key);
+    struct bridge_ctx_value *v = lookup_ctx(tgid, fd);
     if (v) {
         __builtin_memcpy(&c->ctx, v, sizeof(c->ctx));
         c->has_ctx = 1;
@@ -502,7 +596,7 @@ static __always_inline void stream_io(struct sock_key *k, struct sock_info *si, 
     c->from_client = (si->role == ROLE_SERVER) == (dir == DIR_IN);
     c->len = ret;
     if (c->from_client == (si->role == ROLE_CLIENT))
-        chunk_ctx(c, k->tgid, tid);
+        chunk_ctx(c, k->tgid, k->fd, tid);
     if (a->kind == IO_BUF) {
         chunk_copy(c, (const void *)a->ptr, ret);
     } else {
@@ -591,6 +685,10 @@ static __always_inline int on_exit_io(int dir, long ret)
     struct exchange *st = get_conn(&k, si);
     if (!st)
         return 0;
+    if (!st->local_port && si->local_known) {
+        __builtin_memcpy(st->local_addr, si->local_addr, sizeof(st->local_addr));
+        st->local_port = si->local_port;
+    }
     __u64 now = bpf_ktime_get_ns();
     int req_dir = (st->role == ROLE_SERVER) == (dir == DIR_IN);
     if (req_dir) {
@@ -620,8 +718,9 @@ static __always_inline int on_exit_io(int dir, long ret)
             st->phase = PHASE_RESP;
             st->resp_start_ns = now;
             st->resp_tid = tid;
+            mark_peer(st);
             if (st->role == ROLE_SERVER)
-                snapshot_ctx(st, k.tgid);
+                snapshot_ctx(st, k.tgid, k.fd);
             inflight.update(&k, &now);
         }
         capture_io(st, 0, &a, ret);
@@ -760,13 +859,81 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
             chunk_emit(c);
         }
     }
+    if (si->role == ROLE_CLIENT && si->local_known) {
+        struct addr_port ap;
+        addr_key(&ap, si->local_addr, si->local_port);
+        client_by_port.delete(&ap);
+    }
     struct exchange *st = conns.lookup(&k);
     if (st && st->phase != PHASE_IDLE)
         emit(st);
     forget_conn(&k);
     socks.delete(&k);
+    /* The connection's context (bridge.annotate_connection) ends with it. */
+    struct bridge_conn_key ck = {};
+    if (ns_conn_key(k.tgid, k.fd, &ck) == 0)
+        ctx_by_conn.delete(&ck);
     return 0;
 }
+
+/* --- socket addresses (for same-node stitching) ------------------------------------------ */
+
+#define TCP_ESTABLISHED_ 1
+#define TCP_CLOSE_ 7
+#define IPPROTO_TCP_ 6
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != IPPROTO_TCP_)
+        return 0;
+    __u64 sk = (__u64)args->skaddr;
+    if (args->newstate == TCP_CLOSE_) {
+        sk_ports.delete(&sk);
+        return 0;
+    }
+    if (args->newstate != TCP_ESTABLISHED_)
+        return 0;
+    struct sk_tuple t = {};
+    t.sport = args->sport;
+    t.family = args->family;
+    if (args->family == AF_INET_)
+        __builtin_memcpy(t.saddr, args->saddr, 4);
+    else
+        __builtin_memcpy(t.saddr, args->saddr_v6, 16);
+    sk_ports.update(&sk, &t);
+    return 0;
+}
+
+/* Fires inside read/write/sendmsg/...: the thread's syscall in flight names the fd. */
+static __always_inline int learn_local(const void *skp)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)id;
+    struct io_args *a = active_io.lookup(&tid);
+    if (!a)
+        return 0;
+    struct sock_key k = {.tgid = id >> 32, .fd = a->fd};
+    struct sock_info *si = socks.lookup(&k);
+    if (!si || si->local_known)
+        return 0;
+    __u64 sk = (__u64)skp;
+    struct sk_tuple *t = sk_ports.lookup(&sk);
+    if (!t)
+        return 0;
+    __builtin_memcpy(si->local_addr, t->saddr, sizeof(si->local_addr));
+    si->local_port = t->sport;
+    si->local_known = 1;
+    if (si->role == ROLE_CLIENT) {
+        struct addr_port ap;
+        addr_key(&ap, si->local_addr, si->local_port);
+        __u8 one = 1;
+        client_by_port.update(&ap, &one);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length) { return learn_local(args->sk); }
+TRACEPOINT_PROBE(sock, sock_recv_length) { return learn_local(args->sk); }
 
 /* --- process lifecycle -------------------------------------------------------------------- */
 

@@ -14,6 +14,7 @@
 #define BRIDGE_PIN_ROOT "/sys/fs/bpf/ebpf_bridge"
 #define BRIDGE_PIN_DIR "/sys/fs/bpf/ebpf_bridge/v1"
 #define BRIDGE_CTX_BY_TID_PIN "/sys/fs/bpf/ebpf_bridge/v1/ctx_by_tid"
+#define BRIDGE_CTX_BY_CONN_PIN "/sys/fs/bpf/ebpf_bridge/v1/ctx_by_conn"
 
 #define BRIDGE_CTX_MAX_ENTRIES 16384
 
@@ -35,6 +36,9 @@
 /* bridge_ctx_value.flags */
 #define BRIDGE_CTX_F_TRUNCATED 0x1 /* the writer truncated or dropped something */
 #define BRIDGE_CTX_F_SDK_SPAN 0x2  /* sdk_trace_id/sdk_span_id/sdk_span_kind are set */
+/* Written from an asyncio task: the thread serves many requests at once, so a new inbound
+ * request on it must not clear the entry (the SDK keeps it in step with the running task). */
+#define BRIDGE_CTX_F_TASK_SCOPED 0x4
 
 /* Keyed as both sides can name a thread: the PID namespace inode plus the thread id inside that
  * namespace. An app in a container cannot know its host tid; BPF gets the namespaced ids from
@@ -43,6 +47,16 @@ struct bridge_ctx_key {
     __u64 pidns_ino;
     __u32 tid;
     __u32 _pad;
+};
+
+/* ctx_by_conn: context of one connection (socket fd) of one process, for servers where the
+ * thread that writes is not the thread that annotated. tgid is the process id inside its own
+ * PID namespace (os.getpid() in the app; bpf_get_ns_current_pid_tgid().tgid in BPF). Wins over
+ * the thread's entry; the kernel deletes it when the socket is closed. */
+struct bridge_conn_key {
+    __u64 pidns_ino;
+    __u32 tgid;
+    __u32 fd;
 };
 
 struct bridge_ctx_value {

@@ -9,6 +9,10 @@ The attributes land on every span the agent builds for this thread while the req
 With no agent on the host every call is a cheap no-op; nothing here raises into the
 application except a caller error (an invalid key or an unsupported value type).
 
+Other scopes: ``bridge.asyncio`` (one loop thread, many requests), ``annotate_connection``
+(context keyed by socket), ``propagate`` (carry context into a worker thread), and the
+framework integrations in ``sdk_side.integrations``.
+
 The writer lives in ``sdk_side`` and is imported on first use, so code that only needs the
 shared contract (the agent imports ``bridge._abi``) never loads it.
 """
@@ -21,11 +25,39 @@ from bridge._abi import AttrValue
 from bridge._status import BridgeStatus
 
 if TYPE_CHECKING:
-    from sdk_side._writer import annotate, clear, context, status
+    from sdk_side._writer import (
+        annotate,
+        annotate_connection,
+        clear,
+        clear_connection,
+        context,
+        propagate,
+        status,
+    )
 
-__all__ = ["AttrValue", "BridgeStatus", "annotate", "clear", "context", "status"]
+__all__ = [
+    "AttrValue",
+    "BridgeStatus",
+    "annotate",
+    "annotate_connection",
+    "clear",
+    "clear_connection",
+    "context",
+    "propagate",
+    "status",
+]
 
-_LAZY = frozenset({"annotate", "clear", "context", "status"})
+_LAZY = frozenset(
+    {
+        "annotate",
+        "annotate_connection",
+        "clear",
+        "clear_connection",
+        "context",
+        "propagate",
+        "status",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,8 @@ PIN_ROOT: Final = "/sys/fs/bpf/ebpf_bridge"
 PIN_DIR: Final = f"{PIN_ROOT}/v{ABI_VERSION}"
 CTX_BY_TID_NAME: Final = "ctx_by_tid"
 CTX_BY_TID_PIN: Final = f"{PIN_DIR}/{CTX_BY_TID_NAME}"
+CTX_BY_CONN_NAME: Final = "ctx_by_conn"
+CTX_BY_CONN_PIN: Final = f"{PIN_DIR}/{CTX_BY_CONN_NAME}"
 CTX_MAX_ENTRIES: Final = 16384
 
 MAX_ATTRS: Final = 8
@@ -31,9 +33,13 @@ ATTR_BOOL: Final = 4
 
 CTX_F_TRUNCATED: Final = 0x1
 CTX_F_SDK_SPAN: Final = 0x2
+CTX_F_TASK_SCOPED: Final = 0x4
+"""Written from an asyncio task: the kernel must not clear it when a new request starts."""
 
 # struct bridge_ctx_key { u64 pidns_ino; u32 tid; u32 _pad; }
 CTX_KEY: Final = struct.Struct("<QII")
+# struct bridge_conn_key { u64 pidns_ino; u32 tgid; u32 fd; }
+CONN_KEY: Final = struct.Struct("<QII")
 # struct bridge_ctx_value header: version, attr_count, flags, data_len, _pad,
 # sdk_trace_id[16], sdk_span_id[8], sdk_span_kind, _pad2[7]; then data[ATTR_BYTES].
 CTX_VALUE_HEADER: Final = struct.Struct("<HBBHH16s8sB7x")

@@ -301,6 +301,7 @@ class Agent:
             f"-DSOCK_MAX={cfg.max_connections * 4}",
             f"-DRINGBUF_PAGES={pages}",
             f'-DPIN_CTX_BY_TID="{pin}"',
+            f'-DPIN_CTX_BY_CONN="{os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME)}"',
             "-Wno-macro-redefined",
         ]
         src = (bpf.SOURCE_DIR / "agent.bpf.c").read_text()
@@ -312,6 +313,7 @@ class Agent:
                 "requirement is missing (kernel headers, tracefs, permissions)."
             ) from None
         self._secure_pin(pin)
+        self._secure_pin(os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME))
         return b
 
     def _secure_pin(self, pin: str) -> None:

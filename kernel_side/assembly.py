@@ -247,7 +247,11 @@ class SpanAssembler:
             if server:
                 self._http_server_attrs(attrs, req, ex, local_port)
                 name = req.method
-                if self._route_heuristic:
+                route = business.get(semconv.HTTP_ROUTE)
+                if isinstance(route, str) and route:
+                    # The framework's route template (sdk_side.integrations): no heuristics.
+                    name = f"{req.method} {route}"
+                elif self._route_heuristic:
                     name = f"{req.method} {http1.route_heuristic(req.path)}"
                 span = SpanRecord(b"", span_id, None, name, SpanKind.SERVER, start, end,
                                   resource, attrs, status)
@@ -408,6 +412,8 @@ class SpanAssembler:
         """Parent a client span under the server exchange ``parent`` its thread was serving
         (waiting a bounded time for that span's trace id), else under an outgoing
         ``traceparent``, else start the trace ``root_trace()``; then hand it on."""
+        # The reserved key http.route names the server's route: not a client attribute.
+        span.attributes.pop(semconv.HTTP_ROUTE, None)
         if not parent:
             tp = parse_traceparent(traceparent)
             if tp is not None:

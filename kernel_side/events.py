@@ -68,6 +68,9 @@ _HEADER_FIELDS: Final = (
     "resp_end_ns",
     "req_bytes",
     "resp_bytes",
+    "local_addr",
+    "local_port",
+    "peer_traced",
     "ctx",
 )
 
@@ -109,6 +112,10 @@ class Exchange:
     response: bytes
     ctx: bytes | None
     """The raw ``struct bridge_ctx_value`` snapshot, when the thread had context."""
+    local_address: str | None = None
+    local_port: int = 0
+    peer_traced: bool = False
+    """Server side: the client end of this connection is a traced socket on this node."""
 
 
 def _format_addr(family: int, raw: bytes) -> str | None:
@@ -144,7 +151,7 @@ class ExchangeLayout:
             _type, tgid, fd, role, family, _phase, has_ctx, peer_port, listen_fd, req_tid,
             resp_tid, req_cap, resp_cap, req_calls, resp_calls, peer_addr, conn_id,
             exchange_id, parent_exchange_id, req_start_ns, req_end_ns, resp_start_ns,
-            resp_end_ns, req_bytes, resp_bytes, ctx,
+            resp_end_ns, req_bytes, resp_bytes, local_addr, local_port, peer_traced, ctx,
         ) = self._header.unpack_from(data, 0)
         req_cap = max(0, min(req_cap, len(data) - self.req_off))
         return Exchange(
@@ -170,6 +177,9 @@ class ExchangeLayout:
             request=data[self.req_off : self.req_off + req_cap],
             response=data[self.resp_off : self.resp_off + resp_cap],
             ctx=ctx if has_ctx else None,
+            local_address=_format_addr(family, local_addr) if local_port else None,
+            local_port=local_port,
+            peer_traced=bool(peer_traced),
         )
 
 

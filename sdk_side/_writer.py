@@ -18,15 +18,21 @@ no-agent path validates the arguments and compares a clock reading.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import errno
+import functools
 import math
 import os
+import socket
 import struct
+import sys
 import threading
+import weakref
+from collections.abc import Callable, Coroutine, Generator
 from time import monotonic as _monotonic
 from types import TracebackType
-from typing import Final
+from typing import Any, Final, ParamSpec, TypeVar
 
 from bridge import _abi, _env
 from bridge._abi import AttrValue
@@ -86,12 +92,15 @@ class _Process:
 _P = _Process()
 _lock = threading.Lock()
 _tls = threading.local()
+_threads: weakref.WeakSet[_Thread] = weakref.WeakSet()
+"""Every live thread state: a new map invalidates what they think the map holds."""
 
 
 class _Thread:
     """One thread's preallocated syscall arguments and its mirror."""
 
     __slots__ = (
+        "__weakref__",
         "a_any",
         "a_delete",
         "a_exist",
@@ -103,6 +112,7 @@ class _Thread:
         "gen",
         "key",
         "mirror",
+        "owner",
         "pid",
         "stale",
         "synced",
@@ -121,6 +131,9 @@ class _Thread:
         self.data = b""
         self.trunc = False
         self.synced = False  # ``buf`` holds exactly the mirror's value
+        # The task context (see _TaskCtx) whose value the entry holds; None when it holds
+        # thread-scoped context or nothing. Compared by identity on every asyncio task step.
+        self.owner: _TaskCtx | None = None
         self.stale = False  # the last write found the entry cleared by the kernel
         self.buf = bytearray(_VALUE_SIZE)
         self.filled = 0  # data bytes in ``buf`` (the rest is zero)
@@ -160,13 +173,13 @@ class _Thread:
         self.trunc = False
         self.synced = False
 
-    def fill(self, recs: dict[str, bytes], data: bytes, trunc: bool) -> None:
+    def fill(self, recs: dict[str, bytes], data: bytes, trunc: bool, flags: int = 0) -> None:
         """Write the value for ``recs`` into the preallocated buffer."""
         buf = self.buf
         total = len(data)
-        _HEAD.pack_into(
-            buf, 0, _ABI_VERSION, len(recs), _abi.CTX_F_TRUNCATED if trunc else 0, total
-        )
+        if trunc:
+            flags |= _abi.CTX_F_TRUNCATED
+        _HEAD.pack_into(buf, 0, _ABI_VERSION, len(recs), flags, total)
         end = _DATA_OFF + total
         buf[_DATA_OFF:end] = data
         if total < self.filled:
@@ -216,6 +229,9 @@ def _install(newfd: int) -> None:
         _P.fd = newfd
     _P.fd_ident = _ident(os.fstat(_P.fd))
     _P.gen += 1
+    for st in list(_threads):
+        # The new map holds nothing of any thread's: asyncio steps must rewrite.
+        st.owner = None
 
 
 def _release() -> None:
@@ -303,6 +319,7 @@ def _thread() -> _Thread:
         # First write on this thread, or a new map: nothing of ours is in it.
         st = _Thread(_P.fd, _P.gen, _P.pidns)
         _tls.s = st
+        _threads.add(st)
     return st
 
 
@@ -316,6 +333,7 @@ def _after_fork_in_child() -> None:
     _P.pin_path, _P.pin_ident = old.pin_path, old.pin_ident
     _lock = threading.Lock()
     _tls = threading.local()
+    _CONN.mirrors.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -481,6 +499,10 @@ def annotate(**attrs: AttrValue) -> None:
     """
     # This is the hot path: it is written out in one function on purpose (each Python call
     # costs about as much as encoding an attribute).
+    if _ctx_get() is not None or _in_loop():
+        # asyncio (or work running in a copied task context): task scope.
+        _task_annotate(attrs)
+        return
     p = _P
     if _monotonic() >= p.next_check:
         _refresh()
@@ -566,8 +588,16 @@ def annotate(**attrs: AttrValue) -> None:
 
 
 def clear() -> None:
-    """Drop this thread's context: delete its map entry and forget the mirror."""
+    """Drop this thread's context: delete its map entry and forget the mirror.
+
+    Inside an asyncio task (or a copied task context) this drops the task's context instead,
+    and deletes the thread's entry if it holds any context.
+    """
     st: _Thread | None = getattr(_tls, "s", None)
+    if _ctx_get() is not None or _in_loop():
+        _task_ctx.set(None)
+        if st is not None:
+            st.owner = None
     if st is None or not st.mirror:
         # Nothing of ours is in the map (deleting would only find ENOENT).
         return
@@ -595,14 +625,20 @@ class context:
     values are checked when the object is created, as for ``annotate``.
     """
 
-    __slots__ = ("_attrs", "_saved")
+    __slots__ = ("_attrs", "_saved", "_task")
 
     def __init__(self, **attrs: AttrValue) -> None:
         _validate(attrs)
         self._attrs = attrs
         self._saved: tuple[_Thread, dict[str, bytes], bytes, bool] | None = None
+        self._task: tuple[_TaskCtx | None] | None = None
 
     def __enter__(self) -> None:
+        if _ctx_get() is not None or _in_loop():
+            # Task scope: restore the task's previous context object on exit.
+            self._task = (_ctx_get(),)
+            _task_annotate(self._attrs)
+            return
         st: _Thread | None = getattr(_tls, "s", None)
         before = (st.mirror, st.data, st.trunc) if st is not None else ({}, b"", False)
         annotate(**self._attrs)
@@ -620,6 +656,11 @@ class context:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            _task_ctx.set(task[0])
+            _task_sync(task[0])
+            return
         saved, self._saved = self._saved, None
         if saved is None:
             return
@@ -663,3 +704,380 @@ def status() -> BridgeStatus:
         errors=p.errors,
         last_error=p.last_error,
     )
+
+
+# --- task scope (asyncio) -------------------------------------------------------------------
+
+
+class _TaskCtx:
+    """One immutable task context: encoded records (after the ABI limits), joined, and whether
+    anything was truncated or dropped. Tasks share these objects (a child task copies its
+    parent's contextvars), and the step hook compares them by identity."""
+
+    __slots__ = ("data", "recs", "trunc")
+
+    def __init__(self, recs: dict[str, bytes], data: bytes, trunc: bool) -> None:
+        self.recs = recs
+        self.data = data
+        self.trunc = trunc
+
+
+_task_ctx: contextvars.ContextVar[_TaskCtx | None] = contextvars.ContextVar(
+    "ebpf_bridge_context", default=None
+)
+_ctx_get: Final = _task_ctx.get
+_modules: Final = sys.modules
+_TASK_FLAGS: Final = _abi.CTX_F_TASK_SCOPED
+
+
+def _in_loop() -> bool:
+    """Whether an asyncio event loop runs on this thread (without importing asyncio)."""
+    aio = _modules.get("asyncio")
+    return aio is not None and aio._get_running_loop() is not None
+
+
+def _task_annotate(attrs: dict[str, AttrValue]) -> None:
+    """``annotate`` in task scope: merge into the task's context object, then write it."""
+    cur = _ctx_get()
+    merged = dict(cur.recs) if cur is not None else {}
+    cut = 0
+    for k, v in attrs.items():
+        rec, was_cut = _record(k, v)  # raises for caller errors before anything changes
+        cut += was_cut
+        merged[k] = rec
+    p = _P
+    p.calls += 1
+    if cut:
+        p.truncated_values += cut
+    data = b"".join(merged.values())
+    dropped = 0
+    if len(merged) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
+        merged, dropped = _fit(merged)
+        data = b"".join(merged.values())
+        p.dropped_attrs += dropped
+    trunc = (cur is not None and cur.trunc) or cut > 0 or dropped > 0
+    new = _TaskCtx(merged, data, trunc)
+    _task_ctx.set(new)
+    if not _task_sync(new):
+        p.noop_calls += 1
+
+
+def _task_sync(c: _TaskCtx | None) -> bool:
+    """Make this thread's entry hold task context ``c`` (delete it for None). The slow path of
+    the step hook: only called when the entry holds something else. Returns whether the map
+    is reachable."""
+    if not _refresh():
+        return False
+    st = _thread()
+    if st.owner is c and (c is None or st.mirror):
+        return True
+    if c is None:
+        if st.mirror:
+            st.forget()
+            _delete(st)
+        return True
+    st.fill(c.recs, c.data, c.trunc, _TASK_FLAGS)
+    err = _update(st.a_any)
+    if err == 0:
+        st.set_mirror(c.recs, c.data, c.trunc)
+        st.owner = c
+        return True
+    st.forget()
+    st.owner = None
+    _count_failure(err, "update")
+    return True
+
+
+def _task_done() -> None:
+    """A wrapped coroutine finished: drop the entry if it holds the finishing context."""
+    st: _Thread | None = getattr(_tls, "s", None)
+    if st is not None and st.owner is not None and st.owner is _ctx_get():
+        st.owner = None
+        st.forget()
+        _delete(st)
+
+
+_T = TypeVar("_T")
+_P_ = ParamSpec("_P_")
+
+
+class TaskStep(Coroutine[Any, Any, _T]):
+    """A thin coroutine wrapper whose every resume (``send``/``throw``) first makes the thread's
+    map entry hold the running task's context. Steps where nothing changed cost one
+    ``ContextVar.get``, one thread-local read and one identity compare."""
+
+    __slots__ = ("_coro",)
+
+    def __init__(self, coro: Coroutine[Any, Any, _T]) -> None:
+        self._coro = coro
+
+    def send(self, value: Any) -> Any:
+        c = _ctx_get()
+        st: _Thread | None = getattr(_tls, "s", None)
+        if c is not (None if st is None else st.owner):
+            _task_sync(c)
+        try:
+            return self._coro.send(value)
+        except BaseException:
+            _task_done()
+            raise
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        c = _ctx_get()
+        st: _Thread | None = getattr(_tls, "s", None)
+        if c is not (None if st is None else st.owner):
+            _task_sync(c)
+        try:
+            if val is None and tb is None:
+                return self._coro.throw(typ)
+            return self._coro.throw(typ, val, tb)
+        except BaseException:
+            _task_done()
+            raise
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, _T]:
+        return self
+
+    def __iter__(self) -> TaskStep[_T]:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    # inspect.getcoroutinestate and task reprs look at these (anyio does).
+    @property
+    def cr_running(self) -> bool:
+        return bool(getattr(self._coro, "cr_running", False))
+
+    @property
+    def cr_frame(self) -> Any:
+        return getattr(self._coro, "cr_frame", None)
+
+    @property
+    def cr_code(self) -> Any:
+        return getattr(self._coro, "cr_code", None)
+
+    @property
+    def cr_await(self) -> Any:
+        return getattr(self._coro, "cr_await", None)
+
+    def __repr__(self) -> str:
+        return repr(self._coro)
+
+
+def request_scope() -> contextvars.Token[_TaskCtx | None]:
+    """Start a new request in task scope: the task's context is empty until annotated."""
+    return _task_ctx.set(None)
+
+
+def _snapshot() -> _TaskCtx | None:
+    """The calling code's context as a task-context object (task scope first, then thread)."""
+    c = _ctx_get()
+    if c is not None:
+        return c
+    st: _Thread | None = getattr(_tls, "s", None)
+    if st is None or not st.mirror or st.stale:
+        return None
+    return _TaskCtx(st.mirror, st.data, st.trunc)
+
+
+def propagate(fn: Callable[_P_, _T]) -> Callable[_P_, _T]:
+    """Wrap ``fn`` so that it runs under the caller's current context in whatever thread
+    calls it (a ``ThreadPoolExecutor`` worker, a ``threading.Thread`` target).
+
+    The context is captured now; in the worker the captured context is written to the worker
+    thread's entry before ``fn`` runs, ``annotate`` inside ``fn`` merges into it, and the
+    worker's previous context (usually none) is restored after ``fn`` returns or raises.
+    """
+    snap = _snapshot()
+
+    @functools.wraps(fn)
+    def run(*args: _P_.args, **kwargs: _P_.kwargs) -> _T:
+        if snap is None and _ctx_get() is None:
+            return fn(*args, **kwargs)
+        st: _Thread | None = getattr(_tls, "s", None)
+        before = None
+        if st is not None and st.owner is None and st.mirror and not st.stale:
+            before = (st.mirror, st.data, st.trunc)
+        token = _task_ctx.set(snap)
+        try:
+            _task_sync(snap)
+            return fn(*args, **kwargs)
+        finally:
+            _task_ctx.reset(token)
+            prev = _ctx_get()
+            if prev is not None or before is None:
+                _task_sync(prev)
+            else:
+                _restore_thread(*before)
+
+    return run
+
+
+def _restore_thread(mirror: dict[str, bytes], data: bytes, trunc: bool) -> None:
+    """Write thread-scoped ``mirror`` back as this thread's entry (after ``propagate``)."""
+    if not _refresh():
+        return
+    st = _thread()
+    st.owner = None
+    st.fill(mirror, data, trunc)
+    err = _update(st.a_any)
+    if err == 0:
+        st.set_mirror(mirror, data, trunc)
+    else:
+        st.forget()
+        _count_failure(err, "update")
+
+
+# --- connection scope -----------------------------------------------------------------------
+
+
+class _ConnMap:
+    """The process's handle on ``ctx_by_conn`` and the mirror of each connection it wrote."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.ident: tuple[int, int] | None = None
+        self.next_check = 0.0
+        self.mirrors: dict[int, dict[str, bytes]] = {}
+        self.lock = threading.Lock()
+
+
+_CONN = _ConnMap()
+
+
+def _conn_fd() -> int:
+    """The ``ctx_by_conn`` fd (re-checking the pin at most once per ``RETRY_INTERVAL_S``), or
+    -1 when there is no such map."""
+    c = _CONN
+    now = _monotonic()
+    if now < c.next_check:
+        return c.fd
+    with c.lock:
+        c.next_check = now + RETRY_INTERVAL_S
+        path = _env.ctx_by_conn_pin()
+        try:
+            ident = _ident(os.stat(path))
+        except OSError:
+            ident = None
+        if ident is not None and ident == c.ident and c.fd >= 0:
+            return c.fd
+        if c.fd >= 0:
+            os.close(c.fd)
+            c.fd = -1
+        c.ident = None
+        c.mirrors.clear()
+        if ident is None:
+            return -1
+        try:
+            c.fd = _bpf.obj_get(path, _bpf.BPF_F_WRONLY)
+        except OSError as exc:
+            _P.last_error = f"open {path}: {exc.strerror}"
+            return -1
+        c.ident = ident
+        return c.fd
+
+
+def _conn_key(fd: int) -> bytes | None:
+    if _P.pidns == 0:
+        try:
+            _P.pidns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            return None
+    return _abi.CONN_KEY.pack(_P.pidns, os.getpid(), fd)
+
+
+def _sock_fd(sock_or_fd: socket.socket | int | Any) -> int:
+    if isinstance(sock_or_fd, bool):
+        raise TypeError("expected a socket (or an object with fileno()) or an fd number")
+    if isinstance(sock_or_fd, int):
+        fd = sock_or_fd
+    elif hasattr(sock_or_fd, "fileno"):
+        fd = int(sock_or_fd.fileno())
+    else:
+        raise TypeError(
+            f"expected a socket (or an object with fileno()) or an fd number, "
+            f"got {type(sock_or_fd).__name__}"
+        )
+    if fd < 0:
+        raise ValueError(f"not an open file descriptor: {fd}")
+    return fd
+
+
+def annotate_connection(sock_or_fd: socket.socket | int | Any, **attrs: AttrValue) -> None:
+    """Attach business attributes to every span of one connection of this process.
+
+    For servers where the thread that writes the response is not the thread that annotated
+    (hand-offs to a pool, a writer thread). The connection's context wins over the thread's
+    for spans on that socket, merges with what was set earlier on the same connection, and
+    ends when the socket is closed (the agent deletes it) or ``clear_connection`` is called.
+    Raises only for caller errors (bad socket argument, key or value); everything else
+    degrades to a counted no-op like ``annotate``.
+    """
+    fd = _sock_fd(sock_or_fd)
+    recs: dict[str, bytes] = {}
+    cut = 0
+    for k, v in attrs.items():
+        rec, was_cut = _record(k, v)
+        cut += was_cut
+        recs[k] = rec
+    p = _P
+    p.calls += 1
+    p.truncated_values += cut
+    mfd = _conn_fd()
+    key = _conn_key(fd)
+    if mfd < 0 or key is None:
+        p.noop_calls += 1
+        return
+    mirrors = _CONN.mirrors
+    old = mirrors.get(fd)
+
+    def value(r: dict[str, bytes]) -> tuple[bytes, dict[str, bytes]]:
+        kept, dropped = _fit(r)
+        p.dropped_attrs += dropped
+        enc = _abi.Encoded(b"".join(kept.values()), len(kept), cut, dropped)
+        return _abi.pack_value(enc), kept
+
+    try:
+        if old:
+            raw, kept = value({**old, **recs})
+            try:
+                _bpf.map_update(mfd, key, raw, _bpf.BPF_EXIST)
+                p.writes += 1
+                mirrors[fd] = kept
+                return
+            except FileNotFoundError:
+                pass  # the kernel deleted it: the socket was closed, this fd is a new one
+        raw, kept = value(recs)
+        try:
+            _bpf.map_update(mfd, key, raw, _bpf.BPF_NOEXIST)
+        except FileExistsError:
+            # Left by an earlier connection on this fd number that the agent did not track.
+            _bpf.map_update(mfd, key, raw, _bpf.BPF_ANY)
+        p.writes += 1
+        if len(mirrors) >= _abi.CTX_MAX_ENTRIES:
+            mirrors.clear()
+        mirrors[fd] = kept
+    except OSError as exc:
+        mirrors.pop(fd, None)
+        _count_failure(exc.errno or 0, "update connection")
+
+
+def clear_connection(sock_or_fd: socket.socket | int | Any) -> None:
+    """Drop the context of one connection (see ``annotate_connection``)."""
+    fd = _sock_fd(sock_or_fd)
+    _CONN.mirrors.pop(fd, None)
+    mfd = _conn_fd()
+    key = _conn_key(fd)
+    if mfd < 0 or key is None:
+        return
+    try:
+        _bpf.map_delete(mfd, key)
+        _P.writes += 1
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        _count_failure(exc.errno or 0, "delete connection")

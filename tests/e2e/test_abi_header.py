@@ -23,6 +23,8 @@ def test_constants_match() -> None:
     assert d["BRIDGE_PIN_DIR"].strip('"') == _abi.PIN_DIR
     assert d["BRIDGE_CTX_BY_TID_PIN"].strip('"') == _abi.CTX_BY_TID_PIN
     assert _abi.CTX_BY_TID_PIN.endswith("/" + _abi.CTX_BY_TID_NAME)
+    assert d["BRIDGE_CTX_BY_CONN_PIN"].strip('"') == _abi.CTX_BY_CONN_PIN
+    assert _abi.CTX_BY_CONN_PIN.endswith("/" + _abi.CTX_BY_CONN_NAME)
     for name, value in (("MAX_ATTRS", _abi.MAX_ATTRS), ("MAX_KEY_LEN", _abi.MAX_KEY_LEN),
                         ("MAX_STR_LEN", _abi.MAX_STR_LEN), ("ATTR_BYTES", _abi.ATTR_BYTES),
                         ("CTX_MAX_ENTRIES", _abi.CTX_MAX_ENTRIES),
@@ -31,6 +33,7 @@ def test_constants_match() -> None:
         assert int(d[f"BRIDGE_{name}"]) == value, name
     assert int(d["BRIDGE_CTX_F_TRUNCATED"], 0) == _abi.CTX_F_TRUNCATED
     assert int(d["BRIDGE_CTX_F_SDK_SPAN"], 0) == _abi.CTX_F_SDK_SPAN
+    assert int(d["BRIDGE_CTX_F_TASK_SCOPED"], 0) == _abi.CTX_F_TASK_SCOPED
 
 
 def test_layout_compiled_by_bcc_matches_python() -> None:
@@ -39,6 +42,7 @@ def test_layout_compiled_by_bcc_matches_python() -> None:
     b = BPF(text="""
 #include "bridge_abi.h"
 BPF_HASH(abi_check, struct bridge_ctx_key, struct bridge_ctx_value, 1);
+BPF_HASH(abi_conn, struct bridge_conn_key, struct bridge_ctx_value, 1);
 """, cflags=[f"-I{bpf.SOURCE_DIR}"])
     try:
         table = b["abi_check"]
@@ -65,5 +69,9 @@ BPF_HASH(abi_check, struct bridge_ctx_key, struct bridge_ctx_value, 1);
         assert bytes(v.data)[: v.data_len] == enc.data
         table[key(77, 5)] = v
         assert bytes(table[key(77, 5)]) == raw
+        conn = b["abi_conn"].Key
+        assert ctypes.sizeof(conn) == _abi.CONN_KEY.size == 16
+        assert conn.pidns_ino.offset == 0 and conn.tgid.offset == 8 and conn.fd.offset == 12
+        assert bytes(conn(77, 1234, 9)) == _abi.CONN_KEY.pack(77, 1234, 9)
     finally:
         b.cleanup()

@@ -32,8 +32,11 @@ def test_public_api() -> None:
         "AttrValue",
         "BridgeStatus",
         "annotate",
+        "annotate_connection",
         "clear",
+        "clear_connection",
         "context",
+        "propagate",
         "status",
     }
     for name in bridge.__all__:
