@@ -353,7 +353,7 @@ class Agent:
         self._select_exec_names(b)
         self.assembler = SpanAssembler(
             self.registry, self.fanout.submit, route_heuristic=self.cfg.route_heuristic,
-            parent_wait_s=self.cfg.parent_wait_s,
+            parent_wait_s=self.cfg.parent_wait_s, stitch_wait_s=self.cfg.stitch_wait_s,
         )
         register_all(self.assembler)
         self.streams = StreamSpans(self.assembler, max_connections=self.cfg.max_connections,
@@ -515,7 +515,8 @@ class Agent:
             s = self.assembler.stats
             parts += [f"spans={s.spans}", f"unknown_protocol={s.unknown_protocol}",
                       f"parse_errors={s.parse_errors}", f"waiting_parent={self.assembler.waiting}",
-                      f"parent_timeouts={s.parent_timeouts}"]
+                      f"parent_timeouts={s.parent_timeouts}", f"stitched={s.stitched}",
+                      f"stitch_waited={s.stitch_waited}", f"stitch_timeouts={s.stitch_timeouts}"]
         parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]
         if self.fanout is not None:
             parts += [f"export_{k}={v}" for k, v in self.fanout.stats().items()]

@@ -76,6 +76,10 @@ class IdSource:
         return hi.to_bytes(8, "big") + lo.to_bytes(8, "big")
 
 
+_StitchKey = tuple[str, int, str, int, int]
+"""(client address, client port, server address, server port, request ordinal)."""
+
+
 class ProcessLookup(Protocol):
     """What assembly needs to know about processes."""
 
@@ -97,6 +101,12 @@ class AssemblyStats:
     parse_errors: int = 0
     parent_timeouts: int = 0
     pending_overflow: int = 0
+    stitched: int = 0
+    """Server spans joined to the traced client span of the same request on this node."""
+    stitch_waited: int = 0
+    """Server spans that had to wait for their client span (it arrived later)."""
+    stitch_timeouts: int = 0
+    """Server spans exported unstitched because their client span never showed."""
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -116,6 +126,7 @@ class SpanAssembler:
         *,
         route_heuristic: bool = False,
         parent_wait_s: float = 10.0,
+        stitch_wait_s: float = 10.0,
         max_pending: int = 50_000,
         ids: IdSource | None = None,
     ) -> None:
@@ -131,6 +142,10 @@ class SpanAssembler:
         self._max_servers = 65_536
         self._waiting: dict[int, list[_Waiting]] = {}
         self._n_waiting = 0
+        self._stitch_wait_ns = int(stitch_wait_s * 1e9)
+        self._stitch_clients: OrderedDict[_StitchKey, tuple[bytes, bytes]] = OrderedDict()
+        self._stitch_waiting: dict[_StitchKey, tuple[int, SpanRecord, int, int]] = {}
+        self._client_keys: dict[bytes, _StitchKey] = {}
         self._stream_handler: Callable[[Chunk], None] | None = None
         self._ctx_cache: dict[bytes, tuple[dict[str, AttrValue], bool]] = {}
         self._conn_states: OrderedDict[tuple[int, int, str], dict[str, object]] = OrderedDict()
@@ -180,10 +195,12 @@ class SpanAssembler:
             log.exception("could not assemble exchange %d of pid %d", ex.exchange_id, ex.tgid)
 
     def tick(self, now_ns: int | None = None) -> None:
-        """Release children whose parent did not show up in time."""
-        if not self._waiting:
+        """Release spans whose parent (or stitched client) did not show up in time."""
+        if not self._waiting and not self._stitch_waiting:
             return
         now = time.monotonic_ns() if now_ns is None else now_ns
+        if self._stitch_waiting:
+            self._expire_stitches(now)
         for parent_id in list(self._waiting):
             items = self._waiting[parent_id]
             if items[0].deadline_ns <= now:
@@ -191,13 +208,14 @@ class SpanAssembler:
 
     def flush(self) -> None:
         """Release every waiting span (agent shutdown)."""
+        self._expire_stitches(0, everything=True)
         for parent_id in list(self._waiting):
             self._release(parent_id, self.ids.trace_id(parent_id), timed_out=True)
 
     @property
     def waiting(self) -> int:
-        """Spans held back waiting for their parent."""
-        return self._n_waiting
+        """Spans held back waiting for their parent or their stitched client span."""
+        return self._n_waiting + len(self._stitch_waiting)
 
     # -- HTTP/1.1 -----------------------------------------------------------------------------
 
@@ -205,6 +223,10 @@ class SpanAssembler:
         requests = http1.parse_requests(ex.request, ex.req_bytes)
         if not requests:
             return False
+        # The ordinal of each request on its connection: the stitching key's last part.
+        order = self.conn_state(ex, "http1")
+        base = int(order.get("n", 0))  # type: ignore[call-overload]
+        order["n"] = base + len(requests)
         responses = [
             r
             for r in http1.parse_responses(ex.response, ex.resp_bytes, [q.method for q in requests])
@@ -257,15 +279,22 @@ class SpanAssembler:
                                   resource, attrs, status)
                 tp = parse_traceparent(req.traceparent)
                 if tp is not None:
+                    # A traceparent the caller sent wins over stitching.
                     span.trace_id, span.parent_span_id = tp.trace_id, tp.span_id
+                elif ex.peer_traced and ex.local_address and ex.peer_address:
+                    key = (ex.peer_address, ex.peer_port, ex.local_address, ex.local_port,
+                           base + idx)
+                    if self._stitch_server(span, key, ex.exchange_id, idx):
+                        continue
                 else:
                     # Pipelined requests are unrelated operations: one trace each.
                     span.trace_id = self.ids.trace_id(ex.exchange_id, idx)
-                if idx == 0:
-                    self._server_done(ex.exchange_id, span.trace_id)
-                self._emit(span)
+                self._server_final(span, ex.exchange_id, idx)
             else:
                 self._http_client_attrs(attrs, req, ex)
+                if ex.local_address and ex.peer_address:
+                    self._client_keys[span_id] = (ex.local_address, ex.local_port,
+                                                  ex.peer_address, ex.peer_port, base + idx)
                 span = SpanRecord(b"", span_id, None, req.method, SpanKind.CLIENT, start, end,
                                   resource, attrs, status)
                 self._route_client(span, ex, req.traceparent, idx)
@@ -449,6 +478,57 @@ class SpanAssembler:
     def _emit(self, span: SpanRecord) -> None:
         self.stats.spans += 1
         self._sink(span)
+        if self._client_keys:
+            key = self._client_keys.pop(span.span_id, None)
+            if key is not None:
+                self._client_done(key, span)
+
+    # -- same-node stitching --------------------------------------------------------------------
+    # The agent sees both ends of a connection between two traced processes: the server span of
+    # the k-th request on a connection is the child of the client span of the k-th request on
+    # the same 4-tuple. Neither end carries a traceparent (zero-code services), so this is how
+    # a request through several services becomes one trace.
+
+    def _server_final(self, span: SpanRecord, exchange_id: int, index: int) -> None:
+        if index == 0:
+            self._server_done(exchange_id, span.trace_id)
+        self._emit(span)
+
+    def _stitch_server(self, span: SpanRecord, key: _StitchKey, exchange_id: int,
+                       index: int) -> bool:
+        """Join ``span`` to its client span if known, else hold it; True when held."""
+        client = self._stitch_clients.get(key)
+        if client is not None:
+            span.trace_id, span.parent_span_id = client
+            self.stats.stitched += 1
+            return False
+        if len(self._stitch_waiting) >= self._max_pending:
+            self.stats.pending_overflow += 1
+            span.trace_id = self.ids.trace_id(exchange_id, index)
+            return False
+        deadline = time.monotonic_ns() + self._stitch_wait_ns
+        self._stitch_waiting[key] = (deadline, span, exchange_id, index)
+        self.stats.stitch_waited += 1
+        return True
+
+    def _client_done(self, key: _StitchKey, span: SpanRecord) -> None:
+        self._stitch_clients[key] = (span.trace_id, span.span_id)
+        if len(self._stitch_clients) > self._max_servers:
+            self._stitch_clients.popitem(last=False)
+        held = self._stitch_waiting.pop(key, None)
+        if held is not None:
+            _deadline, server, exchange_id, index = held
+            server.trace_id, server.parent_span_id = span.trace_id, span.span_id
+            self.stats.stitched += 1
+            self._server_final(server, exchange_id, index)
+
+    def _expire_stitches(self, now: int, *, everything: bool = False) -> None:
+        for key, (deadline, server, exchange_id, index) in list(self._stitch_waiting.items()):
+            if everything or deadline <= now:
+                del self._stitch_waiting[key]
+                self.stats.stitch_timeouts += 1
+                server.trace_id = self.ids.trace_id(exchange_id, index)
+                self._server_final(server, exchange_id, index)
 
 
 def _split_host(host: str) -> tuple[str | None, int | None]:

@@ -59,6 +59,10 @@ def _agent_parser(sub: Any) -> None:
                      help="emit an exchange whose response has been quiet this long (default 100)")
     run.add_argument("--parent-wait", type=float, metavar="S", dest="parent_wait_s",
                      help="how long a client span waits for its server span's trace (default 10)")
+    run.add_argument("--stitch-wait", type=float, metavar="S", dest="stitch_wait_s",
+                     help="how long a server span waits for the traced client span of the same "
+                     "request on this node, to join its trace (default 10); then it is exported "
+                     "unstitched")
     run.add_argument("--route-heuristic", action="store_true", default=None,
                      help="name server spans 'GET /orders/*' by folding ids out of the path")
     run.add_argument("--app-group", metavar="GROUP",
@@ -82,6 +86,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
         for key in ("pid", "exe", "port", "exporter", "otlp_endpoint", "otlp_protocol", "jsonl",
                     "ready_file", "stats_interval_s", "idle_flush_ms", "parent_wait_s",
+                    "stitch_wait_s",
                     "route_heuristic", "app_group", "health_port", "health_address"):
             value = getattr(args, key)
             if value is not None:

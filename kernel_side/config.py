@@ -35,6 +35,7 @@ class AgentConfig:
     idle_flush_ms: int = 100
     rescan_interval_s: float = 1.0
     parent_wait_s: float = 10.0
+    stitch_wait_s: float = 10.0
     route_heuristic: bool = False
     app_group: str | None = None
     pin_dir: str = _abi.PIN_DIR

@@ -1,0 +1,108 @@
+"""One trace across zero-code services on one node, by connection (issue 7).
+
+The agent sees both ends of each connection between traced processes and joins the server span
+of the k-th request on a connection to the client span that sent it. None of these services
+forwards a traceparent.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import requests
+
+from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.e2e.conftest import APPS, CLIENT, EXAMPLES, PYTHON, SERVER, Harness, by_service
+
+
+def _relay(h: Harness, name: str, upstream_port: int, prefix: str) -> tuple[int, int]:
+    ready = h.tmp / f"{name}.ready"
+    proc = h.start(name, [PYTHON, str(APPS / "relay.py"), "--upstream",
+                          f"http://127.0.0.1:{upstream_port}", "--prefix", prefix,
+                          "--ready-file", str(ready)],
+                   env={"OTEL_SERVICE_NAME": name}, ready_file=ready)
+    return proc.pid, int(ready.read_text())
+
+
+def _chains(spans: list[ReceivedSpan], n: int, front: str, front_prefix: str,
+            mid: str) -> None:
+    by_id = {s.span_id: s for s in spans}
+    for i in range(n):
+        inv = [s for s in by_service(spans, "inventory", SERVER)
+               if s.attributes["url.path"] == f"/stock/sku-{i}"]
+        assert len(inv) == 1
+        chain = [inv[0]]
+        while chain[-1].parent_span_id is not None:
+            parent = by_id.get(chain[-1].parent_span_id)
+            assert parent is not None, f"request {i}: dangling parent under {chain[-1].name}"
+            chain.append(parent)
+        kinds = [(s.resource["service.name"], s.kind) for s in chain]
+        assert kinds == [("inventory", SERVER), (mid, CLIENT), (mid, SERVER),
+                         (front, CLIENT), (front, SERVER)], kinds
+        assert len({s.trace_id for s in chain}) == 1, f"request {i}: several traces"
+        assert chain[-1].attributes["url.path"] == f"{front_prefix}{i}", (i, chain[-1])
+    roots = {s.trace_id for s in by_service(spans, front, SERVER)}
+    assert len(roots) == n
+    for svc in (mid, "inventory"):
+        assert {s.trace_id for s in by_service(spans, svc)} <= roots
+
+
+def _enough(n: int, front: str, mid: str):  # type: ignore[no-untyped-def]
+    def done(ss: list[ReceivedSpan]) -> bool:
+        return all(len(by_service(ss, svc, SERVER)) >= n for svc in (front, mid, "inventory"))
+    return done
+
+
+def test_concurrent_requests_on_shared_keep_alive_connections(harness: Harness,
+                                                               receiver: OtlpReceiver) -> None:
+    """Threaded zero-code services (front -> mid -> inventory); each relay shares two
+    keep-alive connections among all its request threads."""
+    inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
+    mid_pid, mid_port = _relay(harness, "mid", inv_port, "/stock/sku-")
+    front_pid, front_port = _relay(harness, "front", mid_port, "/mid/")
+    harness.agent("--pid", str(front_pid), "--pid", str(mid_pid), "--pid", str(inv.pid),
+                  receiver=receiver)
+    n = 16
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            r = requests.get(f"http://127.0.0.1:{front_port}/front/{i}", timeout=20)
+            assert r.status_code == 200 and r.json()["sku"] == f"sku-{i}"
+        except BaseException as e:  # collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    spans = receiver.wait_for(_enough(n, "front", "mid"), timeout_s=40)
+    _chains(spans, n, "front", "/front/", "mid")
+    # The two shared connections carried several requests each: stitching went by order on
+    # the connection, not by one request per connection.
+    mid_servers = by_service(spans, "mid", SERVER)
+    assert len({s.attributes["network.peer.port"] for s in mid_servers}) < n
+
+
+def test_node_front_sequential(harness: Harness, receiver: OtlpReceiver) -> None:
+    """A zero-code Node service in front. Node serves every request on one thread, so the
+    in-process link (its outgoing call under its incoming request) is exact only when requests
+    do not overlap; the cross-process links are exact either way."""
+    inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
+    mid_pid, mid_port = _relay(harness, "mid", inv_port, "/stock/sku-")
+    ready = harness.tmp / "node.ready"
+    node = harness.start("node", ["node", str(APPS / "relay.js"),
+                                  f"http://127.0.0.1:{mid_port}", str(ready)],
+                         env={"OTEL_SERVICE_NAME": "node-front"}, ready_file=ready)
+    port = int(ready.read_text())
+    harness.agent("--pid", str(node.pid), "--pid", str(mid_pid), "--pid", str(inv.pid),
+                  receiver=receiver)
+    n = 5
+    with requests.Session() as s:
+        for i in range(n):
+            r = s.get(f"http://127.0.0.1:{port}/front/{i}", timeout=20)
+            assert r.status_code == 200 and r.json()["sku"] == f"sku-{i}"
+    spans = receiver.wait_for(_enough(n, "node-front", "mid"), timeout_s=40)
+    _chains(spans, n, "node-front", "/front/", "mid")
