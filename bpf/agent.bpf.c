@@ -127,6 +127,10 @@ struct chunk {
     __u64 ts_ns;
     __u64 parent_exchange_id;
     __u8 peer_addr[16];
+    __u8 local_addr[16];
+    __u16 local_port;
+    __u8 peer_traced;
+    __u8 _pad1[5];
     struct bridge_ctx_value ctx;
     __u8 data[CHUNK_CAP * 2];
 };
@@ -556,6 +560,14 @@ static __always_inline struct chunk *chunk_start(struct sock_key *k, struct sock
     c->from_client = 0;
     c->parent_exchange_id = 0;
     c->ts_ns = bpf_ktime_get_ns();
+    __builtin_memcpy(c->local_addr, si->local_addr, sizeof(c->local_addr));
+    c->local_port = si->local_known ? si->local_port : 0;
+    c->peer_traced = 0;
+    if (si->role == ROLE_SERVER) {
+        struct addr_port ap;
+        addr_key(&ap, si->peer_addr, si->peer_port);
+        c->peer_traced = client_by_port.lookup(&ap) != 0;
+    }
     return c;
 }
 

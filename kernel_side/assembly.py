@@ -144,7 +144,7 @@ class SpanAssembler:
         self._n_waiting = 0
         self._stitch_wait_ns = int(stitch_wait_s * 1e9)
         self._stitch_clients: OrderedDict[_StitchKey, tuple[bytes, bytes]] = OrderedDict()
-        self._stitch_waiting: dict[_StitchKey, tuple[int, SpanRecord, int, int]] = {}
+        self._stitch_waiting: dict[_StitchKey, tuple[int, SpanRecord, int, int, bytes]] = {}
         self._client_keys: dict[bytes, _StitchKey] = {}
         self._stream_handler: Callable[[Chunk], None] | None = None
         self._ctx_cache: dict[bytes, tuple[dict[str, AttrValue], bool]] = {}
@@ -490,13 +490,16 @@ class SpanAssembler:
     # a request through several services becomes one trace.
 
     def _server_final(self, span: SpanRecord, exchange_id: int, index: int) -> None:
-        if index == 0:
+        # Exchange id 0: a span with no kernel exchange (an HTTP/2 stream) that no client
+        # span of its own process waits on by exchange id.
+        if exchange_id and index == 0:
             self._server_done(exchange_id, span.trace_id)
         self._emit(span)
 
     def _stitch_server(self, span: SpanRecord, key: _StitchKey, exchange_id: int,
-                       index: int) -> bool:
+                       index: int, fallback: bytes | None = None) -> bool:
         """Join ``span`` to its client span if known, else hold it; True when held."""
+        fallback = fallback or self.ids.trace_id(exchange_id, index)
         client = self._stitch_clients.get(key)
         if client is not None:
             span.trace_id, span.parent_span_id = client
@@ -504,12 +507,29 @@ class SpanAssembler:
             return False
         if len(self._stitch_waiting) >= self._max_pending:
             self.stats.pending_overflow += 1
-            span.trace_id = self.ids.trace_id(exchange_id, index)
+            span.trace_id = fallback
             return False
         deadline = time.monotonic_ns() + self._stitch_wait_ns
-        self._stitch_waiting[key] = (deadline, span, exchange_id, index)
+        self._stitch_waiting[key] = (deadline, span, exchange_id, index, fallback)
         self.stats.stitch_waited += 1
         return True
+
+    def stitch_client(self, span_id: bytes, key: _StitchKey) -> None:
+        """Declare that the client span ``span_id`` (not yet handed on) sent the request
+        ``key``; a server span on this node with the same key will join its trace."""
+        self._client_keys[span_id] = key
+
+    def finish_server(self, span: SpanRecord, *, fallback_trace: bytes,
+                      stitch_key: _StitchKey | None) -> None:
+        """Hand on a server span with no traceparent of its own: joined to its traced client
+        span on this node when ``stitch_key`` is given (possibly after a bounded wait), else
+        starting ``fallback_trace``."""
+        if stitch_key is not None:
+            if self._stitch_server(span, stitch_key, 0, 0, fallback_trace):
+                return
+        else:
+            span.trace_id = fallback_trace
+        self._emit(span)
 
     def _client_done(self, key: _StitchKey, span: SpanRecord) -> None:
         self._stitch_clients[key] = (span.trace_id, span.span_id)
@@ -517,17 +537,19 @@ class SpanAssembler:
             self._stitch_clients.popitem(last=False)
         held = self._stitch_waiting.pop(key, None)
         if held is not None:
-            _deadline, server, exchange_id, index = held
+            _deadline, server, exchange_id, index, _fallback = held
             server.trace_id, server.parent_span_id = span.trace_id, span.span_id
             self.stats.stitched += 1
             self._server_final(server, exchange_id, index)
 
     def _expire_stitches(self, now: int, *, everything: bool = False) -> None:
-        for key, (deadline, server, exchange_id, index) in list(self._stitch_waiting.items()):
+        for key, (deadline, server, exchange_id, index, fallback) in list(
+            self._stitch_waiting.items()
+        ):
             if everything or deadline <= now:
                 del self._stitch_waiting[key]
                 self.stats.stitch_timeouts += 1
-                server.trace_id = self.ids.trace_id(exchange_id, index)
+                server.trace_id = fallback
                 self._server_final(server, exchange_id, index)
 
 

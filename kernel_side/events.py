@@ -185,7 +185,8 @@ class ExchangeLayout:
 
 _CHUNK_FIELDS: Final = (
     "type", "tgid", "fd", "role", "from_client", "has_ctx", "flags", "peer_port", "family",
-    "listen_fd", "tid", "cap", "len", "conn_id", "ts_ns", "parent_exchange_id", "peer_addr", "ctx",
+    "listen_fd", "tid", "cap", "len", "conn_id", "ts_ns", "parent_exchange_id", "peer_addr",
+    "local_addr", "local_port", "peer_traced", "ctx",
 )
 
 
@@ -208,6 +209,9 @@ class Chunk:
     parent_exchange_id: int
     data: bytes
     ctx: bytes | None
+    local_address: str | None = None
+    local_port: int = 0
+    peer_traced: bool = False
 
 
 def _struct_for(leaf: type[ctypes.Structure], names: tuple[str, ...]) -> struct.Struct:
@@ -238,7 +242,8 @@ class ChunkLayout:
         """Decode one chunk event."""
         (
             _type, tgid, fd, role, from_client, has_ctx, flags, peer_port, family, listen_fd,
-            tid, cap, total, conn_id, ts_ns, parent, peer_addr, ctx,
+            tid, cap, total, conn_id, ts_ns, parent, peer_addr, local_addr, local_port,
+            peer_traced, ctx,
         ) = self._header.unpack_from(raw, 0)
         return Chunk(
             tgid=tgid, fd=fd, role=role, from_client=bool(from_client),
@@ -246,4 +251,6 @@ class ChunkLayout:
             peer_port=peer_port, listen_fd=listen_fd, tid=tid, total_len=total, conn_id=conn_id,
             ts_ns=ts_ns, parent_exchange_id=parent,
             data=raw[self.data_off : self.data_off + cap], ctx=ctx if has_ctx else None,
+            local_address=_format_addr(family, local_addr) if local_port else None,
+            local_port=local_port, peer_traced=bool(peer_traced),
         )

@@ -52,6 +52,9 @@ class _Conn:
     listen_fd: int
     peer_address: str | None
     peer_port: int
+    local_address: str | None = None
+    local_port: int = 0
+    peer_traced: bool = False
 
 
 class StreamSpans:
@@ -87,6 +90,9 @@ class StreamSpans:
                     self._span(old, s)
         else:
             self._conns.move_to_end(key)
+        if chunk.local_port and not conn.local_port:
+            conn.local_address, conn.local_port = chunk.local_address, chunk.local_port
+        conn.peer_traced = conn.peer_traced or chunk.peer_traced
         if chunk.closed:
             del self._conns[key]
             done = conn.h2.close(chunk.ts_ns)
@@ -159,14 +165,27 @@ class StreamSpans:
             SpanKind.SERVER if server else SpanKind.CLIENT, asm.epoch_ns(s.start_ns),
             asm.epoch_ns(max(s.end_ns, s.start_ns)), asm.resource_for(conn.tgid), attrs, status,
         )
+        # Same-node stitching: stream n of a connection is stream n at both ends.
+        stitch = None
+        if conn.local_address and conn.peer_address:
+            if server:
+                stitch = (conn.peer_address, conn.peer_port, conn.local_address,
+                          conn.local_port, s.stream_id)
+            else:
+                stitch = (conn.local_address, conn.local_port, conn.peer_address,
+                          conn.peer_port, s.stream_id)
         if server:
             tp = parse_traceparent(s.traceparent)
             if tp is not None:
                 span.trace_id, span.parent_span_id = tp.trace_id, tp.span_id
+                asm.server_span_done(span)
             else:
-                span.trace_id = asm.ids.stream_trace_id(conn.conn_id, s.stream_id)
-            asm.server_span_done(span)
+                asm.finish_server(
+                    span, fallback_trace=asm.ids.stream_trace_id(conn.conn_id, s.stream_id),
+                    stitch_key=stitch if conn.peer_traced else None)
         else:
+            if stitch is not None:
+                asm.stitch_client(span.span_id, stitch)
             asm.route_client(span, meta.parent_exchange_id if meta else 0, s.traceparent,
                              lambda: asm.ids.stream_trace_id(conn.conn_id, s.stream_id))
 

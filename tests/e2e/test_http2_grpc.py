@@ -66,6 +66,12 @@ def test_grpc_unary_streaming_and_error_both_sides(harness: Harness,
     assert nf_client.attributes["rpc.grpc.status_code"] == 5
     assert nf_client.status_code == 2 and nf_client.attributes["error.type"] == "NOT_FOUND"
     assert nf_server.attributes["rpc.grpc.status_code"] == 5 and nf_server.status_code == 0
+    # Same-node stitching: calls that carried no traceparent join the caller's trace, with the
+    # caller's CLIENT span as parent (stream n of the connection is stream n at both ends).
+    for m in methods[1:]:
+        cli = _named(spans, "shopper", CLIENT, m)[0]
+        srv = _named(spans, "catalog", SERVER, m)[0]
+        assert srv.parent_span_id == cli.span_id and srv.trace_id == cli.trace_id, m
 
 
 def test_h2c_prior_knowledge_httpx_against_hypercorn(harness: Harness,
@@ -89,10 +95,14 @@ def test_h2c_prior_knowledge_httpx_against_hypercorn(harness: Harness,
     assert hello.trace_id == TP_TRACE and hello.parent_span_id == TP_PARENT
     assert servers["/missing"].attributes["http.response.status_code"] == 404
     assert servers["/missing"].status_code == 0
+    assert servers["/missing"].name == "GET"
     clients = {s.attributes["url.full"].rsplit("/", 1)[1]: s
                for s in by_service(spans, "h2caller", CLIENT)}
     assert clients["missing"].status_code == 2
     assert clients["hello"].attributes["http.response.status_code"] == 200
+    missing = servers["/missing"]
+    assert missing.parent_span_id == clients["missing"].span_id
+    assert missing.trace_id == clients["missing"].trace_id
 
 
 def test_annotated_http_service_calling_grpc(harness: Harness, receiver: OtlpReceiver) -> None:
