@@ -256,6 +256,7 @@ class Agent:
         self.cfg = cfg
         self._out = out or sys.stdout
         self._stop = False
+        self._hup = False
         self._bpf: Any = None
         self._layout: ExchangeLayout | None = None
         self._chunk_layout: ChunkLayout | None = None
@@ -274,6 +275,11 @@ class Agent:
     def stop(self, *_: object) -> None:
         """Ask the loop to finish (signal-safe)."""
         self._stop = True
+
+    def hup(self, *_: object) -> None:
+        """SIGHUP (signal-safe): noted here, answered in the loop. Without a handler SIGHUP
+        would kill the agent unflushed; reload is not supported (see README, "Signals")."""
+        self._hup = True
 
     def _start_health(self) -> None:
         """Serve /healthz, /readyz and /metrics when --health-port is set (see health.py)."""
@@ -369,6 +375,7 @@ class Agent:
             Path(self.cfg.ready_file).write_text(f"{os.getpid()}\n")
         self.health_state.mark_ready()
         old = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.hup)
         try:
             self._loop()
         finally:
@@ -410,6 +417,10 @@ class Agent:
         next_scan = next_stats = time.monotonic()
         next_stats += cfg.stats_interval_s
         while not self._stop:
+            if self._hup:
+                self._hup = False
+                log.warning("SIGHUP: reload not supported; restart the agent to apply a changed "
+                            "config (in-flight spans are kept; nothing was reloaded)")
             b.ring_buffer_poll(int(tick_s * 1000))
             # Most events are submitted without a wakeup (see wakeup_flag in the C source), so
             # a poll that timed out has consumed nothing: drain explicitly.
@@ -516,7 +527,9 @@ class Agent:
             parts += [f"spans={s.spans}", f"unknown_protocol={s.unknown_protocol}",
                       f"parse_errors={s.parse_errors}", f"waiting_parent={self.assembler.waiting}",
                       f"parent_timeouts={s.parent_timeouts}", f"stitched={s.stitched}",
-                      f"stitch_waited={s.stitch_waited}", f"stitch_timeouts={s.stitch_timeouts}"]
+                      f"stitch_waited={s.stitch_waited}", f"stitch_timeouts={s.stitch_timeouts}",
+                      f"stitch_wait_us_total={s.stitch_wait_us_total}",
+                      f"stitch_wait_us_max={s.stitch_wait_us_max}"]
         parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]
         if self.fanout is not None:
             parts += [f"export_{k}={v}" for k, v in self.fanout.stats().items()]

@@ -107,6 +107,9 @@ class AssemblyStats:
     """Server spans that had to wait for their client span (it arrived later)."""
     stitch_timeouts: int = 0
     """Server spans exported unstitched because their client span never showed."""
+    stitch_wait_us_total: int = 0
+    stitch_wait_us_max: int = 0
+    """How long server spans waited for their client span (the ones that found it)."""
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -537,7 +540,10 @@ class SpanAssembler:
             self._stitch_clients.popitem(last=False)
         held = self._stitch_waiting.pop(key, None)
         if held is not None:
-            _deadline, server, exchange_id, index, _fallback = held
+            deadline, server, exchange_id, index, _fallback = held
+            waited_us = (time.monotonic_ns() - (deadline - self._stitch_wait_ns)) // 1000
+            self.stats.stitch_wait_us_total += waited_us
+            self.stats.stitch_wait_us_max = max(self.stats.stitch_wait_us_max, waited_us)
             server.trace_id, server.parent_span_id = span.trace_id, span.span_id
             self.stats.stitched += 1
             self._server_final(server, exchange_id, index)
