@@ -54,7 +54,9 @@ class _Layout(ctypes.Structure):
         ("parent_exchange_id", ctypes.c_ulonglong), ("req_start_ns", ctypes.c_ulonglong),
         ("req_end_ns", ctypes.c_ulonglong), ("resp_start_ns", ctypes.c_ulonglong),
         ("resp_end_ns", ctypes.c_ulonglong), ("req_bytes", ctypes.c_ulonglong),
-        ("resp_bytes", ctypes.c_ulonglong), ("ctx", ctypes.c_ubyte * _abi.CTX_VALUE_SIZE),
+        ("resp_bytes", ctypes.c_ulonglong), ("local_addr", ctypes.c_ubyte * 16),
+        ("local_port", ctypes.c_ushort), ("peer_traced", ctypes.c_ubyte),
+        ("_pad1", ctypes.c_ubyte * 5), ("ctx", ctypes.c_ubyte * _abi.CTX_VALUE_SIZE),
         ("resp", ctypes.c_ubyte * 1024), ("req", ctypes.c_ubyte * 2048),
     ]
 

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 python3-venv python3-dev
   nginx-light curl wrk redis-server postgresql mariadb-server
   golang-go default-jdk-headless nodejs iproute2 util-linux
+  golang-golang-x-net-dev libpostgresql-jdbc-java
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -68,4 +69,6 @@ if [ ! -e "$stamp" ]; then
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi
+# The demo's compiled example services (Go pricing, Java inventory); skips what is up to date.
+bash "$here/examples/build.sh"
 log "ready: $venv"

@@ -1,4 +1,7 @@
-"""Example inventory service: plain HTTP, no ebpf-bridge code at all.
+"""Example inventory service in Python: plain HTTP, no ebpf-bridge code at all.
+
+The e2e tests use it as a light stand-in for the demo's Java inventory
+(examples/java/inventory), with the same GET /stock/<sku> contract.
 
 GET /stock/<sku> answers {"sku": ..., "count": N}; GET /stock/fail-* answers 500, so the demo
 and tests can show error spans.

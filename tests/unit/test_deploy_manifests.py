@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "examples" / "k8s"
 COMPOSE = REPO / "examples" / "docker-compose.yml"
 DOCKERFILES = sorted((REPO / "examples" / "docker").glob("*.Dockerfile"))
+# The demo's services: Compose service (and Dockerfile) name -> its source.
+EXAMPLE_SERVICES = {
+    "storefront": "examples/node/storefront/server.js",
+    "orders": "examples/python/orders.py",
+    "pricing": "examples/go/pricing/main.go",
+    "inventory": "examples/java/inventory/Inventory.java",
+}
 
 kubernetes = pytest.importorskip("kubernetes")
 
@@ -179,8 +186,10 @@ def _compose() -> dict[str, Any]:
 
 def test_compose_lists_every_service() -> None:
     services = _compose()["services"]
-    assert {"agent", "otel-collector", "orders", "inventory", "postgres", "redis"} <= set(
-        services)
+    assert {"agent", "otel-collector", *EXAMPLE_SERVICES, "postgres", "redis"} <= set(services)
+    for src in EXAMPLE_SERVICES.values():
+        assert (REPO / src).is_file(), src
+    # examples/python/inventory.py is the e2e tests' stand-in for the Java inventory.
     existing = {p.stem for p in (REPO / "examples" / "python").glob("*.py")}
     assert existing <= set(services), "every example service has a Compose service"
 
@@ -214,8 +223,52 @@ def test_compose_builds_have_dockerfiles_and_ports_are_unique() -> None:
 
 def test_compose_app_services_name_themselves() -> None:
     services = _compose()["services"]
-    for name in ("orders", "inventory"):
+    for name in EXAMPLE_SERVICES:
         assert services[name]["environment"]["OTEL_SERVICE_NAME"] == name
+        assert services[name]["build"]["dockerfile"] == f"examples/docker/{name}.Dockerfile"
+
+
+def _cmd(name: str) -> list[str]:
+    ins = _instructions(REPO / "examples" / "docker" / f"{name}.Dockerfile")
+    cmd: list[str] = json.loads([rest for word, rest in ins if word == "CMD"][-1])
+    return cmd
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_compose_wires_the_demo_services_together() -> None:
+    services = _compose()["services"]
+    # The services bind loopback: they share the storefront's network namespace.
+    for name in ("orders", "pricing", "inventory"):
+        assert services[name]["network_mode"] == "service:storefront", name
+        assert "storefront" in services[name]["depends_on"], name
+    ports = {name: int(_flag(_cmd(name), "--port")) for name in EXAMPLE_SERVICES}
+    assert len(set(ports.values())) == 4, ports
+    front, orders = _cmd("storefront"), _cmd("orders")
+    assert _flag(front, "--orders") == f"http://127.0.0.1:{ports['orders']}"
+    assert _flag(orders, "--inventory") == f"http://127.0.0.1:{ports['inventory']}"
+    assert _flag(orders, "--pricing") == f"http://127.0.0.1:{ports['pricing']}"
+    dsn = dict(kv.split("=", 1) for kv in _flag(orders, "--postgres").split())
+    pg_env = services["postgres"]["environment"]
+    assert dsn["host"] == "postgres" and dsn["dbname"] == pg_env["POSTGRES_DB"]
+    assert dsn["password"] == pg_env["POSTGRES_PASSWORD"]
+    assert _flag(orders, "--redis").startswith("redis://redis:6379/")
+    jdbc = _flag(_cmd("inventory"), "--jdbc")
+    assert jdbc.startswith(f"jdbc:postgresql://postgres:5432/{pg_env['POSTGRES_DB']}?")
+    assert {"postgres", "redis"} <= set(services["orders"]["depends_on"])
+    # The agent selects all four by executable name.
+    command = services["agent"]["command"]
+    exes = {command[i + 1] for i, a in enumerate(command) if a == "--exe"}
+    assert exes == {"node", "python*", "pricing", "java"}
+
+
+def test_each_service_image_copies_its_own_source() -> None:
+    for name, src in EXAMPLE_SERVICES.items():
+        ins = _instructions(REPO / "examples" / "docker" / f"{name}.Dockerfile")
+        copied = [s for word, rest in ins if word == "COPY" for s in rest.split()[:-1]]
+        assert src in copied, (name, copied)
 
 
 # -- Dockerfiles ----------------------------------------------------------------------------
@@ -252,7 +305,7 @@ def test_dockerfile_is_well_formed(path: Path) -> None:
             assert ":" in image and not image.endswith(":latest"), image
         if word in ("ENTRYPOINT", "CMD") and rest.startswith("["):
             json.loads(rest)
-        if word in ("COPY", "ADD"):
+        if word in ("COPY", "ADD") and not rest.startswith("--from="):
             for src in rest.split()[:-1]:
                 if not src.startswith("--"):
                     assert (REPO / src).exists(), f"{path.name}: COPY {src} does not exist"
