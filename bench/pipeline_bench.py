@@ -115,14 +115,34 @@ def main() -> int:
     asm.on_exchange(ex)
     span = spans[0]
     assert span.attributes.get("tenant_id") == "acme", span.attributes
-    batch = [span] * 512
+    # Realistic variety for the exporters' caches: every span has its own ephemeral peer port
+    # and order path, users rotate over 50, tenants over 4; method, ports and scheme repeat.
+    # Each export sees a fresh batch (never the same path twice), so caches only help with
+    # values that really repeat.
+    batch_calls = max(args.n // 512, 5) * args.repeat * 2 + 2
+
+    def make_batch(b: int) -> list[SpanRecord]:
+        out = []
+        for i in range(512):
+            attrs = dict(span.attributes)
+            attrs["network.peer.port"] = 32768 + (b * 512 + i) % 28000
+            attrs["url.path"] = f"/orders/{b * 512 + i}"
+            attrs["user_id"] = f"u-{i % 50}"
+            attrs["tenant_id"] = ("acme", "globex", "initech", "umbrella")[i % 4]
+            out.append(SpanRecord(span.trace_id, span.span_id, span.parent_span_id, span.name,
+                                  span.kind, span.start_ns, span.end_ns, span.resource, attrs,
+                                  span.status))
+        return out
+
+    batches = iter([make_batch(b) for b in range(batch_calls)])
 
     stages = {
         "decode (bytes -> Exchange)": lambda: layout.decode(raw),
         "parse + assemble (-> SpanRecord)": lambda: asm.on_exchange(ex),
         "otlp protobuf build+serialize (per span, batch 512)":
-            lambda: to_export_request(batch).SerializeToString(),
-        "otlp-json line (per span, batch 512)": lambda: orjson.dumps(to_otlp_json(batch)),
+            lambda: to_export_request(next(batches)).SerializeToString(),
+        "otlp-json line (per span, batch 512)":
+            lambda: orjson.dumps(to_otlp_json(next(batches))),
     }
     results: dict[str, list[float]] = {}
     for name, fn in stages.items():

@@ -42,9 +42,27 @@ def _any_value(value: object) -> JsonDict:
     return {"stringValue": str(value)}
 
 
+# Attribute values repeat from span to span (method, ports, a tenant): each distinct
+# (key, type, value) becomes its KeyValue dict once. The dicts are only ever serialized, never
+# mutated, so sharing them is safe. Bounded: dropped when full.
+_KV_CACHE: dict[tuple[str, type, object], JsonDict] = {}
+_KV_CACHE_MAX = 65_536
+
+
 def attributes_json(attributes: Mapping[str, AttrValue]) -> list[JsonDict]:
     """OTLP/JSON ``KeyValue`` list for an attribute map."""
-    return [{"key": key, "value": _any_value(value)} for key, value in attributes.items()]
+    cache = _KV_CACHE
+    out: list[JsonDict] = []
+    for key, value in attributes.items():
+        k = (key, type(value), value)
+        kv = cache.get(k)
+        if kv is None:
+            kv = {"key": key, "value": _any_value(value)}
+            if len(cache) >= _KV_CACHE_MAX:
+                cache.clear()
+            cache[k] = kv
+        out.append(kv)
+    return out
 
 
 def _span_json(span: SpanRecord) -> JsonDict:

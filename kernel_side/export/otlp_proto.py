@@ -72,11 +72,64 @@ def fill_attributes(
             set_any_value(any_value, value)
 
 
+class _AttributeFragments:
+    """Serialized attribute fields for values that keep coming back.
+
+    Most span attributes repeat (method, scheme, ports, service-level values, a tenant), and
+    with upb each ``KeyValue`` filled field by field costs far more than parsing its bytes.
+    Protobuf itself serializes a ``Span`` holding just that one attribute; those bytes, joined,
+    are the attributes field of a span, merged with one ``MergeFromString``. A value becomes a
+    fragment on its second sighting, so one-off values (ephemeral ports, ids in paths) cost
+    nothing extra. Bounded: the table is dropped when full.
+    """
+
+    def __init__(self, max_entries: int = 65_536) -> None:
+        self._frags: dict[tuple[str, type, object], bytes] = {}
+        self._seen: set[tuple[str, type, object]] = set()
+        self._max = max_entries
+
+    def split(self, attributes: Mapping[str, AttrValue]) -> tuple[bytes, dict[str, AttrValue]]:
+        """The joined fragments of known attributes and the rest, to fill the usual way."""
+        frags = self._frags
+        found: list[bytes] = []
+        rest: dict[str, AttrValue] = {}
+        for key, value in attributes.items():
+            k = (key, type(value), value)
+            frag = frags.get(k)
+            if frag is not None:
+                found.append(frag)
+            elif k in self._seen:
+                frag = self._fragment(key, value)
+                if len(frags) >= self._max:
+                    frags.clear()
+                frags[k] = frag
+                found.append(frag)
+            else:
+                if len(self._seen) >= self._max:
+                    self._seen.clear()
+                self._seen.add(k)
+                rest[key] = value
+        return b"".join(found), rest
+
+    @staticmethod
+    def _fragment(key: str, value: AttrValue) -> bytes:
+        holder = Span()
+        fill_attributes(holder.attributes, {key: value})
+        return holder.SerializeToString()
+
+
+_FRAGMENTS = _AttributeFragments()
+
+
 def _fill_span(out: Span, span: SpanRecord) -> None:
     if span.parent_span_id:
         out.parent_span_id = span.parent_span_id
     if span.attributes:
-        fill_attributes(out.attributes, span.attributes)
+        known, rest = _FRAGMENTS.split(span.attributes)
+        if known:
+            out.MergeFromString(known)
+        if rest:
+            fill_attributes(out.attributes, rest)
     if span.status is not StatusCode.UNSET or span.status_message:
         out.status.code = Status.StatusCode.ValueType(span.status.value)
         if span.status_message:
