@@ -115,7 +115,8 @@ class _AttributeFragments:
     def _fragment(key: str, value: AttrValue) -> bytes:
         holder = Span()
         fill_attributes(holder.attributes, {key: value})
-        return holder.SerializeToString()
+        data: bytes = holder.SerializeToString()
+        return data
 
 
 _FRAGMENTS = _AttributeFragments()
