@@ -646,6 +646,16 @@ static __always_inline void choose_mode(struct sock_info *si, struct io_args *a)
                    : MODE_EXCHANGE;
 }
 
+static __always_inline int switching_protocols(struct exchange *st)
+{
+    if (st->resp_cap < 12)
+        return 0;
+    __u8 *r = st->resp;
+    return r[0] == 'H' && r[1] == 'T' && r[2] == 'T' && r[3] == 'P' && r[4] == '/' &&
+           r[5] == '1' && r[6] == '.' && r[8] == ' ' && r[9] == '1' && r[10] == '0' &&
+           r[11] == '1';
+}
+
 static __always_inline int on_enter_io(__u32 fd, __u64 ptr, __u32 kind, __u64 vlen)
 {
     __u64 id = bpf_get_current_pid_tgid();
@@ -739,6 +749,14 @@ static __always_inline int on_exit_io(int dir, long ret)
         st->resp_bytes += ret;
         st->resp_calls += 1;
         st->resp_end_ns = now;
+        if (st->resp_calls == 1 && switching_protocols(st)) {
+            /* "101 Switching Protocols" (Upgrade: h2c): the HTTP/1.1 exchange ends here and
+             * the connection speaks HTTP/2 from the next byte on. */
+            emit(st);
+            conns.delete(&k);
+            inflight.delete(&k);
+            si->mode = MODE_STREAM;
+        }
     }
     return 0;
 }

@@ -151,6 +151,7 @@ class SpanAssembler:
         self._client_keys: dict[bytes, _StitchKey] = {}
         self._stream_handler: Callable[[Chunk], None] | None = None
         self._ctx_cache: dict[bytes, tuple[dict[str, AttrValue], bool]] = {}
+        self._upgrades: dict[tuple[int, int], http1.HttpRequest] = {}
         self._conn_states: OrderedDict[tuple[int, int, str], dict[str, object]] = OrderedDict()
         self._max_conn_states = 65_536
         self._protocols: list[tuple[Callable[[Exchange], bool],
@@ -244,6 +245,14 @@ class SpanAssembler:
         truncated = len(ex.request) < ex.req_bytes and not requests[-1].head_complete
         for idx, req in enumerate(requests):
             resp = responses[idx] if idx < len(responses) else None
+            if resp is not None and resp.status == 101 and _asks_h2c(ex.request):
+                # Upgrade: h2c. The answer to this request comes on HTTP/2 stream 1 (the
+                # kernel switched the connection to stream mode): that stream's span is this
+                # operation's one span, and it takes the request line from here.
+                self._upgrades[(ex.tgid, ex.conn_id)] = req
+                if len(self._upgrades) > 4096:
+                    self._upgrades.pop(next(iter(self._upgrades)))
+                continue
             attrs: dict[str, AttrValue] = {
                 semconv.HTTP_REQUEST_METHOD: req.method,
                 semconv.NETWORK_PROTOCOL_VERSION: req.version,
@@ -357,6 +366,10 @@ class SpanAssembler:
         end = max(ex.resp_end_ns, ex.req_end_ns) + self._epoch_offset_ns
         return SpanRecord(b"", self.ids.span_id(ex.exchange_id, index), None, name, kind, start,
                           end, self._procs.resource_for(ex.tgid), attrs)
+
+    def take_upgrade(self, tgid: int, conn_id: int) -> http1.HttpRequest | None:
+        """The HTTP/1.1 request that upgraded connection ``conn_id`` to HTTP/2, once."""
+        return self._upgrades.pop((tgid, conn_id), None)
 
     def resource_for(self, tgid: int) -> Resource:
         """The resource of process ``tgid``."""
@@ -557,6 +570,12 @@ class SpanAssembler:
                 self.stats.stitch_timeouts += 1
                 server.trace_id = fallback
                 self._server_final(server, exchange_id, index)
+
+
+def _asks_h2c(request: bytes) -> bool:
+    """Whether a request head asks to upgrade to cleartext HTTP/2."""
+    head = request.lower()
+    return b"\nupgrade:" in head and b"h2c" in head
 
 
 def _split_host(host: str) -> tuple[str | None, int | None]:

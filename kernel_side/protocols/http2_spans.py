@@ -112,6 +112,14 @@ class StreamSpans:
     def _span(self, conn: _Conn, s: H2Stream) -> None:
         asm = self._asm
         server = conn.role == ROLE_SERVER
+        if s.stream_id == 1 and s.method is None:
+            # Stream 1 of an upgraded connection answers the HTTP/1.1 request that upgraded it.
+            up = asm.take_upgrade(conn.tgid, conn.conn_id)
+            if up is not None:
+                s.method, s.authority, s.scheme = up.method, up.host, "http"
+                s.path = up.target if up.target.startswith("/") else up.path
+                s.traceparent = s.traceparent or up.traceparent
+                s.user_agent = s.user_agent or up.user_agent
         # Context rides on what the application wrote: a client's request, a server's response.
         meta = s.request_meta if not server else s.response_meta
         if not isinstance(meta, ChunkMeta):

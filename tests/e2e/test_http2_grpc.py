@@ -135,3 +135,33 @@ def test_annotated_http_service_calling_grpc(harness: Harness, receiver: OtlpRec
         assert call.name == "shop.v1.Catalog/GetItem"
         assert call.parent_span_id == servers[t].span_id
         assert call.trace_id == servers[t].trace_id
+
+
+def test_h2c_upgrade_from_http11(harness: Harness, receiver: OtlpReceiver) -> None:
+    """curl --http2 asks for `Upgrade: h2c`; after the 101 the connection speaks HTTP/2 and
+    the answer comes on stream 1. One span per side, with the request line from HTTP/1.1."""
+    import subprocess
+
+    srv_pid, port = _server(harness, "h2web", "h2c-server")
+    harness.agent("--pid", str(srv_pid), "--exe", "curl", receiver=receiver)
+    out = subprocess.run(["curl", "-s", "--http2", "-o", "/dev/null", "-w", "%{http_version}",
+                          f"http://127.0.0.1:{port}/hello"], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    assert out == "2"
+
+    def done(ss: list[ReceivedSpan]) -> bool:
+        return bool(by_service(ss, "h2web", SERVER)) and any(
+            s.resource.get("service.name") == "curl" and s.kind == CLIENT for s in ss)
+
+    spans = receiver.wait_for(done, timeout_s=30)
+    servers = by_service(spans, "h2web", SERVER)
+    assert len(servers) == 1, [(s.name, s.attributes) for s in servers]
+    srv = servers[0]
+    assert srv.attributes["http.request.method"] == "GET"
+    assert srv.attributes["url.path"] == "/hello"
+    assert srv.attributes["http.response.status_code"] == 200
+    assert srv.attributes["network.protocol.version"] == "2"
+    clients = [s for s in spans if s.resource.get("service.name") == "curl"]
+    assert len(clients) == 1
+    assert clients[0].attributes["http.response.status_code"] == 200
+    assert clients[0].attributes["url.full"].endswith("/hello")
