@@ -85,6 +85,8 @@ struct sock_info {
     __u16 local_port;
     __u32 _pad;
     __u8 local_addr[16];
+    __u8 tls;        /* TLS connection: socket bytes are ciphertext, the SSL uprobes feed it */
+    __u8 tls_checks; /* request-direction I/Os looked at for a TLS record head so far */
 };
 
 /* A TCP socket's own address, learned from sock:inet_sock_set_state (keyed by the kernel's
@@ -130,7 +132,8 @@ struct chunk {
     __u8 local_addr[16];
     __u16 local_port;
     __u8 peer_traced;
-    __u8 _pad1[5];
+    __u8 tls;
+    __u8 _pad1[4];
     struct bridge_ctx_value ctx;
     __u8 data[CHUNK_CAP * 2];
 };
@@ -172,7 +175,8 @@ struct exchange {
     __u8 local_addr[16];
     __u16 local_port;
     __u8 peer_traced; /* server side: the client is a traced socket on this node */
-    __u8 _pad1[5];
+    __u8 tls;         /* the bytes are TLS plaintext from the SSL uprobes */
+    __u8 _pad1[4];
     struct bridge_ctx_value ctx;
     __u8 resp[RESP_CAP * 2];
     __u8 req[REQ_CAP * 2];
@@ -221,6 +225,15 @@ BPF_TABLE("lru_hash", struct sock_key, struct exchange, conns, CONN_MAX);
  * learns an exchange ended when the next request or a close comes). */
 BPF_TABLE("lru_hash", struct sock_key, __u64, inflight, CONN_MAX);
 BPF_TABLE("lru_hash", __u32, __u64, active_server, SOCK_MAX);
+/* An accepted connection of a process, by its client port: the context an application writes
+ * names the inbound connection of its request (bridge_ctx_value.server_peer_port), and the
+ * client exchanges made under it are parented under that connection's server exchange. */
+struct peer_key {
+    __u32 tgid;
+    __u16 port;
+    __u16 _pad;
+};
+BPF_TABLE("lru_hash", struct peer_key, __u32, server_by_peer, SOCK_MAX);
 BPF_HASH(active_io, __u32, struct io_args, 10240);
 BPF_HASH(active_conn, __u32, struct conn_args, 10240);
 BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
@@ -383,6 +396,25 @@ static __always_inline void emit(struct exchange *st)
         stat_inc(ST_EXCHANGES);
 }
 
+/* The server exchange a client exchange of thread tid belongs to. The context's inbound
+ * connection (server_peer_port) wins while its exchange is under way; otherwise the exchange
+ * that last started on the thread (right for thread-per-request servers only). */
+static __always_inline __u64 client_parent(__u32 tgid, __u32 tid, __u16 server_peer_port)
+{
+    if (server_peer_port) {
+        struct peer_key pk = {.tgid = tgid, .port = server_peer_port};
+        __u32 *fd = server_by_peer.lookup(&pk);
+        if (fd) {
+            struct sock_key sk = {.tgid = tgid, .fd = *fd};
+            struct exchange *srv = conns.lookup(&sk);
+            if (srv && srv->role == ROLE_SERVER && srv->phase != PHASE_IDLE)
+                return srv->exchange_id;
+        }
+    }
+    __u64 *parent = active_server.lookup(&tid);
+    return parent ? *parent : 0;
+}
+
 static __always_inline void start_exchange(struct exchange *st, struct sock_key *k, __u32 tid)
 {
     __u64 now = bpf_ktime_get_ns();
@@ -414,10 +446,9 @@ static __always_inline void start_exchange(struct exchange *st, struct sock_key 
         }
         active_server.update(&tid, &st->exchange_id);
     } else {
-        __u64 *parent = active_server.lookup(&tid);
-        if (parent)
-            st->parent_exchange_id = *parent;
         snapshot_ctx(st, k->tgid, k->fd);
+        st->parent_exchange_id =
+            client_parent(k->tgid, tid, st->has_ctx ? st->ctx.server_peer_port : 0);
     }
 }
 
@@ -563,6 +594,7 @@ static __always_inline struct chunk *chunk_start(struct sock_key *k, struct sock
     __builtin_memcpy(c->local_addr, si->local_addr, sizeof(c->local_addr));
     c->local_port = si->local_known ? si->local_port : 0;
     c->peer_traced = 0;
+    c->tls = si->tls;
     if (si->role == ROLE_SERVER) {
         struct addr_port ap;
         addr_key(&ap, si->peer_addr, si->peer_port);
@@ -573,7 +605,10 @@ static __always_inline struct chunk *chunk_start(struct sock_key *k, struct sock
 
 static __always_inline void chunk_emit(struct chunk *c)
 {
-    __u32 n = c->cap;
+    __u64 n = c->cap;
+    /* Keep the clamp even where the compiler can prove it (the SSL uprobe path): the verifier
+     * needs it to bound the output size. */
+    asm volatile("" : "+r"(n));
     if (n > CHUNK_CAP)
         n = CHUNK_CAP;
     if (events.ringbuf_output(c, offsetof(struct chunk, data) + n, wakeup_flag()))
@@ -591,11 +626,8 @@ static __always_inline void chunk_ctx(struct chunk *c, __u32 tgid, __u32 fd, __u
         __builtin_memcpy(&c->ctx, v, sizeof(c->ctx));
         c->has_ctx = 1;
     }
-    if (c->role == ROLE_CLIENT) {
-        __u64 *parent = active_server.lookup(&tid);
-        if (parent)
-            c->parent_exchange_id = *parent;
-    }
+    if (c->role == ROLE_CLIENT)
+        c->parent_exchange_id = client_parent(tgid, tid, c->has_ctx ? c->ctx.server_peer_port : 0);
 }
 
 static __always_inline void stream_io(struct sock_key *k, struct sock_info *si, int dir,
@@ -646,6 +678,164 @@ static __always_inline void choose_mode(struct sock_info *si, struct io_args *a)
                    : MODE_EXCHANGE;
 }
 
+static __always_inline void forget_conn_state(struct sock_key *k)
+{
+    conns.delete(k);
+    inflight.delete(k);
+}
+
+/* --- TLS (OpenSSL uprobes) ------------------------------------------------------------ */
+
+/* An SSL_read/SSL_write call in progress on a thread. */
+struct ssl_call {
+    __u64 ssl;
+    __u64 buf;
+    __u64 nbytes_ptr; /* size_t *readbytes / *written of the _ex variants, else 0 */
+    __u64 start_ns;
+};
+
+struct ssl_key {
+    __u32 tgid;
+    __u32 _pad;
+    __u64 ssl;
+};
+
+BPF_HASH(ssl_calls, __u32, struct ssl_call, 10240);
+/* The socket of an SSL object: learned from the syscall a thread makes inside an SSL call, or
+ * (memory-BIO stacks such as Node's, whose socket I/O happens outside SSL calls) from the TLS
+ * socket the thread last moved bytes on. */
+BPF_TABLE("lru_hash", struct ssl_key, __u32, ssl_fd, SOCK_MAX);
+BPF_TABLE("lru_hash", __u32, __u32, tls_last_fd, SOCK_MAX);
+
+static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, int dir,
+                                   struct io_args *ap, long ret, __u32 tid);
+
+static __always_inline void tls_learn_fd(struct sock_info *si, struct sock_key *k, __u32 tid)
+{
+    struct ssl_call *c = ssl_calls.lookup(&tid);
+    if (!c)
+        return;
+    struct ssl_key sk = {.tgid = k->tgid, .ssl = c->ssl};
+    __u32 fd = k->fd;
+    ssl_fd.update(&sk, &fd);
+    if (!si->tls) {
+        si->tls = 1;
+        forget_conn_state(k);
+    }
+}
+
+/* A TLS record head: handshake (22) or application data (23), version 3.x. Returns 1 for a
+ * record head, 2 for a read too short to tell whose first byte fits (nginx peeks one byte of
+ * the ClientHello with MSG_PEEK), 0 otherwise. */
+static __always_inline int tls_record_head(struct io_args *a, long ret)
+{
+    __u64 ptr = a->ptr;
+    if (a->kind != IO_BUF) {
+        struct u_iovec iov = {};
+        if (a->vlen == 0 || bpf_probe_read_user(&iov, sizeof(iov), (const void *)ptr))
+            return 0;
+        ptr = iov.base;
+    }
+    __u8 head[3] = {};
+    if (bpf_probe_read_user(head, sizeof(head), (const void *)ptr))
+        return 0;
+    if (head[0] != 22 && head[0] != 23)
+        return 0;
+    if (ret < 3)
+        return 2;
+    return head[1] == 3 && head[2] <= 4;
+}
+
+#define TLS_CHECKS 2
+
+/* Socket bytes of a TLS connection are ciphertext: never an exchange, a chunk or unknown
+ * traffic. A connection is known to be TLS from a thread inside an SSL call touching it, or
+ * from a TLS record head among its first request-direction I/Os (two: PostgreSQL and MySQL
+ * send a plaintext SSL request before the ClientHello). Returns 1 when the bytes are skipped. */
+static __always_inline int tls_socket_io(struct sock_info *si, struct sock_key *k, __u32 tid,
+                                         int dir, struct io_args *a, long ret)
+{
+    if (!si->tls && si->tls_checks < TLS_CHECKS &&
+        (si->role == ROLE_SERVER) == (dir == DIR_IN)) {
+        int head = tls_record_head(a, ret);
+        if (head == 2)
+            return 1; /* too short to tell: neither a check nor plaintext */
+        si->tls_checks += 1;
+        if (head) {
+            si->tls = 1;
+            forget_conn_state(k);
+        }
+    }
+    if (!si->tls)
+        return 0;
+    __u32 fd = k->fd;
+    tls_last_fd.update(&tid, &fd);
+    return 1;
+}
+
+static __always_inline int ssl_enter(struct pt_regs *ctx, int ex)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tgid = id >> 32;
+    if (!procs.lookup(&tgid))
+        return 0;
+    __u32 tid = (__u32)id;
+    struct ssl_call c = {};
+    c.ssl = PT_REGS_PARM1(ctx);
+    c.buf = PT_REGS_PARM2(ctx);
+    c.nbytes_ptr = ex ? PT_REGS_PARM4(ctx) : 0;
+    c.start_ns = bpf_ktime_get_ns();
+    ssl_calls.update(&tid, &c);
+    return 0;
+}
+
+static __always_inline int ssl_exit(struct pt_regs *ctx, int dir)
+{
+    __u64 id = bpf_get_current_pid_tgid();
+    __u32 tid = (__u32)id;
+    struct ssl_call *cp = ssl_calls.lookup(&tid);
+    if (!cp)
+        return 0;
+    struct ssl_call c = *cp;
+    ssl_calls.delete(&tid);
+    /* SSL_read/SSL_write and the _ex variants return int: the upper half of the register is
+     * not part of the value. */
+    int rc = (int)PT_REGS_RC(ctx);
+    if (rc <= 0)
+        return 0;
+    __u64 n = rc;
+    if (c.nbytes_ptr) {
+        if (rc != 1 || bpf_probe_read_user(&n, sizeof(n), (const void *)c.nbytes_ptr))
+            return 0;
+    }
+    if (n == 0)
+        return 0;
+    __u32 tgid = id >> 32;
+    struct ssl_key sk = {.tgid = tgid, .ssl = c.ssl};
+    __u32 *fdp = ssl_fd.lookup(&sk);
+    __u32 fd;
+    if (fdp) {
+        fd = *fdp;
+    } else {
+        __u32 *last = tls_last_fd.lookup(&tid);
+        if (!last)
+            return 0;
+        fd = *last;
+        ssl_fd.update(&sk, &fd);
+    }
+    struct sock_key k = {.tgid = tgid, .fd = fd};
+    struct sock_info *si = socks.lookup(&k);
+    if (!si || !si->tls)
+        return 0;
+    struct io_args a = {.ptr = c.buf, .fd = fd, .kind = IO_BUF, .vlen = 0};
+    return conn_io(&k, si, dir, &a, (long)n, tid);
+}
+
+int tls_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 0); }
+int tls_enter_ex(struct pt_regs *ctx) { return ssl_enter(ctx, 1); }
+int tls_exit_read(struct pt_regs *ctx) { return ssl_exit(ctx, DIR_IN); }
+int tls_exit_write(struct pt_regs *ctx) { return ssl_exit(ctx, DIR_OUT); }
+
 static __always_inline int switching_protocols(struct exchange *st)
 {
     if (st->resp_cap < 12)
@@ -660,9 +850,11 @@ static __always_inline int on_enter_io(__u32 fd, __u64 ptr, __u32 kind, __u64 vl
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct sock_key k = {.tgid = id >> 32, .fd = fd};
-    if (!socks.lookup(&k))
+    struct sock_info *si = socks.lookup(&k);
+    if (!si)
         return 0;
     __u32 tid = (__u32)id;
+    tls_learn_fd(si, &k, tid);
     struct io_args a = {.ptr = ptr, .fd = fd, .kind = kind, .vlen = vlen};
     active_io.update(&tid, &a);
     return 0;
@@ -672,8 +864,10 @@ static __always_inline int on_enter_msg(__u32 fd, __u64 msg)
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct sock_key k = {.tgid = id >> 32, .fd = fd};
-    if (!socks.lookup(&k))
+    struct sock_info *si = socks.lookup(&k);
+    if (!si)
         return 0;
+    tls_learn_fd(si, &k, (__u32)id);
     struct u_msghdr m = {};
     if (bpf_probe_read_user(&m, sizeof(m), (const void *)msg))
         return 0;
@@ -698,6 +892,19 @@ static __always_inline int on_exit_io(int dir, long ret)
     struct sock_info *si = socks.lookup(&k);
     if (!si)
         return 0;
+    if (tls_socket_io(si, &k, tid, dir, &a, ret))
+        return 0;
+    return conn_io(&k, si, dir, &a, ret, tid);
+}
+
+/* The per-connection state machine: bytes of one read (dir DIR_IN) or write (DIR_OUT) of
+ * `ret` bytes described by `a`, on connection k, by thread tid. Fed by the socket syscalls
+ * and, for TLS connections, by the SSL_read/SSL_write uprobes with the plaintext. */
+static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, int dir,
+                                   struct io_args *ap, long ret, __u32 tid)
+{
+    struct sock_key k = *kp;
+    struct io_args a = *ap;
     if (si->mode == MODE_UNKNOWN && (si->role == ROLE_SERVER) == (dir == DIR_IN))
         choose_mode(si, &a);
     if (si->mode == MODE_STREAM) {
@@ -707,6 +914,7 @@ static __always_inline int on_exit_io(int dir, long ret)
     struct exchange *st = get_conn(&k, si);
     if (!st)
         return 0;
+    st->tls = si->tls;
     if (!st->local_port && si->local_known) {
         __builtin_memcpy(st->local_addr, si->local_addr, sizeof(st->local_addr));
         st->local_port = si->local_port;
@@ -844,6 +1052,10 @@ static __always_inline int on_exit_accept(long ret)
     struct sock_key k = {.tgid = id >> 32, .fd = (__u32)ret};
     forget_conn(&k);
     socks.update(&k, &si);
+    if (si.peer_port) {
+        struct peer_key pk = {.tgid = k.tgid, .port = si.peer_port};
+        server_by_peer.update(&pk, &k.fd);
+    }
     return 0;
 }
 
@@ -893,6 +1105,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
         struct addr_port ap;
         addr_key(&ap, si->local_addr, si->local_port);
         client_by_port.delete(&ap);
+    }
+    if (si->role == ROLE_SERVER && si->peer_port) {
+        /* Only if it still names this connection (a later one may share the port). */
+        struct peer_key pk = {.tgid = k.tgid, .port = si->peer_port};
+        __u32 *pfd = server_by_peer.lookup(&pk);
+        if (pfd && *pfd == k.fd)
+            server_by_peer.delete(&pk);
     }
     struct exchange *st = conns.lookup(&k);
     if (st && st->phase != PHASE_IDLE)

@@ -64,7 +64,11 @@ struct bridge_ctx_value {
     __u8 attr_count;
     __u8 flags;
     __u16 data_len;
-    __u16 _pad;
+    /* The client port of the inbound connection this context belongs to (0 = unknown): the
+     * agent parents the client exchanges made under this context below the server exchange
+     * of that connection (the thread's latest inbound request is only right for
+     * thread-per-request servers, never for an event loop serving many requests). */
+    __u16 server_peer_port;
     /* Reserved for OpenTelemetry SDK coexistence: the active SDK span on this thread. */
     __u8 sdk_trace_id[16];
     __u8 sdk_span_id[8];

@@ -10,8 +10,10 @@ With no agent on the host every call is a cheap no-op; nothing here raises into 
 application except a caller error (an invalid key or an unsupported value type).
 
 Other scopes: ``bridge.asyncio`` (one loop thread, many requests), ``annotate_connection``
-(context keyed by socket), ``propagate`` (carry context into a worker thread), and the
-framework integrations in ``sdk_side.integrations``.
+(context keyed by socket), ``propagate`` (carry context into a worker thread),
+``bind_request`` (name the request's inbound connection, so outgoing calls are parented under
+its server span on an event loop; the integrations do it), and the framework integrations in
+``sdk_side.integrations``.
 
 The writer lives in ``sdk_side`` and is imported on first use, so code that only needs the
 shared contract (the agent imports ``bridge._abi``) never loads it.
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from sdk_side._writer import (
         annotate,
         annotate_connection,
+        bind_request,
         clear,
         clear_connection,
         context,
@@ -40,6 +43,7 @@ __all__ = [
     "BridgeStatus",
     "annotate",
     "annotate_connection",
+    "bind_request",
     "clear",
     "clear_connection",
     "context",
@@ -51,6 +55,7 @@ _LAZY = frozenset(
     {
         "annotate",
         "annotate_connection",
+        "bind_request",
         "clear",
         "clear_connection",
         "context",

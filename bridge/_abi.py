@@ -40,8 +40,10 @@ CTX_F_TASK_SCOPED: Final = 0x4
 CTX_KEY: Final = struct.Struct("<QII")
 # struct bridge_conn_key { u64 pidns_ino; u32 tgid; u32 fd; }
 CONN_KEY: Final = struct.Struct("<QII")
-# struct bridge_ctx_value header: version, attr_count, flags, data_len, _pad,
+# struct bridge_ctx_value header: version, attr_count, flags, data_len, server_peer_port,
 # sdk_trace_id[16], sdk_span_id[8], sdk_span_kind, _pad2[7]; then data[ATTR_BYTES].
+# server_peer_port: the client port of the inbound connection the context belongs to (0 =
+# unknown); the agent parents client exchanges under that connection's server exchange.
 CTX_VALUE_HEADER: Final = struct.Struct("<HBBHH16s8sB7x")
 CTX_VALUE_SIZE: Final = CTX_VALUE_HEADER.size + ATTR_BYTES
 _ATTR_HEAD: Final = struct.Struct("<BBH")
@@ -153,12 +155,15 @@ def check_attr(key: str, value: object) -> None:
         raise ValueError(f"attribute {key!r} does not fit in a signed 64-bit integer")
 
 
-def pack_value(enc: Encoded, flags: int = 0) -> bytes:
-    """The full ``struct bridge_ctx_value`` bytes for an encoded attribute block."""
+def pack_value(enc: Encoded, flags: int = 0, server_peer_port: int = 0) -> bytes:
+    """The full ``struct bridge_ctx_value`` bytes for an encoded attribute block.
+
+    ``server_peer_port`` is the client port of the inbound connection the context belongs to
+    (0 = unknown)."""
     if enc.truncated_values or enc.dropped_attrs:
         flags |= CTX_F_TRUNCATED
     head = CTX_VALUE_HEADER.pack(
-        ABI_VERSION, enc.count, flags, len(enc.data), 0, bytes(16), bytes(8), 0
+        ABI_VERSION, enc.count, flags, len(enc.data), server_peer_port, bytes(16), bytes(8), 0
     )
     return head + enc.data.ljust(ATTR_BYTES, b"\x00")
 

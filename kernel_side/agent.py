@@ -42,6 +42,7 @@ from kernel_side.health import HealthServer, HealthState, agent_metrics
 from kernel_side.model import AttrValue, Resource, SpanRecord
 from kernel_side.protocols.http2_spans import StreamSpans
 from kernel_side.protocols.registry import register_all
+from kernel_side.tls import TlsProbes
 
 log = logging.getLogger("ebpf_bridge.agent")
 
@@ -79,6 +80,8 @@ class ProcessRegistry:
     dead: dict[int, float] = field(default_factory=dict)
     comms: OrderedDict[int, str] = field(default_factory=OrderedDict)
     """Names from exec/fork events, for processes gone before /proc could be read."""
+    tls: TlsProbes | None = None
+    """Attaches the SSL uprobes of each selected process (kernel_side.tls)."""
 
     def _wanted(self, pid: int, listening: set[int]) -> bool:
         if pid == self.agent_pid:
@@ -105,6 +108,8 @@ class ProcessRegistry:
         self.procs_map[self.procs_map.Key(pid)] = leaf
         if old is None:
             log.info("tracing pid %d (%s)", pid, resource.attributes.get("service.name"))
+        if self.tls is not None:
+            self.tls.on_process(pid)
         return True
 
     def scan(self) -> None:
@@ -134,6 +139,8 @@ class ProcessRegistry:
         self.dead.pop(pid, None)
         self.comms.pop(pid, None)
         self.known.pop(pid, None)
+        if self.tls is not None:
+            self.tls.forget(pid)
         with contextlib.suppress(KeyError):
             del self.procs_map[self.procs_map.Key(pid)]
 
@@ -262,6 +269,7 @@ class Agent:
         self._chunk_layout: ChunkLayout | None = None
         self.streams: StreamSpans | None = None
         self.registry: ProcessRegistry | None = None
+        self.tls: TlsProbes | None = None
         self.assembler: SpanAssembler | None = None
         self.fanout: Fanout | None = None
         self.callback_errors = 0
@@ -356,6 +364,9 @@ class Agent:
         self._layout = ExchangeLayout.from_ctypes(b["conns"].Leaf)
         self._chunk_layout = ChunkLayout(b["chunk_scratch"].sLeaf)
         self.registry = ProcessRegistry(self.cfg.selector, b["procs"], os.getpid())
+        self.tls = self.registry.tls = TlsProbes(b)
+        if self.cfg.selector.exes or self.cfg.selector.select_all:
+            self.tls.preattach_system()
         self._select_exec_names(b)
         self.assembler = SpanAssembler(
             self.registry, self.fanout.submit, route_heuristic=self.cfg.route_heuristic,
@@ -368,8 +379,9 @@ class Agent:
         b["events"].open_ring_buffer(self._on_event)
         self.registry.scan()
         self.start_to_ready_s = time.monotonic() - t0
-        log.info("attached %d tracepoints in %.2f s; tracing %d processes; exporting to %s",
-                 b.num_open_tracepoints(), self.start_to_ready_s, len(self.registry.known),
+        log.info("attached %d tracepoints and %d uprobes in %.2f s; tracing %d processes; "
+                 "exporting to %s", b.num_open_tracepoints(), b.num_open_uprobes(),
+                 self.start_to_ready_s, len(self.registry.known),
                  ", ".join(self._describe_exporters()))
         if self.cfg.ready_file:
             Path(self.cfg.ready_file).write_text(f"{os.getpid()}\n")
@@ -431,6 +443,8 @@ class Agent:
             self.assembler.tick()
             if now >= next_scan:
                 self.registry.scan()
+                if self.tls is not None:
+                    self.tls.rescan(self.registry.known)
                 next_scan = now + cfg.rescan_interval_s
             if cfg.stats_interval_s > 0 and now >= next_stats:
                 log.info("stats %s", self.format_stats())
@@ -448,10 +462,11 @@ class Agent:
                 if self.streams is not None:
                     self.streams.flush(time.monotonic_ns())
                 self.assembler.flush()
-            log.info("final stats %s", self.format_stats())
         finally:
             if self.fanout is not None:
                 self.fanout.shutdown(10.0)
+            # After the exporters shut down, so spans dropped at shutdown are in the line.
+            log.info("final stats %s", self.format_stats())
             if self.cfg.ready_file:
                 Path(self.cfg.ready_file).unlink(missing_ok=True)
             if self.health is not None:  # before cleanup: /metrics reads the BPF maps
@@ -500,6 +515,15 @@ class Agent:
             ex = self._layout.decode(raw)
             if now - ex.resp_end_ns < idle_ns or ex.resp_end_ns == 0:
                 continue
+            # The kernel may have moved on since the read (a new request on the connection):
+            # delete only the exchange that was read, so a fresh one is never thrown away.
+            # What remains is a window of microseconds between this check and the delete.
+            try:
+                again = self._layout.decode(bytes(conns[key]))
+            except KeyError:
+                continue
+            if (again.exchange_id, again.resp_end_ns) != (ex.exchange_id, ex.resp_end_ns):
+                continue
             self._delete(conns, key)
             self._delete(inflight, key)
             self.idle_flushed += 1
@@ -530,6 +554,9 @@ class Agent:
                       f"stitch_waited={s.stitch_waited}", f"stitch_timeouts={s.stitch_timeouts}",
                       f"stitch_wait_us_total={s.stitch_wait_us_total}",
                       f"stitch_wait_us_max={s.stitch_wait_us_max}"]
+            parts.append(f"pending_overflow={s.pending_overflow}")
+        if self.streams is not None:
+            parts.append(f"h2_conns_evicted={self.streams.evicted}")
         parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]
         if self.fanout is not None:
             parts += [f"export_{k}={v}" for k, v in self.fanout.stats().items()]

@@ -318,7 +318,9 @@ class SpanAssembler:
         attrs[semconv.URL_PATH] = req.path
         if req.query:
             attrs[semconv.URL_QUERY] = req.query
-        attrs[semconv.URL_SCHEME] = "http"
+        attrs[semconv.URL_SCHEME] = "https" if ex.tls else "http"
+        if ex.tls:
+            attrs[semconv.TLS_PROTOCOL_NAME] = "tls"
         if local_port is not None:
             attrs[semconv.SERVER_PORT] = local_port
         host = _split_host(req.host)[0] if req.host else None
@@ -344,9 +346,12 @@ class SpanAssembler:
         elif host:
             name = f"[{host}]" if ":" in host else host
             hostport = req.host or (f"{name}:{port}" if port else name)
-            attrs[semconv.URL_FULL] = f"http://{hostport}{req.target}"
+            scheme = "https" if ex.tls else "http"
+            attrs[semconv.URL_FULL] = f"{scheme}://{hostport}{req.target}"
         else:
             attrs[semconv.URL_PATH] = req.path
+        if ex.tls:
+            attrs[semconv.TLS_PROTOCOL_NAME] = "tls"
 
     # -- for protocol span builders ------------------------------------------------------------
 
@@ -361,6 +366,8 @@ class SpanAssembler:
         business, ctx_truncated = self._business(ex)
         if ctx_truncated:
             attrs[semconv.BRIDGE_CONTEXT_TRUNCATED] = True
+        if ex.tls:
+            attrs[semconv.TLS_PROTOCOL_NAME] = "tls"
         attrs.update(business)
         start = ex.req_start_ns + self._epoch_offset_ns
         end = max(ex.resp_end_ns, ex.req_end_ns) + self._epoch_offset_ns

@@ -649,6 +649,37 @@ def verdict(checks: Sequence[Check]) -> str:
     return f"the agent cannot run: {failed} required check{'s' if failed != 1 else ''} failed"
 
 
+def tls_report(pid: int, *, as_json: bool = False) -> int:
+    """``doctor --pid N``: which TLS libraries of process N the agent would probe, or why its
+    encrypted traffic is not visible. 0 when nothing is invisible, 1 otherwise, 2 no process."""
+    from kernel_side import tls
+
+    if not os.path.exists(f"/proc/{pid}"):
+        print(f"no process {pid}", file=sys.stderr)
+        return 2
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = "?"
+    libs = tls.ssl_libraries(pid)
+    reason = tls.invisible_reason(pid, libs)
+    if as_json:
+        print(json.dumps({"pid": pid, "exe": exe,
+                          "ssl_libraries": [{"path": lib.shown, "symbols": sorted(lib.symbols)}
+                                            for lib in libs],
+                          "not_visible": reason}, indent=2))
+    else:
+        for lib in libs:
+            print(f"TLS visible: pid {pid} ({exe}): OpenSSL symbols in {lib.shown} "
+                  f"({', '.join(sorted(lib.symbols))})")
+        if reason:
+            print(f"encrypted traffic not visible: pid {pid} ({exe}): {reason}")
+        elif not libs:
+            print(f"pid {pid} ({exe}): no TLS library loaded (plaintext traffic only, or a "
+                  "library that loads later)")
+    return 1 if reason else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``ebpf-bridge doctor``: print the table and a verdict; 0 when every required check passes."""
     parser = argparse.ArgumentParser(
@@ -656,7 +687,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.add_argument("--pin-root", default=DEFAULT_PIN_ROOT, help="bpffs pin directory")
+    parser.add_argument("--pid", type=int, metavar="N",
+                        help="instead: say whether the TLS traffic of process N can be seen")
     args = parser.parse_args(argv)
+    if args.pid is not None:
+        return tls_report(args.pid, as_json=args.json)
     checks = run_checks(pin_root=args.pin_root)
     if args.json:
         print(json.dumps([asdict(c) for c in checks], indent=2))

@@ -71,6 +71,7 @@ _HEADER_FIELDS: Final = (
     "local_addr",
     "local_port",
     "peer_traced",
+    "tls",
     "ctx",
 )
 
@@ -116,6 +117,8 @@ class Exchange:
     local_port: int = 0
     peer_traced: bool = False
     """Server side: the client end of this connection is a traced socket on this node."""
+    tls: bool = False
+    """The bytes are TLS plaintext (from the SSL uprobes), not socket bytes."""
 
 
 def _format_addr(family: int, raw: bytes) -> str | None:
@@ -151,7 +154,7 @@ class ExchangeLayout:
             _type, tgid, fd, role, family, _phase, has_ctx, peer_port, listen_fd, req_tid,
             resp_tid, req_cap, resp_cap, req_calls, resp_calls, peer_addr, conn_id,
             exchange_id, parent_exchange_id, req_start_ns, req_end_ns, resp_start_ns,
-            resp_end_ns, req_bytes, resp_bytes, local_addr, local_port, peer_traced, ctx,
+            resp_end_ns, req_bytes, resp_bytes, local_addr, local_port, peer_traced, tls, ctx,
         ) = self._header.unpack_from(data, 0)
         req_cap = max(0, min(req_cap, len(data) - self.req_off))
         return Exchange(
@@ -180,13 +183,14 @@ class ExchangeLayout:
             local_address=_format_addr(family, local_addr) if local_port else None,
             local_port=local_port,
             peer_traced=bool(peer_traced),
+            tls=bool(tls),
         )
 
 
 _CHUNK_FIELDS: Final = (
     "type", "tgid", "fd", "role", "from_client", "has_ctx", "flags", "peer_port", "family",
     "listen_fd", "tid", "cap", "len", "conn_id", "ts_ns", "parent_exchange_id", "peer_addr",
-    "local_addr", "local_port", "peer_traced", "ctx",
+    "local_addr", "local_port", "peer_traced", "tls", "ctx",
 )
 
 
@@ -212,6 +216,8 @@ class Chunk:
     local_address: str | None = None
     local_port: int = 0
     peer_traced: bool = False
+    tls: bool = False
+    """The bytes are TLS plaintext (from the SSL uprobes)."""
 
 
 def _struct_for(leaf: type[ctypes.Structure], names: tuple[str, ...]) -> struct.Struct:
@@ -243,7 +249,7 @@ class ChunkLayout:
         (
             _type, tgid, fd, role, from_client, has_ctx, flags, peer_port, family, listen_fd,
             tid, cap, total, conn_id, ts_ns, parent, peer_addr, local_addr, local_port,
-            peer_traced, ctx,
+            peer_traced, tls, ctx,
         ) = self._header.unpack_from(raw, 0)
         return Chunk(
             tgid=tgid, fd=fd, role=role, from_client=bool(from_client),
@@ -252,5 +258,5 @@ class ChunkLayout:
             ts_ns=ts_ns, parent_exchange_id=parent,
             data=raw[self.data_off : self.data_off + cap], ctx=ctx if has_ctx else None,
             local_address=_format_addr(family, local_addr) if local_port else None,
-            local_port=local_port, peer_traced=bool(peer_traced),
+            local_port=local_port, peer_traced=bool(peer_traced), tls=bool(tls),
         )

@@ -43,6 +43,7 @@ NETWORK_PEER_ADDRESS: Final = "network.peer.address"
 NETWORK_PEER_PORT: Final = "network.peer.port"
 
 ERROR_TYPE: Final = "error.type"
+TLS_PROTOCOL_NAME: Final = "tls.protocol.name"
 
 # Attributes of our own, namespaced so they cannot collide with semconv or business keys.
 BRIDGE_TRUNCATED: Final = "ebpf_bridge.capture.truncated"

@@ -42,7 +42,7 @@ from sdk_side import _bpf
 RETRY_INTERVAL_S: Final = 1.0
 """How often the pin is re-checked: to pick up an agent that started, or a map re-created."""
 
-_HEAD: Final = struct.Struct("<HBBH")  # version, attr_count, flags, data_len
+_HEAD: Final = struct.Struct("<HBBHH")  # version, attr_count, flags, data_len, server_peer_port
 _ATTR_HEAD: Final = struct.Struct("<BBH")
 _DATA_OFF: Final = _abi.CTX_VALUE_HEADER.size
 _VALUE_SIZE: Final = _abi.CTX_VALUE_SIZE
@@ -114,6 +114,7 @@ class _Thread:
         "mirror",
         "owner",
         "pid",
+        "port",
         "stale",
         "synced",
         "trunc",
@@ -130,6 +131,9 @@ class _Thread:
         self.mirror: dict[str, bytes] = {}
         self.data = b""
         self.trunc = False
+        # The client port of the request's inbound connection (bind_request), part of the
+        # mirror: it belongs to the request whose context the entry holds.
+        self.port = 0
         self.synced = False  # ``buf`` holds exactly the mirror's value
         # The task context (see _TaskCtx) whose value the entry holds; None when it holds
         # thread-scoped context or nothing. Compared by identity on every asyncio task step.
@@ -159,27 +163,36 @@ class _Thread:
             ctypes.c_void_p(ctypes.addressof(a)) for a in self.attrs
         )
 
-    def set_mirror(self, recs: dict[str, bytes], data: bytes, trunc: bool) -> None:
+    def set_mirror(self, recs: dict[str, bytes], data: bytes, trunc: bool, port: int) -> None:
         """Record a successful write of ``recs`` (the buffer holds exactly that value)."""
         self.mirror = recs
         self.data = data
         self.trunc = trunc
+        self.port = port
         self.synced = True
+
+    @property
+    def holds(self) -> bool:
+        """Whether the entry holds something of ours (attributes or a bound connection)."""
+        return bool(self.mirror) or self.port != 0
 
     def forget(self) -> None:
         """Record that nothing of ours is (or should be treated as being) in the map."""
         self.mirror = {}
         self.data = b""
         self.trunc = False
+        self.port = 0
         self.synced = False
 
-    def fill(self, recs: dict[str, bytes], data: bytes, trunc: bool, flags: int = 0) -> None:
-        """Write the value for ``recs`` into the preallocated buffer."""
+    def fill(self, recs: dict[str, bytes], data: bytes, trunc: bool, port: int,
+             flags: int = 0) -> None:
+        """Write the value for ``recs`` (bound to inbound connection ``port``) into the
+        preallocated buffer."""
         buf = self.buf
         total = len(data)
         if trunc:
             flags |= _abi.CTX_F_TRUNCATED
-        _HEAD.pack_into(buf, 0, _ABI_VERSION, len(recs), flags, total)
+        _HEAD.pack_into(buf, 0, _ABI_VERSION, len(recs), flags, total, port)
         end = _DATA_OFF + total
         buf[_DATA_OFF:end] = data
         if total < self.filled:
@@ -192,7 +205,7 @@ class _Thread:
         # A dead thread's entry would otherwise outlive it and, once its tid is reused, label
         # another thread's syscalls (and hold a slot of a bounded map).
         try:
-            if self.mirror and self.pid == os.getpid() and _P.connected and self.gen == _P.gen:
+            if self.holds and self.pid == os.getpid() and _P.connected and self.gen == _P.gen:
                 _syscall(_NR_BPF, _CMD_DELETE, self.a_delete, _ELEM_SIZE)
         except Exception:
             # Interpreter shutdown may already have torn down the globals used above.
@@ -458,7 +471,7 @@ def _count_failure(err: int, what: str) -> None:
         _P.next_check = 0.0
 
 
-def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool) -> None:
+def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool, port: int = 0) -> None:
     """Create the entry for a new request with ``recs`` only (nothing of ours is in the map)."""
     data = b"".join(recs.values())
     if len(recs) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
@@ -466,11 +479,11 @@ def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool) -> None:
         _P.dropped_attrs += dropped
         trunc = True
         data = b"".join(recs.values())
-    st.fill(recs, data, trunc)
+    st.fill(recs, data, trunc, port)
     p = _P
     if _syscall(_NR_BPF, _CMD_UPDATE, st.a_noexist, _ELEM_SIZE) == 0:
         p.writes += 1
-        st.set_mirror(recs, data, trunc)
+        st.set_mirror(recs, data, trunc, port)
         return
     err = ctypes.get_errno()
     if err == errno.EEXIST:
@@ -478,7 +491,7 @@ def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool) -> None:
         # this thread's key): ours replaces it.
         err = _update(st.a_any)
         if err == 0:
-            st.set_mirror(recs, data, trunc)
+            st.set_mirror(recs, data, trunc, port)
             return
     st.forget()
     _count_failure(err, "update")
@@ -554,7 +567,7 @@ def annotate(**attrs: AttrValue) -> None:
     if cut:
         p.truncated_values += cut
     st.stale = False
-    if not mirror:
+    if not mirror and not st.port:
         _write_new(st, merged, cut > 0)
         return
     dropped = 0
@@ -567,12 +580,12 @@ def annotate(**attrs: AttrValue) -> None:
             merged, dropped = _fit(merged)
             data = b"".join(merged.values())
         trunc = trunc or cut > 0 or dropped > 0
-        st.fill(merged, data, trunc)
+        st.fill(merged, data, trunc, st.port)
     if _syscall(_NR_BPF, _CMD_UPDATE, st.a_exist, _ELEM_SIZE) == 0:
         p.writes += 1
         if dropped:
             p.dropped_attrs += dropped
-        st.set_mirror(merged, data, trunc)
+        st.set_mirror(merged, data, trunc, st.port)
         return
     st.synced = False
     err = ctypes.get_errno()
@@ -598,11 +611,72 @@ def clear() -> None:
         _task_ctx.set(None)
         if st is not None:
             st.owner = None
-    if st is None or not st.mirror:
+    if st is None or not st.holds:
         # Nothing of ours is in the map (deleting would only find ENOENT).
         return
     st.forget()
     _delete(st)
+
+
+def bind_request(peer_port: int | None) -> None:
+    """Tie the current request to the inbound connection it arrived on, named by the client's
+    port of that connection (ASGI ``scope["client"][1]``, WSGI ``environ["REMOTE_PORT"]``).
+
+    The agent then parents the outgoing calls made under this context (HTTP, Redis, SQL...)
+    below *this* request's server span, even when the thread serves many requests at once (an
+    asyncio event loop) or hands the work to another thread (``propagate``). Without it the
+    parent is the request that last arrived on the thread, which is only right for
+    thread-per-request servers. The framework integrations call it; hand-written servers call
+    it once per request, before any outgoing call. ``None`` or 0 unbinds.
+
+    Scoped like ``annotate``: the running asyncio task's context, else the thread's; a new
+    request on the thread (or ``clear``) ends it. Raises only for a caller error (not an
+    integer, or out of the 0-65535 range).
+    """
+    if peer_port is None:
+        peer_port = 0
+    if isinstance(peer_port, bool) or not isinstance(peer_port, int):
+        raise TypeError(f"peer_port must be an int or None, got {type(peer_port).__name__}")
+    if not 0 <= peer_port <= 0xFFFF:
+        raise ValueError(f"peer_port out of range: {peer_port}")
+    p = _P
+    p.calls += 1
+    if _ctx_get() is not None or _in_loop():
+        cur = _ctx_get()
+        if cur is not None and cur.port == peer_port:
+            return
+        new = (_TaskCtx(cur.recs, cur.data, cur.trunc, peer_port) if cur is not None
+               else _TaskCtx({}, b"", False, peer_port))
+        _task_ctx.set(new)
+        if not _task_sync(new):
+            p.noop_calls += 1
+        return
+    if not _refresh():
+        p.noop_calls += 1
+        return
+    st = _thread()
+    st.stale = False
+    if not st.holds:
+        if peer_port:
+            _write_new(st, {}, False, peer_port)
+        return
+    if not st.mirror and not peer_port:
+        st.forget()
+        _delete(st)
+        return
+    st.fill(st.mirror, st.data, st.trunc, peer_port)
+    err = _update(st.a_exist)
+    if err == 0:
+        st.set_mirror(st.mirror, st.data, st.trunc, peer_port)
+        return
+    st.synced = False
+    if err == errno.ENOENT:
+        # The kernel cleared the entry: what the mirror held belonged to an earlier request.
+        st.forget()
+        if peer_port:
+            _write_new(st, {}, False, peer_port)
+        return
+    _count_failure(err, "update")
 
 
 def _delete(st: _Thread) -> None:
@@ -665,21 +739,21 @@ class context:
         if saved is None:
             return
         st, mirror, data, trunc = saved
-        if st is not getattr(_tls, "s", None) or not st.mirror or mirror == st.mirror:
+        if st is not getattr(_tls, "s", None) or not st.holds or mirror == st.mirror:
             # The map changed, the entry is already gone (cleared by the kernel or by
             # clear()), or the block changed nothing: nothing to undo.
             return
-        if not mirror:
+        if not mirror and not st.port:
             st.forget()
             _delete(st)
             return
         if not _refresh() or st.gen != _P.gen:
             st.forget()
             return
-        st.fill(mirror, data, trunc)
+        st.fill(mirror, data, trunc, st.port)
         err = _update(st.a_exist)
         if err == 0:
-            st.set_mirror(mirror, data, trunc)
+            st.set_mirror(mirror, data, trunc, st.port)
         elif err == errno.ENOENT:
             # A new request began inside the block: do not resurrect the old context.
             st.forget()
@@ -714,12 +788,13 @@ class _TaskCtx:
     anything was truncated or dropped. Tasks share these objects (a child task copies its
     parent's contextvars), and the step hook compares them by identity."""
 
-    __slots__ = ("data", "recs", "trunc")
+    __slots__ = ("data", "port", "recs", "trunc")
 
-    def __init__(self, recs: dict[str, bytes], data: bytes, trunc: bool) -> None:
+    def __init__(self, recs: dict[str, bytes], data: bytes, trunc: bool, port: int = 0) -> None:
         self.recs = recs
         self.data = data
         self.trunc = trunc
+        self.port = port  # the client port of the request's inbound connection (bind_request)
 
 
 _task_ctx: contextvars.ContextVar[_TaskCtx | None] = contextvars.ContextVar(
@@ -756,7 +831,7 @@ def _task_annotate(attrs: dict[str, AttrValue]) -> None:
         data = b"".join(merged.values())
         p.dropped_attrs += dropped
     trunc = (cur is not None and cur.trunc) or cut > 0 or dropped > 0
-    new = _TaskCtx(merged, data, trunc)
+    new = _TaskCtx(merged, data, trunc, 0 if cur is None else cur.port)
     _task_ctx.set(new)
     if not _task_sync(new):
         p.noop_calls += 1
@@ -769,17 +844,17 @@ def _task_sync(c: _TaskCtx | None) -> bool:
     if not _refresh():
         return False
     st = _thread()
-    if st.owner is c and (c is None or st.mirror):
+    if st.owner is c and (c is None or st.holds):
         return True
     if c is None:
-        if st.mirror:
+        if st.holds:
             st.forget()
             _delete(st)
         return True
-    st.fill(c.recs, c.data, c.trunc, _TASK_FLAGS)
+    st.fill(c.recs, c.data, c.trunc, c.port, _TASK_FLAGS)
     err = _update(st.a_any)
     if err == 0:
-        st.set_mirror(c.recs, c.data, c.trunc)
+        st.set_mirror(c.recs, c.data, c.trunc, c.port)
         st.owner = c
         return True
     st.forget()
@@ -879,9 +954,9 @@ def _snapshot() -> _TaskCtx | None:
     if c is not None:
         return c
     st: _Thread | None = getattr(_tls, "s", None)
-    if st is None or not st.mirror or st.stale:
+    if st is None or not st.holds or st.stale:
         return None
-    return _TaskCtx(st.mirror, st.data, st.trunc)
+    return _TaskCtx(st.mirror, st.data, st.trunc, st.port)
 
 
 def propagate(fn: Callable[_P_, _T]) -> Callable[_P_, _T]:
@@ -900,8 +975,8 @@ def propagate(fn: Callable[_P_, _T]) -> Callable[_P_, _T]:
             return fn(*args, **kwargs)
         st: _Thread | None = getattr(_tls, "s", None)
         before = None
-        if st is not None and st.owner is None and st.mirror and not st.stale:
-            before = (st.mirror, st.data, st.trunc)
+        if st is not None and st.owner is None and st.holds and not st.stale:
+            before = (st.mirror, st.data, st.trunc, st.port)
         token = _task_ctx.set(snap)
         try:
             _task_sync(snap)
@@ -917,16 +992,16 @@ def propagate(fn: Callable[_P_, _T]) -> Callable[_P_, _T]:
     return run
 
 
-def _restore_thread(mirror: dict[str, bytes], data: bytes, trunc: bool) -> None:
+def _restore_thread(mirror: dict[str, bytes], data: bytes, trunc: bool, port: int) -> None:
     """Write thread-scoped ``mirror`` back as this thread's entry (after ``propagate``)."""
     if not _refresh():
         return
     st = _thread()
     st.owner = None
-    st.fill(mirror, data, trunc)
+    st.fill(mirror, data, trunc, port)
     err = _update(st.a_any)
     if err == 0:
-        st.set_mirror(mirror, data, trunc)
+        st.set_mirror(mirror, data, trunc, port)
     else:
         st.forget()
         _count_failure(err, "update")

@@ -109,7 +109,9 @@ def _obfuscate(q: str) -> str:
             i = j
             continue
         if c in _DIGITS or (c == "." and i + 1 < n and q[i + 1] in _DIGITS):
-            if i > 0 and q[i - 1] in _IDENT_CHARS:  # part of an identifier like t1
+            # A digit right after an identifier char is part of it (t1). Not a '.': that
+            # branch would not advance (a.5 hung the agent; found by fuzz/fuzz_sql.py).
+            if c != "." and i > 0 and q[i - 1] in _IDENT_CHARS:
                 j = i
                 while j < n and q[j] in _IDENT_CHARS:
                     j += 1

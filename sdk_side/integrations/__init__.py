@@ -9,6 +9,10 @@ Standard library only at import; each framework is imported lazily by its own mo
 - ``sdk_side.integrations.fastapi.bridge_fastapi(app)`` (FastAPI and Starlette)
 - ``sdk_side.integrations.django.BridgeMiddleware`` (add to ``MIDDLEWARE``)
 
+Each integration also names the request's inbound connection (``bridge.bind_request`` with the
+client's port: ``scope["client"]``, ``REMOTE_PORT``), so the agent parents the request's outgoing
+calls under its own server span even on an event loop serving many requests.
+
 The route template travels as the reserved attribute ``http.route``: the agent sets it on the
 server span and names the span ``"{METHOD} {route}"``. Header mapping: ``headers={"X-Tenant-ID":
 "tenant_id"}``, or the ``EBPF_BRIDGE_HEADERS`` environment variable
@@ -49,6 +53,21 @@ def header_map(headers: Mapping[str, str] | None) -> dict[str, str]:
     return raw
 
 
+def port_of(value: object) -> int:
+    """A client port from a server's request data (``scope["client"][1]``, ``REMOTE_PORT``):
+    an int or a decimal string in 1-65535; anything else (unix sockets, missing) is 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isdigit() or len(value) > 5:
+            return 0
+        value = int(value)
+    if isinstance(value, int) and 0 < value <= 0xFFFF:
+        return value
+    return 0
+
+
 def attrs_from(mapping: Mapping[str, str], get: Mapping[str, str]) -> dict[str, _abi.AttrValue]:
     """The business attributes for one request: ``get`` maps lower-case header names to values."""
     out: dict[str, _abi.AttrValue] = {}
@@ -59,4 +78,4 @@ def attrs_from(mapping: Mapping[str, str], get: Mapping[str, str]) -> dict[str, 
     return out
 
 
-__all__ = ["ROUTE_ATTR", "attrs_from", "header_map", "template"]
+__all__ = ["ROUTE_ATTR", "attrs_from", "header_map", "port_of", "template"]

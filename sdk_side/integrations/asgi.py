@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from sdk_side import _asyncio, _writer
-from sdk_side.integrations import ROUTE_ATTR, attrs_from, header_map
+from sdk_side.integrations import ROUTE_ATTR, attrs_from, header_map, port_of
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -51,6 +51,10 @@ class BridgeASGIMiddleware:
             self._loops.add(id(loop))
         token = _writer.request_scope()
         try:
+            client = scope.get("client")
+            port = port_of(client[1]) if isinstance(client, (list, tuple)) and client[1:] else 0
+            if port:
+                _writer.bind_request(port)
             if self.headers:
                 got = {k.decode("latin-1").lower(): v.decode("latin-1")
                        for k, v in scope.get("headers", ())}

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sdk_side import _writer
-from sdk_side.integrations import ROUTE_ATTR, header_map, template
+from sdk_side.integrations import ROUTE_ATTR, header_map, port_of, template
 from sdk_side.integrations.wsgi import begin_request
 
 
@@ -34,7 +34,8 @@ class BridgeMiddleware:
     def __call__(self, request: Any) -> Any:
         try:
             got = {k.lower(): v for k, v in request.headers.items()} if self.headers else {}
-            begin_request(self.headers, got)
+            meta = getattr(request, "META", None) or {}
+            begin_request(self.headers, got, peer_port=port_of(meta.get("REMOTE_PORT")))
         except (TypeError, ValueError):
             pass
         try:

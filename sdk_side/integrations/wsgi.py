@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from sdk_side import _writer
-from sdk_side.integrations import ROUTE_ATTR, attrs_from, header_map
+from sdk_side.integrations import ROUTE_ATTR, attrs_from, header_map, port_of
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -49,9 +49,12 @@ def environ_headers(environ: Environ) -> dict[str, str]:
 
 
 def begin_request(mapping: Mapping[str, str], headers: Mapping[str, str],
-                  route: str | None = None) -> None:
-    """Start a request scope on this thread: clear, then annotate mapped headers and route."""
+                  route: str | None = None, peer_port: int = 0) -> None:
+    """Start a request scope on this thread: clear, bind the inbound connection (the client's
+    ``peer_port``, 0 if unknown), then annotate mapped headers and route."""
     _writer.clear()
+    if peer_port:
+        _writer.bind_request(peer_port)
     attrs = attrs_from(mapping, headers)
     if route:
         attrs[ROUTE_ATTR] = route
@@ -74,7 +77,8 @@ class BridgeWSGIMiddleware:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         try:
             route = self.route(environ) if self.route is not None else None
-            begin_request(self.headers, environ_headers(environ) if self.headers else {}, route)
+            begin_request(self.headers, environ_headers(environ) if self.headers else {}, route,
+                          port_of(environ.get("REMOTE_PORT")))
         except (TypeError, ValueError):
             pass  # a header value or route the ABI refuses never fails the request
         try:

@@ -6,7 +6,9 @@ Everything waits on readiness (a file the process writes once it serves), never 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +36,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(
                     pytest.mark.skip(reason="e2e tests load eBPF programs: run as root")
                 )
+
+
+_PIN_SEQ = itertools.count()
+
+
+def _private_pin_root() -> str:
+    # bpffs refuses names with a dot; keep to letters, digits and underscores.
+    return f"/sys/fs/bpf/ebpf_bridge_test_{os.getpid()}_{next(_PIN_SEQ)}"
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -79,12 +89,20 @@ class Harness:
 
     tmp: Path
     procs: list[Proc] = field(default_factory=list)
+    pin_root: str = field(default_factory=lambda: _private_pin_root())
+    """A private pin directory for this test's agent and apps, so agents running at the same
+    time (another test run, a developer's own agent) never share a context map."""
+
+    @property
+    def pin_dir(self) -> str:
+        """What EBPF_BRIDGE_PIN_DIR is for every process this harness starts."""
+        return f"{self.pin_root}/v1"
 
     def start(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
               ready_file: Path | None = None, timeout: float = 30.0) -> Proc:
         """Start ``argv`` in its own process group; wait until ``ready_file`` exists."""
         log = self.tmp / f"{name}.log"
-        full_env = {**os.environ, **(env or {})}
+        full_env = {**os.environ, "EBPF_BRIDGE_PIN_DIR": self.pin_dir, **(env or {})}
         with log.open("wb") as out:
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
                                      env=full_env, start_new_session=True)
@@ -137,6 +155,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         yield h
     finally:
         h.stop_all()
+        shutil.rmtree(h.pin_root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -57,15 +57,17 @@ BPF_HASH(abi_conn, struct bridge_conn_key, struct bridge_ctx_value, 1);
         assert leaf.attr_count.offset == 2
         assert leaf.flags.offset == 3
         assert leaf.data_len.offset == 4
+        assert leaf.server_peer_port.offset == 6
         assert leaf.sdk_trace_id.offset == 8
         assert leaf.sdk_span_id.offset == 24
         assert leaf.sdk_span_kind.offset == 32
         assert leaf.data.offset == _abi.CTX_VALUE_HEADER.size
         # A value packed by Python reads back field by field through the C layout.
         enc = _abi.encode_attrs({"tenant_id": "acme", "seats": 12})
-        raw = _abi.pack_value(enc)
+        raw = _abi.pack_value(enc, server_peer_port=54321)
         v = leaf.from_buffer_copy(raw)
         assert (v.version, v.attr_count, v.data_len) == (_abi.ABI_VERSION, 2, len(enc.data))
+        assert v.server_peer_port == 54321
         assert bytes(v.data)[: v.data_len] == enc.data
         table[key(77, 5)] = v
         assert bytes(table[key(77, 5)]) == raw

@@ -39,10 +39,6 @@ def _real(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-@pytest.mark.xfail(strict=False, reason=(
-    "known bugs (issue 5, open): on one event loop, client spans are parented under the server "
-    "exchange that last started on the thread, and about one run in three one HTTP client span "
-    "misses its tenant"))
 def test_asyncio_one_loop_interleaved_tenants(harness: Harness, receiver: OtlpReceiver,
                                               redis_port: int) -> None:  # noqa: F811
     inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
@@ -83,6 +79,7 @@ def test_asyncio_one_loop_interleaved_tenants(harness: Harness, receiver: OtlpRe
     clients = by_service(spans, "aio", CLIENT)
     assert len(servers) == n
     parents: list[tuple[ReceivedSpan, list[ReceivedSpan]]] = []
+    untagged: list[ReceivedSpan] = []
     for i, tenant in enumerate(tenants):
         srv = [s for s in servers if s.attributes.get("url.path") == f"/orders/{i}"]
         assert len(srv) == 1
@@ -92,22 +89,36 @@ def test_asyncio_one_loop_interleaved_tenants(harness: Harness, receiver: OtlpRe
         http = [c for c in clients if str(c.attributes.get("url.full", "")).endswith(
             f"/stock/sku-{i}")]
         assert len(http) == 1, f"request {i}: {len(http)} http client spans"
-        assert http[0].attributes.get("tenant_id") == tenant
+        if http[0].attributes.get("tenant_id") != tenant:
+            untagged.append(http[0])
         assert "http.route" not in http[0].attributes
         redis_ops = [c for c in clients if c.attributes.get("db.system.name") == "redis"
                      and c.attributes.get("tenant_id") == tenant]
         assert len(redis_ops) >= 1, f"request {i}: {len(redis_ops)} redis spans"
         parents.append((srv[0], [http[0], *redis_ops]))
-    # Every client span carries exactly one of our tenants (its own, checked above).
+    # Every client span is a child of its own request's server span, not of the request that
+    # last arrived on the loop thread: the middleware binds the request to its inbound
+    # connection (server_peer_port) and the kernel parents under that connection's exchange.
+    # (A span whose context the kernel missed, see below, has no inbound port either.)
+    for srv, kids in parents:
+        for k in kids:
+            if k in untagged:
+                continue
+            assert (k.trace_id, k.parent_span_id) == (srv.trace_id, srv.span_id), (
+                srv.attributes.get("url.path"), k.name, k.attributes)
+    # Every client span carries exactly one of our tenants (its own, checked above), never
+    # another request's.
     for c in clients:
-        assert c.attributes.get("tenant_id") in tenants, (c.name, c.attributes)
-    # Known gap (issue 5): the kernel parents a client exchange under the server exchange
-    # that last started on the *thread* (active_server by tid); on an event loop that is not
-    # the task's request. Tenants are right; parent links are not yet.
-    wrong = sum(k.parent_span_id != srv.span_id for srv, kids in parents for k in kids)
-    if wrong:
-        pytest.xfail(f"{wrong} client spans parented under another request's server span "
-                     "(per-thread active_server; needs a task-aware parent)")
+        tenant = c.attributes.get("tenant_id")
+        assert tenant is None or tenant in tenants, (c.name, c.attributes)
+        if tenant is None and c not in untagged:
+            untagged.append(c)
+    if untagged:
+        # Known bug (issue 5, open): now and then the kernel's ctx_by_tid lookup at the start of
+        # one client exchange finds no entry for the loop thread although the SDK wrote the
+        # task's context just before and the entry is there again a moment later.
+        pytest.xfail(f"{len(untagged)} client span(s) without a tenant: "
+                     + ", ".join(f"{c.name} {c.attributes.get('url.full', '')}" for c in untagged))
 
 
 def test_connection_scope_other_thread_writes(harness: Harness,

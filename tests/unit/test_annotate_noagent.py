@@ -33,6 +33,7 @@ def test_public_api() -> None:
         "BridgeStatus",
         "annotate",
         "annotate_connection",
+        "bind_request",
         "clear",
         "clear_connection",
         "context",

@@ -1,0 +1,75 @@
+"""A threaded HTTP/1.1 app that annotates every request and reports on itself, for the fault
+and trust-model e2e tests.
+
+  GET /bridge-status   bridge.status() as JSON, plus "annotate_exceptions": how many times
+                       bridge.annotate raised in this process (it never should)
+  GET /anything        bridge.annotate(tenant_id=<X-Tenant-ID>) then 200 with a short body
+
+    python bridge_status_app.py --port 0 --ready-file PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import bridge
+
+_lock = threading.Lock()
+_annotate_exceptions = 0
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    wbufsize = 65536  # head and body in one write (no Nagle/delayed-ACK stall on keep-alive)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def _send(self, body: bytes, ctype: str = "text/plain") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        global _annotate_exceptions
+        if self.path == "/bridge-status":
+            st = bridge.status()
+            doc = dataclasses.asdict(st) if dataclasses.is_dataclass(st) else dict(vars(st))
+            with _lock:
+                doc["annotate_exceptions"] = _annotate_exceptions
+            self._send(json.dumps(doc).encode(), "application/json")
+            return
+        tenant = self.headers.get("X-Tenant-ID")
+        if tenant:
+            try:
+                bridge.annotate(tenant_id=tenant)
+            except Exception:
+                with _lock:
+                    _annotate_exceptions += 1
+        self._send(f"ok {self.path}\n".encode())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ready-file")
+    a = ap.parse_args()
+    srv = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
+    srv.daemon_threads = True
+    if a.ready_file:
+        tmp = Path(a.ready_file + ".tmp")
+        tmp.write_text(str(srv.server_address[1]))
+        os.replace(tmp, a.ready_file)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Hostile and broken traffic against traced servers (a Python http.server and Debian's nginx):
+binary garbage, clients that claim HTTP/Redis/PostgreSQL and are not, 64 KB headers, 10,000
+concurrent idle connections and 20,000 short connections. The agent keeps producing correct
+spans, counts what it could not parse, never crashes, and its memory stays bounded.
+Loopback only; every load is bounded in count and time."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import socket
+import threading
+
+import requests
+
+from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.e2e.conftest import APPS, SERVER, Harness, by_service
+from tests.e2e.reliability import (
+    exchange_raw,
+    final_stats,
+    raise_nofile,
+    rss_mb,
+    start_nginx,
+)
+
+EDGE = APPS / "edge_server.py"
+RSS_CAP_MB = 600
+
+
+def _paths(spans: list[ReceivedSpan], service: str, prefix: str) -> list[str]:
+    return [str(s.attributes.get("url.path")) for s in by_service(spans, service, SERVER)
+            if str(s.attributes.get("url.path", "")).startswith(prefix)]
+
+
+def _hostile_payloads(rng: random.Random) -> list[bytes]:
+    garbage = [rng.randbytes(rng.randint(1, 4096)) for _ in range(100)]
+    fake = [
+        b"GET \x00\xff\xfe not http at all\r\n\r\n",             # claims HTTP
+        b"GET / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\nxx",
+        b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzzzz\r\n",
+        b"POST /x HTTP/9.9\r\n" + b"A" * 3000,                     # no end of head
+        b"*3\r\n$3\r\nSET\r\n$99999\r\nk\r\n",                    # claims Redis
+        b"*-5\r\n" + b"*1\r\n" * 500,
+        b"$" + b"9" * 100 + b"\r\n",
+        b"\x00\x00\x00\x08\x04\xd2\x16\x2f",                        # PostgreSQL SSLRequest
+        b"\x00\x00\x00\x29\x00\x03\x00\x00user\x00x" + rng.randbytes(200),  # bad startup
+        b"Q\xff\xff\xff\xffSELECT 1",                               # Query with a huge length
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + rng.randbytes(500),   # h2 preface then junk
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + rng.randbytes(300),  # TLS hello-ish
+    ]
+    return garbage + fake
+
+
+def test_garbage_fake_protocols_and_huge_headers(harness: Harness,
+                                                 receiver: OtlpReceiver) -> None:
+    srv, port = harness.python_service("edge-hostile", EDGE)
+    nginx_port = start_nginx(harness)
+    agent = harness.agent("--pid", str(srv.pid), "--exe", "nginx", receiver=receiver)
+    rss_before = rss_mb(agent.pid)
+    tag = secrets.token_hex(3)
+    rng = random.Random(9)
+    payloads = _hostile_payloads(rng)
+    for p in (port, nginx_port):
+        for payload in payloads:
+            exchange_raw(p, payload)
+    # 64 KB of headers (one header line and many), to both servers.
+    huge_one = (f"GET /huge-{tag} HTTP/1.1\r\nHost: x\r\nX-Big: ".encode() + b"v" * 65536
+                + b"\r\nConnection: close\r\n\r\n")
+    huge_many = (f"GET /huge-{tag} HTTP/1.1\r\nHost: x\r\n".encode()
+                 + b"".join(b"X-H%d: %s\r\n" % (i, b"w" * 60) for i in range(1000))
+                 + b"Connection: close\r\n\r\n")
+    answers = [exchange_raw(p, h) for p in (port, nginx_port) for h in (huge_one, huge_many)]
+    assert all(a.startswith(b"HTTP/1.") for a in answers), [a[:40] for a in answers]
+
+    # The agent still produces exact spans for normal requests, on both servers.
+    for i in range(5):
+        for p in (port, nginx_port):
+            r = requests.get(f"http://127.0.0.1:{p}/ok-{tag}/{i}",
+                             headers={"Connection": "close"}, timeout=10)
+            assert r.status_code == 200
+    spans = receiver.wait_for(lambda ss: len(_paths(ss, "edge-hostile", f"/ok-{tag}/")) == 5
+                              and len(_paths(ss, "nginx", f"/ok-{tag}/")) == 5, timeout_s=30)
+    for s in by_service(spans, "edge-hostile", SERVER):
+        if str(s.attributes.get("url.path")).startswith(f"/ok-{tag}/"):
+            assert s.attributes["http.response.status_code"] == 200
+            assert s.attributes["http.request.method"] == "GET"
+    assert sorted(_paths(spans, "nginx", f"/ok-{tag}/")) == [f"/ok-{tag}/{i}" for i in range(5)]
+    rss_after = rss_mb(agent.pid)
+    assert agent.popen.poll() is None, "the agent died"
+    assert agent.stop() == 0
+    log = agent.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    st = final_stats(log)
+    # What could not be parsed is counted, not fatal.
+    assert st["unknown_protocol"] + st["unmatched_responses"] > 0, st
+    assert st["parse_errors"] == 0 and st["callback_errors"] == 0, st
+    assert rss_after < RSS_CAP_MB, (rss_before, rss_after)
+    print(f"\nhostile: {2 * len(payloads)} hostile + 4 huge-header connections; "
+          f"rss {rss_before:.0f} -> {rss_after:.0f} MB; stats {st}")
+
+
+IDLE = 10_000
+SHORT = 20_000
+
+
+def test_10k_idle_and_20k_short_connections(harness: Harness, receiver: OtlpReceiver) -> None:
+    raise_nofile(IDLE + 2_000)
+    nginx_port = start_nginx(harness, connections=IDLE + 200)
+    agent = harness.agent("--exe", "nginx", receiver=receiver)
+    rss_before = rss_mb(agent.pid)
+    tag = secrets.token_hex(3)
+
+    # 10,000 concurrent idle connections: half never send a byte, half send half a request.
+    idle: list[socket.socket] = []
+    try:
+        for i in range(IDLE):
+            s = socket.create_connection(("127.0.0.1", nginx_port), timeout=10)
+            if i % 2:
+                s.sendall(b"GET /never-finished HTTP/1.1\r\nHost: x\r\n")
+            idle.append(s)
+        # With all of them open, a normal request still gets its exact span.
+        r = requests.get(f"http://127.0.0.1:{nginx_port}/during-idle-{tag}",
+                         headers={"Connection": "close"}, timeout=10)
+        assert r.status_code == 200
+        receiver.wait_for(lambda ss: _paths(ss, "nginx", f"/during-idle-{tag}")
+                          == [f"/during-idle-{tag}"], timeout_s=30)
+        rss_idle = rss_mb(agent.pid)
+    finally:
+        for s in idle:
+            s.close()
+
+    # 20,000 short connections (connect, one request, close), from 8 threads.
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        for i in range(t, SHORT, 8):
+            req = f"GET /short-{tag}/{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            try:
+                with socket.create_connection(("127.0.0.1", nginx_port), timeout=10) as s:
+                    s.sendall(req.encode())
+                    data = b""
+                    while chunk := s.recv(4096):
+                        data += chunk
+                if not data.startswith(b"HTTP/1.1 200"):
+                    errors.append(repr(data[:40]))
+            except OSError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(300)
+    assert not errors, errors[:5]
+    r = requests.get(f"http://127.0.0.1:{nginx_port}/after-{tag}",
+                     headers={"Connection": "close"}, timeout=10)
+    assert r.status_code == 200
+    receiver.wait_for(lambda ss: f"/after-{tag}" in _paths(ss, "nginx", f"/after-{tag}"),
+                      timeout_s=60)
+    rss_after = rss_mb(agent.pid)
+    assert agent.stop() == 0
+    log = agent.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    st = final_stats(log)
+    short = set(_paths(receiver.spans(), "nginx", f"/short-{tag}/"))
+    lost = SHORT - len(short)
+    # Every short connection has its span unless the ring buffer overflowed (counted).
+    assert lost == 0 or st["events_lost"] >= lost, (lost, st)
+    assert st["callback_errors"] == 0 and st["parse_errors"] == 0, st
+    assert max(rss_idle, rss_after) < RSS_CAP_MB, (rss_before, rss_idle, rss_after)
+    print(f"\nidle/short: {IDLE} idle + {SHORT} short connections; spans for "
+          f"{len(short)}/{SHORT}; rss {rss_before:.0f} -> {rss_idle:.0f} (idle) -> "
+          f"{rss_after:.0f} MB; stats {st}")

@@ -1,0 +1,461 @@
+"""TLS: OpenSSL plaintext through uprobes, fed to the same parsers and span assembly.
+
+Real peers, real certificates (a self-signed one generated per test module with ``openssl
+req -x509``): Python's ssl (server) and requests (client), nginx with TLS and curl, Node's https
+server and client, PostgreSQL with sslmode=require, Redis over TLS, and grpcio with TLS
+credentials (whose BoringSSL cannot be seen: the agent says so).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.e2e.conftest import APPS, CLIENT, PYTHON, SERVER, Harness, Proc, by_service
+
+NODE = shutil.which("node")
+NGINX = "/usr/sbin/nginx"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cert() -> Iterator[tuple[Path, Path]]:
+    """A self-signed certificate for 127.0.0.1/localhost: (cert, key)."""
+    tmp = Path(tempfile.mkdtemp(prefix="ebpf-bridge-tls-"))
+    os.chmod(tmp, 0o755)
+    crt, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    os.chmod(key, 0o644)
+    try:
+        yield crt, key
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stats(agent_log: str) -> dict[str, int]:
+    lines = [ln for ln in agent_log.splitlines() if "final stats" in ln]
+    assert lines, agent_log[-2000:]
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", lines[-1])}
+
+
+def _tls_app(harness: Harness, name: str, cert: tuple[Path, Path],
+             *args: str) -> tuple[Proc, int]:
+    return harness.python_service(name, APPS / "tls_app.py", "--cert", str(cert[0]),
+                                  "--key", str(cert[1]), *args)
+
+
+def _garbage(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
+    """Spans that could only come from ciphertext: no known protocol attribute."""
+    keys = ("http.request.method", "db.system.name", "rpc.system")
+    return [s for s in spans if not any(k in s.attributes for k in keys)]
+
+
+# --- Python ssl server and requests client --------------------------------------------------
+
+
+def test_python_https_server_and_client_with_tenant(harness: Harness, receiver: OtlpReceiver,
+                                                     cert: tuple[Path, Path]) -> None:
+    backend, be_port = _tls_app(harness, "tls-backend", cert)
+    front, fr_port = _tls_app(harness, "tls-front", cert, "--annotate", "--upstream",
+                              f"https://127.0.0.1:{be_port}", "--cafile", str(cert[0]))
+    agent = harness.agent("--pid", str(front.pid), "--pid", str(backend.pid),
+                          receiver=receiver)
+    # The SDK finds the agent's map (reconnect window) before the real requests.
+    _warm_https(receiver, fr_port, cert[0])
+    tenants = [f"acme-{i}" for i in range(8)]
+    with requests.Session() as s:
+        for t in tenants:
+            r = s.get(f"https://127.0.0.1:{fr_port}/orders/{t}", headers={"X-Tenant-ID": t},
+                      verify=str(cert[0]), timeout=10)
+            assert r.status_code == 200 and r.json()["upstream"] == 200
+
+    def done(ss: list[ReceivedSpan]) -> bool:
+        return all(any(x.attributes.get("url.path") == f"/orders/{t}"
+                       for x in by_service(ss, "tls-backend", SERVER)) for t in tenants) and \
+            len([x for x in by_service(ss, "tls-front", CLIENT)
+                 if x.attributes.get("tenant_id") in tenants]) >= len(tenants)
+
+    spans = receiver.wait_for(done, timeout_s=30)
+    servers = by_service(spans, "tls-front", SERVER)
+    clients = by_service(spans, "tls-front", CLIENT)
+    backs = by_service(spans, "tls-backend", SERVER)
+    for t in tenants:
+        srv = [x for x in servers if x.attributes.get("url.path") == f"/orders/{t}"]
+        assert len(srv) == 1, (t, [x.attributes for x in servers])
+        srv_span = srv[0]
+        assert srv_span.attributes["url.scheme"] == "https"
+        assert srv_span.attributes["tenant_id"] == t
+        assert srv_span.attributes["http.response.status_code"] == 200
+        assert srv_span.attributes["server.port"] == fr_port
+        kid = [c for c in clients if c.attributes.get("tenant_id") == t]
+        assert len(kid) == 1, (t, [c.attributes for c in clients])
+        assert kid[0].parent_span_id == srv_span.span_id
+        assert kid[0].trace_id == srv_span.trace_id
+        assert kid[0].attributes["url.full"] == f"https://127.0.0.1:{be_port}/orders/{t}"
+        assert kid[0].attributes["tls.protocol.name"] == "tls"
+        back = [b for b in backs if b.attributes.get("url.path") == f"/orders/{t}"]
+        assert len(back) == 1
+        assert back[0].attributes["url.scheme"] == "https"
+        assert "tenant_id" not in back[0].attributes
+    assert not _garbage(spans), [s.attributes for s in _garbage(spans)]
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
+
+
+def _warm_https(receiver: OtlpReceiver, port: int, ca: Path, db: str | None = None) -> None:
+    """Until a span (of database system ``db`` if given) carries the warm-up tenant."""
+    for attempt in range(30):
+        tenant = f"warmup-{attempt}"
+        requests.get(f"https://127.0.0.1:{port}/warm", headers={"X-Tenant-ID": tenant},
+                     verify=str(ca), timeout=10)
+        try:
+            receiver.wait_for(lambda ss, t=tenant: any(  # type: ignore[misc]
+                s.attributes.get("tenant_id") == t
+                and (db is None or s.attributes.get("db.system.name") == db)
+                for s in ss), timeout_s=2)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError("the app never picked up the agent's context map")
+
+
+# --- nginx with TLS, curl: unmodified peers ------------------------------------------------
+
+
+def _wait_listening(port: int, alive: object, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if not alive() or time.monotonic() > deadline:  # type: ignore[operator]
+                raise AssertionError(f"nothing listening on {port}") from None
+            time.sleep(0.02)
+
+
+@pytest.mark.skipif(not os.path.exists(NGINX) or shutil.which("curl") is None,
+                    reason="needs nginx and curl")
+def test_nginx_tls_and_curl(harness: Harness, receiver: OtlpReceiver,
+                            cert: tuple[Path, Path]) -> None:
+    tmp = harness.tmp
+    port = _free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+master_process on;
+worker_processes 1;
+error_log {tmp}/error.log;
+pid {tmp}/nginx.pid;
+events {{}}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert[0]};
+        ssl_certificate_key {cert[1]};
+        location / {{ return 200 "hello\\n"; }}
+        location /missing {{ return 404; }}
+    }}
+}}
+""")
+    nginx = harness.start("nginx", [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"),
+                                    "-c", str(conf)])
+    _wait_listening(port, lambda: nginx.popen.poll() is None)
+    agent = harness.agent("--exe", "nginx", "--exe", "curl", receiver=receiver)
+    base = f"https://127.0.0.1:{port}"
+    paths = ["/a", "/missing/b", "/c?x=1"]
+    out = subprocess.run(["curl", "-sS", "--cacert", str(cert[0]), "-w", "%{http_code}\n",
+                          *[x for p in paths for x in ("-o", "/dev/null", base + p)]],
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.split() == ["200", "404", "200"]
+
+    # --exe nginx may also select other nginx instances on the host: keep ours (by port).
+    def mine(ss: list[ReceivedSpan], svc: str, kind: int) -> list[ReceivedSpan]:
+        return sorted((x for x in by_service(ss, svc, kind)
+                       if x.attributes.get("server.port") == port), key=lambda x: x.start_ns)
+
+    spans = receiver.wait_for(lambda ss: len(mine(ss, "nginx", SERVER)) >= 3
+                              and len(mine(ss, "curl", CLIENT)) >= 3, timeout_s=30)
+    servers = mine(spans, "nginx", SERVER)
+    clients = mine(spans, "curl", CLIENT)
+    assert [s.attributes["url.path"] for s in servers] == ["/a", "/missing/b", "/c"]
+    assert [s.attributes["http.response.status_code"] for s in servers] == [200, 404, 200]
+    for s in servers:
+        assert s.attributes["url.scheme"] == "https"
+        assert s.attributes["server.port"] == port
+    assert [c.attributes["url.full"] for c in clients] == [base + p for p in paths]
+    assert not _garbage(spans)
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
+
+
+# --- Node https server and client ------------------------------------------------------------
+
+_NODE_SERVER = """
+const https = require('https'), fs = require('fs');
+const [cert, key, ready] = process.argv.slice(1);
+const srv = https.createServer({cert: fs.readFileSync(cert), key: fs.readFileSync(key)},
+  (req, res) => { res.setHeader('Content-Type', 'text/plain'); res.end('node ' + req.url); });
+srv.listen(0, '127.0.0.1', () => {
+  fs.writeFileSync(ready + '.tmp', String(srv.address().port));
+  fs.renameSync(ready + '.tmp', ready);
+});
+"""
+
+_NODE_CLIENT = """
+const https = require('https'), fs = require('fs');
+const [ca, port, go, n] = process.argv.slice(1);
+const agent = new https.Agent({keepAlive: true, maxSockets: 1, ca: fs.readFileSync(ca)});
+function wait() { if (!fs.existsSync(go)) return setTimeout(wait, 20); run(0); }
+function run(i) {
+  if (i >= Number(n)) { agent.destroy(); return; }
+  https.get({host: '127.0.0.1', port: Number(port), path: '/node/' + i, agent}, (res) => {
+    res.resume(); res.on('end', () => run(i + 1));
+  }).on('error', (e) => { console.error(e); process.exit(1); });
+}
+wait();
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="needs node")
+def test_node_https_server_and_client(harness: Harness, receiver: OtlpReceiver,
+                                      cert: tuple[Path, Path]) -> None:
+    assert NODE is not None
+    ready = harness.tmp / "node-server.ready"
+    server = harness.start("node-server", [NODE, "-e", _NODE_SERVER, str(cert[0]),
+                                           str(cert[1]), str(ready)],
+                           env={"OTEL_SERVICE_NAME": "node-server"}, ready_file=ready)
+    port = int(ready.read_text())
+    go = harness.tmp / "node-client.go"
+    client = harness.start("node-client", [NODE, "-e", _NODE_CLIENT, str(cert[0]), str(port),
+                                           str(go), "5"],
+                           env={"OTEL_SERVICE_NAME": "node-client"})
+    agent = harness.agent("--pid", str(server.pid), "--pid", str(client.pid),
+                          receiver=receiver)
+    go.write_text("")
+
+    def done(ss: list[ReceivedSpan]) -> bool:
+        return len(by_service(ss, "node-server", SERVER)) >= 5 and \
+            len(by_service(ss, "node-client", CLIENT)) >= 5
+
+    spans = receiver.wait_for(done, timeout_s=30)
+    servers = sorted(by_service(spans, "node-server", SERVER), key=lambda s: s.start_ns)
+    clients = sorted(by_service(spans, "node-client", CLIENT), key=lambda s: s.start_ns)
+    assert [s.attributes["url.path"] for s in servers] == [f"/node/{i}" for i in range(5)]
+    assert all(s.attributes["url.scheme"] == "https" for s in servers)
+    assert all(s.attributes["http.response.status_code"] == 200 for s in servers)
+    assert [c.attributes["url.full"] for c in clients] == [
+        f"https://127.0.0.1:{port}/node/{i}" for i in range(5)]
+    assert not _garbage(spans)
+    assert client.popen.wait(20) == 0
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
+
+
+# --- PostgreSQL with sslmode=require -------------------------------------------------------
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture
+def pg_tls(cert: tuple[Path, Path]) -> Iterator[int]:
+    """A throwaway PostgreSQL with ssl=on and the test certificate; yields its port."""
+    if not (PG_BIN / "postgres").exists():
+        pytest.skip("PostgreSQL 15 server binaries not installed")
+    tmp = Path(tempfile.mkdtemp(prefix="ebpf-bridge-pgtls-"))
+    shutil.copy(cert[0], tmp / "server.crt")
+    shutil.copy(cert[1], tmp / "server.key")
+    os.chmod(tmp / "server.key", 0o600)
+    for p in (tmp, tmp / "server.crt", tmp / "server.key"):
+        shutil.chown(p, "postgres", "postgres")
+    run_as = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*run_as, str(PG_BIN / "initdb"), "-A", "trust", "-U", "postgres",
+                    "-D", str(tmp / "data")], check=True, capture_output=True)
+    port = _free_port()
+    log = (tmp / "postgres.log").open("wb")
+    proc = subprocess.Popen([*run_as, str(PG_BIN / "postgres"), "-D", str(tmp / "data"),
+                             "-p", str(port), "-k", str(tmp), "-c", "listen_addresses=127.0.0.1",
+                             "-c", "ssl=on", "-c", f"ssl_cert_file={tmp}/server.crt",
+                             "-c", f"ssl_key_file={tmp}/server.key"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode:
+            assert proc.poll() is None, (tmp / "postgres.log").read_text()
+            assert time.monotonic() < deadline, "postgres not ready"
+            time.sleep(0.1)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_postgres_sslmode_require(harness: Harness, receiver: OtlpReceiver,
+                                  cert: tuple[Path, Path], pg_tls: int) -> None:
+    dsn = (f"host=127.0.0.1 port={pg_tls} user=postgres dbname=postgres sslmode=require")
+    app, port = _tls_app(harness, "pg-tls-app", cert, "--annotate", "--dsn", dsn)
+    agent = harness.agent("--pid", str(app.pid), receiver=receiver)
+    # psycopg (and its bundled libssl) loads on the first request: the agent finds the library
+    # when it re-reads the process's maps. Warm up until a query span carries its tenant.
+    _warm_https(receiver, port, cert[0], db="postgresql")
+    tenants = [f"pg-{i}" for i in range(4)]
+    with requests.Session() as s:
+        for t in tenants:
+            r = s.get(f"https://127.0.0.1:{port}/q/{t}", headers={"X-Tenant-ID": t},
+                      verify=str(cert[0]), timeout=10)
+            assert r.json()["pg"] == t
+
+    def db(ss: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in ss if s.attributes.get("db.system.name") == "postgresql"
+                and s.attributes.get("tenant_id") in tenants]
+
+    spans = receiver.wait_for(lambda ss: len(db(ss)) >= len(tenants), timeout_s=30)
+    servers = by_service(spans, "pg-tls-app", SERVER)
+    for t in tenants:
+        q = [s for s in db(spans) if s.attributes["tenant_id"] == t]
+        assert len(q) == 1, [s.attributes for s in q]
+        assert "tenant_echo" in str(q[0].attributes["db.query.text"])
+        assert q[0].attributes["tls.protocol.name"] == "tls"
+        srv = [s for s in servers if s.attributes.get("url.path") == f"/q/{t}"]
+        assert len(srv) == 1 and q[0].parent_span_id == srv[0].span_id
+    assert not _garbage(spans), [s.attributes for s in _garbage(spans)]
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
+
+
+# --- Redis over TLS ------------------------------------------------------------------------
+
+
+def _redis_has_tls() -> bool:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return False
+    out = subprocess.run(["ldd", exe], capture_output=True, text=True).stdout
+    return "libssl" in out
+
+
+@pytest.mark.skipif(not _redis_has_tls(), reason="redis-server without TLS support")
+def test_redis_tls(harness: Harness, receiver: OtlpReceiver, cert: tuple[Path, Path]) -> None:
+    rport = _free_port()
+    redis = harness.start("redis-server", [
+        "redis-server", "--port", "0", "--tls-port", str(rport), "--tls-cert-file", str(cert[0]),
+        "--tls-key-file", str(cert[1]), "--tls-ca-cert-file", str(cert[0]),
+        "--tls-auth-clients", "no", "--save", "", "--appendonly", "no"])
+    _wait_listening(rport, lambda: redis.popen.poll() is None)
+    app, port = _tls_app(harness, "redis-tls-app", cert, "--annotate", "--cafile", str(cert[0]),
+                         "--redis", f"rediss://127.0.0.1:{rport}/0")
+    agent = harness.agent("--pid", str(app.pid), receiver=receiver)
+    _warm_https(receiver, port, cert[0], db="redis")
+    tenants = [f"rd-{i}" for i in range(3)]
+    with requests.Session() as s:
+        for t in tenants:
+            r = s.get(f"https://127.0.0.1:{port}/r/{t}", headers={"X-Tenant-ID": t},
+                      verify=str(cert[0]), timeout=10)
+            assert r.json()["redis"] is True
+
+    def cache(ss: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in ss if s.attributes.get("db.system.name") == "redis"
+                and s.attributes.get("tenant_id") in tenants]
+
+    spans = receiver.wait_for(lambda ss: len(cache(ss)) >= 2 * len(tenants), timeout_s=30)
+    for t in tenants:
+        # redis-py also sends HELLO / CLIENT SETINFO when it connects.
+        ops = sorted(s.attributes["db.operation.name"] for s in cache(spans)
+                     if s.attributes["tenant_id"] == t
+                     and s.attributes["db.operation.name"] in ("GET", "SET"))
+        assert ops == ["GET", "SET"], ops
+    assert all(s.attributes["tls.protocol.name"] == "tls" for s in cache(spans))
+    assert not _garbage(spans), [s.attributes for s in _garbage(spans)]
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
+
+
+# --- gRPC with TLS credentials: BoringSSL inside grpcio is not visible ----------------------
+
+_GRPC = """
+import sys, pathlib, time, grpc
+from concurrent import futures
+cert, key, ready, go = (pathlib.Path(a) for a in sys.argv[1:5])
+ident = lambda req, ctx: req
+handler = grpc.method_handlers_generic_handler("demo.Echo", {
+    "Say": grpc.unary_unary_rpc_method_handler(ident)})
+server = grpc.server(futures.ThreadPoolExecutor(2))
+server.add_generic_rpc_handlers((handler,))
+creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+port = server.add_secure_port("127.0.0.1:0", creds)
+server.start()
+ready.write_text(str(port))
+while not go.exists():
+    time.sleep(0.02)
+ch = grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(cert.read_bytes()))
+say = ch.unary_unary("/demo.Echo/Say")
+for i in range(5):
+    assert say(b"hello") == b"hello"
+pathlib.Path(str(go) + ".done").write_text("")
+time.sleep(3600)
+"""
+
+
+def test_grpc_tls_reported_not_visible(harness: Harness, receiver: OtlpReceiver,
+                                       cert: tuple[Path, Path]) -> None:
+    pytest.importorskip("grpc")
+    ready, go = harness.tmp / "grpc.ready", harness.tmp / "grpc.go"
+    app = harness.start("grpc-tls", [PYTHON, "-c", _GRPC, str(cert[0]), str(cert[1]),
+                                     str(ready), str(go)],
+                        env={"OTEL_SERVICE_NAME": "grpc-tls"}, ready_file=ready)
+    agent = harness.agent("--pid", str(app.pid), receiver=receiver)
+    go.write_text("")
+    deadline = time.monotonic() + 30
+    while not Path(str(go) + ".done").exists():
+        assert app.popen.poll() is None, app.log_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    log = agent.log_text()
+    lines = [ln for ln in log.splitlines() if "encrypted traffic not visible" in ln]
+    assert len(lines) == 1, log
+    assert f"pid {app.pid}" in lines[0] and "BoringSSL" in lines[0]
+    doc = subprocess.run([PYTHON, "-m", "kernel_side.cli", "doctor", "--pid", str(app.pid)],
+                         capture_output=True, text=True, timeout=60)
+    assert "encrypted traffic not visible" in doc.stdout and "BoringSSL" in doc.stdout, doc
+    agent.stop()
+    st = _stats(agent.log_text())
+    # The encrypted HTTP/2 bytes were recognised as TLS and skipped: no garbage, no unknown.
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
+    assert not by_service(receiver.spans(), "grpc-tls")
