@@ -372,7 +372,7 @@ class Agent:
             self.registry, self.fanout.submit, route_heuristic=self.cfg.route_heuristic,
             parent_wait_s=self.cfg.parent_wait_s, stitch_wait_s=self.cfg.stitch_wait_s,
         )
-        register_all(self.assembler)
+        register_all(self.assembler, raw_query_text=self.cfg.raw_query_text)
         self.streams = StreamSpans(self.assembler, max_connections=self.cfg.max_connections,
                                    route_heuristic=self.cfg.route_heuristic)
         self.assembler.set_stream_handler(self.streams)

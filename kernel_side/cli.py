@@ -63,6 +63,9 @@ def _agent_parser(sub: Any) -> None:
                      help="how long a server span waits for the traced client span of the same "
                      "request on this node, to join its trace (default 10); then it is exported "
                      "unstitched")
+    run.add_argument("--raw-query-text", action="store_true", default=None,
+                     help="keep literals in db.query.text (default: replaced by '?'; queries "
+                     "carry customer data)")
     run.add_argument("--route-heuristic", action="store_true", default=None,
                      help="name server spans 'GET /orders/*' by folding ids out of the path")
     run.add_argument("--app-group", metavar="GROUP",
@@ -86,7 +89,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
         for key in ("pid", "exe", "port", "exporter", "otlp_endpoint", "otlp_protocol", "jsonl",
                     "ready_file", "stats_interval_s", "idle_flush_ms", "parent_wait_s",
-                    "stitch_wait_s",
+                    "stitch_wait_s", "raw_query_text",
                     "route_heuristic", "app_group", "health_port", "health_address"):
             value = getattr(args, key)
             if value is not None:

@@ -37,6 +37,7 @@ class AgentConfig:
     parent_wait_s: float = 10.0
     stitch_wait_s: float = 10.0
     route_heuristic: bool = False
+    raw_query_text: bool = False
     app_group: str | None = None
     pin_dir: str = _abi.PIN_DIR
     req_capture: int = 1024

@@ -42,6 +42,9 @@ _STATE: Final = "mysql"
 _MAX_STMTS: Final = 1024
 _USE: Final = re.compile(r"\s*use\s+`?([A-Za-z0-9_$]+)`?\s*;?\s*\Z", re.IGNORECASE)
 
+# Literals in db.query.text are replaced by "?" unless the agent runs with --raw-query-text.
+RAW_QUERY_TEXT = False
+
 
 def detect(ex: Exchange) -> bool:
     """Whether ``ex`` is MySQL traffic: a command packet (sequence id 0, a known command byte,
@@ -143,7 +146,7 @@ def _span(asm: SpanAssembler, ex: Exchange, state: dict[str, object], index: int
     if text:
         op = sql.operation_name(text)
         coll = sql.collection_name(text)
-        attrs[semconv.DB_QUERY_TEXT] = sql.obfuscate(text)
+        attrs[semconv.DB_QUERY_TEXT] = text if RAW_QUERY_TEXT else sql.obfuscate(text)
     if op:
         attrs[semconv.DB_OPERATION_NAME] = op
     if coll:

@@ -45,6 +45,9 @@ _SUBSCRIBES = frozenset((
 ))
 _STATE_KEY = "redis"
 
+# Arguments in db.query.text are replaced by "?" unless the agent runs with --raw-query-text.
+RAW_QUERY_TEXT = False
+
 
 def detect(ex: Exchange) -> bool:
     """Whether ``ex`` is Redis traffic (by its bytes)."""
@@ -112,7 +115,7 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
         attrs: dict[str, AttrValue] = {
             semconv.DB_SYSTEM_NAME: DB_SYSTEM,
             semconv.DB_OPERATION_NAME: cmd.name,
-            semconv.DB_QUERY_TEXT: query_text(cmd),
+            semconv.DB_QUERY_TEXT: query_text(cmd, obfuscate=not RAW_QUERY_TEXT),
             semconv.DB_NAMESPACE: ran_in,
         }
         if ex.peer_address:
