@@ -452,28 +452,30 @@ static __always_inline void start_exchange(struct exchange *st, struct sock_key 
     }
 }
 
+/* Appends user bytes at buf[off] without passing cap; returns the new fill. cap is a power of
+ * two known at each (inlined) call site, and buf has room for 2 * cap: the verifier bounds
+ * offset and length separately, never their sum. */
+static __always_inline __u32 append_user(__u8 *buf, __u32 off, __u32 cap, const void *src,
+                                         __u64 len)
+{
+    if (off >= cap || len == 0)
+        return off;
+    __u32 n = len > cap ? cap : len;
+    if (n > cap - off)
+        n = cap - off;
+    if (bpf_probe_read_user(&buf[off & (cap - 1)], n & (cap * 2 - 1), src) == 0)
+        return off + n;
+    return off;
+}
+
 static __always_inline void capture_req(struct exchange *st, const void *src, __u64 len)
 {
-    __u32 off = st->req_cap;
-    if (off >= REQ_CAP || len == 0)
-        return;
-    __u32 n = len > REQ_CAP ? REQ_CAP : len;
-    if (n > REQ_CAP - off)
-        n = REQ_CAP - off;
-    if (bpf_probe_read_user(&st->req[off & (REQ_CAP - 1)], n & (REQ_CAP * 2 - 1), src) == 0)
-        st->req_cap = off + n;
+    st->req_cap = append_user(st->req, st->req_cap, REQ_CAP, src, len);
 }
 
 static __always_inline void capture_resp(struct exchange *st, const void *src, __u64 len)
 {
-    __u32 off = st->resp_cap;
-    if (off >= RESP_CAP || len == 0)
-        return;
-    __u32 n = len > RESP_CAP ? RESP_CAP : len;
-    if (n > RESP_CAP - off)
-        n = RESP_CAP - off;
-    if (bpf_probe_read_user(&st->resp[off & (RESP_CAP - 1)], n & (RESP_CAP * 2 - 1), src) == 0)
-        st->resp_cap = off + n;
+    st->resp_cap = append_user(st->resp, st->resp_cap, RESP_CAP, src, len);
 }
 
 static __always_inline void capture(struct exchange *st, int req_dir, const void *src, __u64 len)
@@ -557,14 +559,7 @@ static __always_inline int interim_only(struct exchange *st)
 
 static __always_inline void chunk_copy(struct chunk *c, const void *src, __u64 len)
 {
-    __u32 off = c->cap;
-    if (off >= CHUNK_CAP || len == 0)
-        return;
-    __u32 n = len > CHUNK_CAP ? CHUNK_CAP : len;
-    if (n > CHUNK_CAP - off)
-        n = CHUNK_CAP - off;
-    if (bpf_probe_read_user(&c->data[off & (CHUNK_CAP - 1)], n & (CHUNK_CAP * 2 - 1), src) == 0)
-        c->cap = off + n;
+    c->cap = append_user(c->data, c->cap, CHUNK_CAP, src, len);
 }
 
 static __always_inline struct chunk *chunk_start(struct sock_key *k, struct sock_info *si,
