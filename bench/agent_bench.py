@@ -65,8 +65,14 @@ http {{
 
 
 def nginx_worker(master: int) -> int:
-    kids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return int(kids[0])
+    """The worker nginx forks; waits for it (the master forks after it starts listening)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        kids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        if kids:
+            return int(kids[0])
+        time.sleep(0.02)
+    raise RuntimeError(f"nginx master {master} forked no worker")
 
 
 def run_wrk(port: int, duration: int, connections: int, rate: int, tmp: Path) -> dict[str, float]:

@@ -56,7 +56,8 @@ class _Layout(ctypes.Structure):
         ("resp_end_ns", ctypes.c_ulonglong), ("req_bytes", ctypes.c_ulonglong),
         ("resp_bytes", ctypes.c_ulonglong), ("local_addr", ctypes.c_ubyte * 16),
         ("local_port", ctypes.c_ushort), ("peer_traced", ctypes.c_ubyte),
-        ("_pad1", ctypes.c_ubyte * 5), ("ctx", ctypes.c_ubyte * _abi.CTX_VALUE_SIZE),
+        ("tls", ctypes.c_ubyte), ("_pad1", ctypes.c_ubyte * 4),
+        ("ctx", ctypes.c_ubyte * _abi.CTX_VALUE_SIZE),
         ("resp", ctypes.c_ubyte * 1024), ("req", ctypes.c_ubyte * 2048),
     ]
 

@@ -91,7 +91,19 @@ class ProcessRegistry:
             return processes.exe_path(pid) is not None
         if pid in sel.pids or pid in listening:
             return True
-        return bool(sel.exes) and processes.matches_exe(pid, sel.exes)
+        if bool(sel.exes) and processes.matches_exe(pid, sel.exes):
+            return True
+        # Children forked before the agent started (a gunicorn master's workers): the kernel
+        # follows forks from now on; existing descendants of a selected process count too.
+        ancestor = pid
+        for _ in range(8):
+            parent = processes.parent_pid(ancestor)
+            if parent is None or parent <= 1:
+                return False
+            if parent in self.known:
+                return True
+            ancestor = parent
+        return False
 
     def add(self, pid: int) -> bool:
         """Select ``pid``: record its namespace and resource and tell the kernel."""
@@ -119,7 +131,9 @@ class ProcessRegistry:
         listening: set[int] = set()
         if self.selector.ports and fresh:
             listening = processes.pids_listening_on(self.selector.ports, fresh)
-        for pid in fresh:
+        # Parents before children (pids mostly grow), so a pre-existing child finds its
+        # selected parent already known.
+        for pid in sorted(fresh):
             if self._wanted(pid, listening):
                 self.add(pid)
             elif not self.selector.ports:

@@ -33,7 +33,8 @@ def _agent_parser(sub: Any) -> None:
     )
     sel = p.add_argument_group("process selection")
     sel.add_argument("--pid", action="append", type=int, metavar="PID",
-                     help="trace this process (and the children it forks)")
+                     help="trace this process and its descendants (existing ones and those "
+                     "it forks later)")
     sel.add_argument("--exe", action="append", metavar="GLOB",
                      help="trace processes whose executable path, base name or comm matches")
     sel.add_argument("--port", action="append", metavar="N[-M]",

@@ -92,6 +92,18 @@ def _start_time(pid: int) -> int:
         return 0
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` (None when it is gone)."""
+    raw = _read(_PROC / str(pid) / "stat")
+    if not raw:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def exe_path(pid: int) -> str | None:
     """The executable of ``pid``, or None for kernel threads and vanished processes."""
     try:

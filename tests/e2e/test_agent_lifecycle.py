@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.e2e.conftest import APPS, PYTHON, REPO, SERVER, Harness, Proc, by_service
+from tests.e2e.conftest import APPS, EXAMPLES, PYTHON, REPO, SERVER, Harness, Proc, by_service
 
 EDGE = APPS / "edge_server.py"
 CLI = [PYTHON, "-m", "kernel_side.cli", "agent"]
@@ -300,3 +300,25 @@ def test_agent_help() -> None:
     for flag in ("--pid", "--exe", "--port", "--exporter", "--ready-file", "--config",
                  "--otlp-endpoint", "--jsonl"):
         assert flag in out.stdout, flag
+
+
+def test_pid_covers_children_started_before_the_agent(harness: Harness,
+                                                      receiver: OtlpReceiver) -> None:
+    """`--pid MASTER` also traces the workers MASTER forked before the agent started (a
+    gunicorn or nginx master), not only the ones it forks later."""
+    ready = harness.tmp / "child.ready"
+    script = EXAMPLES / "python" / "inventory.py"
+    # bash stays the parent (`; true` keeps it from exec'ing the child in its place).
+    parent = harness.start("parent", ["bash", "-c", f"{PYTHON} {script} --port 0 "
+                                      f"--ready-file {ready}; true"],
+                           env={"OTEL_SERVICE_NAME": "inventory"}, ready_file=ready)
+    port = int(ready.read_text())
+    harness.agent("--pid", str(parent.pid), receiver=receiver)
+    for i in range(3):
+        assert requests.get(f"http://127.0.0.1:{port}/stock/sku-pre-{i}", timeout=10).ok
+    spans = receiver.wait_for(
+        lambda ss: len([s for s in ss if str(s.attributes.get("url.path", "")).startswith(
+            "/stock/sku-pre-")]) >= 3, timeout_s=30)
+    traced = {s.resource["process.pid"] for s in spans
+              if str(s.attributes.get("url.path", "")).startswith("/stock/sku-pre-")}
+    assert parent.pid not in traced and len(traced) == 1
