@@ -161,8 +161,13 @@ def test_curl_traceparent_adopted_by_nginx(harness: Harness, receiver: OtlpRecei
     assert cli[0].parent_span_id == parent
     assert srv[0].span_id != cli[0].span_id
 
+    # Without a traceparent, curl's span starts a new trace and nginx's span joins it: both
+    # ends are traced on this node, so the agent stitches them by connection.
     plain = _nginx(spans, f"/notp-{tag}")
-    assert len(plain) == 1
-    assert plain[0].parent_span_id is None
+    plain_cli = _curl_spans(spans, f"/notp-{tag}")
+    assert len(plain) == 1 and len(plain_cli) == 1
+    assert plain_cli[0].parent_span_id is None
+    assert plain[0].parent_span_id == plain_cli[0].span_id
+    assert plain[0].trace_id == plain_cli[0].trace_id
     assert plain[0].trace_id not in (trace_id, srv[0].trace_id)
     assert len(plain[0].trace_id) == 32 and plain[0].trace_id != "0" * 32
