@@ -186,6 +186,10 @@ class ProcessRegistry:
         elif what == PROC_EXIT:
             if pid in self.known:
                 self.dead[pid] = time.monotonic()
+            if self.tls is not None:
+                # Uprobes on a library no traced process uses any more go now; the resource
+                # stays for the grace period, for exchanges still in flight.
+                self.tls.forget(pid)
             with contextlib.suppress(KeyError):
                 del self.procs_map[self.procs_map.Key(pid)]
 

@@ -459,3 +459,25 @@ def test_grpc_tls_reported_not_visible(harness: Harness, receiver: OtlpReceiver,
     # The encrypted HTTP/2 bytes were recognised as TLS and skipped: no garbage, no unknown.
     assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
     assert not by_service(receiver.spans(), "grpc-tls")
+
+
+def test_uprobes_attach_when_a_process_appears_and_detach_when_it_exits(
+        harness: Harness, receiver: OtlpReceiver, cert: tuple[Path, Path]) -> None:
+    """The agent starts first; a TLS app selected by --port appears, gets its libssl uprobes,
+    and loses them when it exits (no other traced process uses that file)."""
+    port = _free_port()
+    agent = harness.agent("--port", str(port), receiver=receiver)
+    app, _ = _tls_app(harness, "tls-late", cert, "--port", str(port))
+    deadline = time.monotonic() + 30
+    while "TLS: uprobes on" not in agent.log_text():
+        assert time.monotonic() < deadline, agent.log_text()[-2000:]
+        time.sleep(0.1)
+    attached = [ln for ln in agent.log_text().splitlines() if "TLS: uprobes on" in ln][-1]
+    lib = os.path.basename(attached.split("TLS: uprobes on ", 1)[1].split(" (", 1)[0])
+    assert "libssl" in lib, attached
+    app.stop()
+    deadline = time.monotonic() + 30
+    while not any("TLS: detached from" in ln and lib in ln
+                  for ln in agent.log_text().splitlines()):
+        assert time.monotonic() < deadline, agent.log_text()[-2000:]
+        time.sleep(0.1)
