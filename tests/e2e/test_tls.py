@@ -481,3 +481,38 @@ def test_uprobes_attach_when_a_process_appears_and_detach_when_it_exits(
                   for ln in agent.log_text().splitlines()):
         assert time.monotonic() < deadline, agent.log_text()[-2000:]
         time.sleep(0.1)
+
+
+def test_libssl_inside_another_mount_namespace(harness: Harness, receiver: OtlpReceiver,
+                                               cert: tuple[Path, Path]) -> None:
+    """As in a container: the app maps a libssl that exists only in its own mount namespace (a
+    copy bind-mounted over the system path). Uprobes on the host path would never fire; the
+    agent must attach through /proc/<pid>/root."""
+    system = Path("/usr/lib/x86_64-linux-gnu/libssl.so.3")
+    if not system.exists():
+        pytest.skip("this test expects Debian's multiarch libssl path")
+    copy = harness.tmp / "libssl.so.3"
+    shutil.copy2(system, copy)
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh",
+              str(APPS / "in_mount_ns.sh"), str(copy), str(system)]
+    app, port = harness.python_service("tls-ns", APPS / "tls_app.py", "--cert", str(cert[0]),
+                                       "--key", str(cert[1]), prefix=prefix)
+    assert os.stat(f"/proc/{app.pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+    # The app maps the copy: a different inode than the file the host path names.
+    inodes = {int(line.split()[4]) for line in Path(f"/proc/{app.pid}/maps").read_text()
+              .splitlines() if line.endswith("libssl.so.3")}
+    assert inodes and system.stat().st_ino not in inodes, inodes
+    harness.agent("--pid", str(app.pid), receiver=receiver)
+    paths = [f"/ns/{i}" for i in range(3)]
+    with requests.Session() as s:
+        for p in paths:
+            assert s.get(f"https://127.0.0.1:{port}{p}", verify=str(cert[0]),
+                         timeout=10).status_code == 200
+
+    def done(ss: list[ReceivedSpan]) -> bool:
+        return {str(x.attributes.get("url.path")) for x in ss} >= set(paths)
+
+    spans = receiver.wait_for(done, timeout_s=30)
+    mine = [x for x in spans if x.attributes.get("url.path") in paths]
+    assert len(mine) == 3
+    assert all(x.attributes["url.scheme"] == "https" for x in mine)
