@@ -1233,11 +1233,34 @@ TRACEPOINT_PROBE(task, task_newtask)
     return 0;
 }
 
+/* A thread's context must die with the thread: the kernel reuses thread ids, and an entry left
+ * behind would hand one request's tenant to whichever thread, in any process, gets the id next.
+ * Runs for every exiting thread: traced processes use their recorded namespace, any other
+ * process the agent's own (the common case of an app annotating before it is selected). */
+static __always_inline void forget_thread_ctx(__u32 tgid)
+{
+    struct bridge_ctx_key key = {};
+    struct proc_info *pi = procs.lookup(&tgid);
+    if (!pi) {
+        int zero = 0;
+        pi = default_ns.lookup(&zero);
+        if (!pi || !pi->ns_ino)
+            return;
+    }
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(pi->ns_dev, pi->ns_ino, &ns, sizeof(ns)))
+        return;
+    key.pidns_ino = pi->ns_ino;
+    key.tid = ns.pid;
+    ctx_by_tid.delete(&key);
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
+    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    forget_thread_ctx(tgid);
     if (!args->group_dead)
         return 0;
-    __u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (!procs.lookup(&tgid))
         return 0;
     proc_event(PROC_EXIT, tgid, 0, 0);

@@ -417,15 +417,17 @@ class Agent:
     def _select_exec_names(self, b: Any) -> None:
         """Let the kernel select, at exec, processes named by a wildcard-free ``--exe``."""
         ns = processes.pid_namespace(os.getpid())
+        if ns is None:
+            return
+        # The agent's own pid namespace: also where the kernel forgets the context of exiting
+        # threads of processes it does not trace (see forget_thread_ctx).
+        dflt = b["default_ns"]
+        dflt[dflt.Key(0)] = dflt.Leaf(ns[0], ns[1])
         names = {os.path.basename(e).encode()[:15] for e in self.cfg.selector.exes
                  if e and not any(c in e for c in "*?[")}
-        if ns is None or not names:
-            return
         table = b["exec_names"]
         for name in names:
             table[table.Key(name)] = table.Leaf(1)
-        dflt = b["default_ns"]
-        dflt[dflt.Key(0)] = dflt.Leaf(ns[0], ns[1])
 
     def _describe_exporters(self) -> list[str]:
         out = []
