@@ -21,8 +21,10 @@ class BatchExporter:
     ``submit`` never blocks on I/O: it appends under a short lock or, when ``max_queue`` spans
     are already waiting, refuses and counts the drop. A failed batch stays at the head of the
     queue and is retried with exponential backoff (``backoff_initial_s`` doubling up to
-    ``backoff_max_s``, with jitter); after ``max_retries`` retries it is dropped and counted.
-    While the destination is down, new spans keep filling the queue up to its bound.
+    ``backoff_max_s``, with jitter) until it has been failing for ``max_retry_s`` seconds (or,
+    when ``max_retries`` is set, after that many retries); then it is dropped and counted.
+    While the destination is down, new spans keep filling the queue up to its bound, so an
+    outage shorter than ``max_retry_s`` that the queue can absorb loses nothing.
     """
 
     def __init__(
@@ -32,7 +34,8 @@ class BatchExporter:
         max_queue: int = 20000,
         max_batch: int = 512,
         interval_s: float = 0.2,
-        max_retries: int = 5,
+        max_retries: int | None = None,
+        max_retry_s: float = 60.0,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
     ) -> None:
@@ -43,6 +46,7 @@ class BatchExporter:
         self._max_batch = max_batch
         self._interval_s = interval_s
         self._max_retries = max_retries
+        self._max_retry_s = max_retry_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
 
@@ -145,8 +149,14 @@ class BatchExporter:
             or (self._flush_waiters > 0 and bool(self._queue))
         )
 
+    def _give_up(self, attempt: int, failing_since: float) -> bool:
+        if self._max_retries is not None and attempt > self._max_retries:
+            return True
+        return time.monotonic() - failing_since >= self._max_retry_s
+
     def _run(self) -> None:
         attempt = 0
+        failing_since = 0.0
         while True:
             with self._work:
                 self._work.wait_for(lambda: bool(self._queue) or self._stopping.is_set())
@@ -167,7 +177,9 @@ class BatchExporter:
                 else:
                     self._export_failures += 1
                     attempt += 1
-                    if attempt <= self._max_retries:
+                    if attempt == 1:
+                        failing_since = time.monotonic()
+                    if not self._give_up(attempt, failing_since):
                         self._retries += 1
                         delay = self._backoff_delay(attempt)
                         # Not settled: the batch stays at the head of the queue for the retry.

@@ -25,13 +25,15 @@ PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-# gRPC's default reconnect backoff grows to 120 s, so after a long collector outage the agent
-# would keep failing fast for up to two minutes after the collector is back. The batch layer
-# already backs off between attempts; keep the channel's own backoff short.
+# gRPC's default reconnect backoff grows to 120 s, so after a collector outage the agent would
+# keep failing fast for up to two minutes after the collector is back (an RPC without
+# wait-for-ready fails at once while the channel sits in its backoff). The batch layer already
+# backs off between attempts; keep the channel's own backoff at most 1 s, one cheap connect
+# attempt per second to a collector that is normally node-local.
 _GRPC_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 5000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 

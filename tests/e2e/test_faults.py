@@ -153,21 +153,24 @@ def test_tiny_export_queue_with_endpoint_down_counts_drops(harness: Harness) -> 
                    f"otlp_endpoint: http://127.0.0.1:{free_port()}\n")
     agent = harness.agent("--pid", str(srv.pid), "--config", str(cfg))
     tag = secrets.token_hex(3)
-    _drive(port, tag, 300)
+    # The edge server writes head and body separately, so each request costs a delayed-ACK
+    # round (about 40 ms): keep the counts modest.
+    _drive(port, tag, 200)
     time.sleep(1)
     rss1 = rss_mb(agent.pid)
-    _drive(port, tag + "b", 2000)
+    _drive(port, tag + "b", 800)
     time.sleep(1)
     rss2 = rss_mb(agent.pid)
     assert agent.stop() == 0
     st = final_stats(agent.log_text())
-    assert st["spans"] == 2300, st
-    dropped = (st["export_dropped_queue_full"] + st["export_dropped_retries_exhausted"]
-               + st["export_dropped_shutdown"])
-    assert st["export_dropped_queue_full"] >= 2300 - 50 - 512 * 6, st
-    assert st["export_exported"] == 0 and dropped == 2300 and st["export_queued"] == 0, st
+    assert st["spans"] == 1000, st
+    full, exhausted = st["export_dropped_queue_full"], st["export_dropped_retries_exhausted"]
+    dropped = full + exhausted + st["export_dropped_shutdown"]
+    # Everything not refused at the door was in the 50-span queue when it was dropped.
+    assert full >= 1000 - 50 - exhausted, st
+    assert st["export_exported"] == 0 and dropped == 1000 and st["export_queued"] == 0, st
     assert rss2 - rss1 < 30, (rss1, rss2)  # flat: the queue is bounded
-    print(f"\ntiny queue: 2300 spans, dropped_queue_full={st['export_dropped_queue_full']} "
+    print(f"\ntiny queue: 1000 spans, dropped_queue_full={st['export_dropped_queue_full']} "
           f"retries_exhausted={st['export_dropped_retries_exhausted']} "
           f"shutdown={st['export_dropped_shutdown']}; rss {rss1:.0f} -> {rss2:.0f} MB")
 

@@ -409,6 +409,35 @@ def test_batch_always_failing_tiny_queue_counts_drops_and_never_blocks() -> None
     batch.shutdown(0.2)
 
 
+def test_batch_retries_for_max_retry_s_not_a_fixed_count() -> None:
+    # A collector outage longer than a handful of fast retries must not lose spans: the retry
+    # budget is time, so this batch is still queued after many more than 5 attempts.
+    fake = FakeExporter(always_fail=True)
+    batch = fast_batch(fake, backoff_max_s=0.01, max_retry_s=3600.0)
+    batch.submit(make_span(1))
+    deadline = time.monotonic() + 10
+    while batch.stats()["retries"] < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = batch.stats()
+    assert stats["retries"] >= 20 and stats["queued"] == 1
+    assert stats["dropped_retries_exhausted"] == 0
+    batch.shutdown(0.1)
+    assert batch.stats()["dropped_shutdown"] == 1
+
+
+def test_batch_gives_up_after_max_retry_s() -> None:
+    fake = FakeExporter(always_fail=True)
+    batch = fast_batch(fake, max_retry_s=0.2)
+    batch.submit(make_span(1))
+    deadline = time.monotonic() + 10
+    while batch.stats()["dropped_retries_exhausted"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = batch.stats()
+    assert stats["dropped_retries_exhausted"] == 1 and stats["queued"] == 0
+    assert stats["retries"] >= 1
+    batch.shutdown()
+
+
 def test_batch_survives_an_exporter_that_raises() -> None:
     fake = RaisingExporter()
     batch = fast_batch(fake)
