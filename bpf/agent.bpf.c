@@ -61,7 +61,13 @@
 #define ST_CONN_CREATED 5
 #define ST_PROC_LOST 6
 #define ST_CHUNKS 7
-#define ST_SLOTS 8
+/* Entries this program removed from `conns` / added to and removed from `socks`: user space
+ * subtracts them, and its own deletes and the live count, from the creations to tell LRU
+ * evictions (state lost under pressure) from ordinary ends. */
+#define ST_CONN_DELETED 8
+#define ST_SOCK_CREATED 9
+#define ST_SOCK_DELETED 10
+#define ST_SLOTS 11
 
 struct proc_info {
     __u64 ns_dev;
@@ -675,7 +681,8 @@ static __always_inline void choose_mode(struct sock_info *si, struct io_args *a)
 
 static __always_inline void forget_conn_state(struct sock_key *k)
 {
-    conns.delete(k);
+    if (conns.delete(k) == 0)
+        stat_inc(ST_CONN_DELETED);
     inflight.delete(k);
 }
 
@@ -956,7 +963,8 @@ static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, in
             /* "101 Switching Protocols" (Upgrade: h2c): the HTTP/1.1 exchange ends here and
              * the connection speaks HTTP/2 from the next byte on. */
             emit(st);
-            conns.delete(&k);
+            if (conns.delete(&k) == 0)
+                stat_inc(ST_CONN_DELETED);
             inflight.delete(&k);
             si->mode = MODE_STREAM;
         }
@@ -1023,8 +1031,20 @@ static __always_inline int read_peer(__u64 addr, struct sock_info *si)
 
 static __always_inline void forget_conn(struct sock_key *k)
 {
-    conns.delete(k);
+    if (conns.delete(k) == 0)
+        stat_inc(ST_CONN_DELETED);
     inflight.delete(k);
+}
+
+/* A new `socks` entry, counted only when the key was not there (a reused fd whose close was
+ * not seen, e.g. a dup2 over it, replaces in place). */
+static __always_inline void remember_sock(struct sock_key *k, struct sock_info *si)
+{
+    if (socks.insert(k, si) == 0) {
+        stat_inc(ST_SOCK_CREATED);
+        return;
+    }
+    socks.update(k, si);
 }
 
 static __always_inline int on_exit_accept(long ret)
@@ -1046,7 +1066,7 @@ static __always_inline int on_exit_accept(long ret)
     si.conn_id = next_id();
     struct sock_key k = {.tgid = id >> 32, .fd = (__u32)ret};
     forget_conn(&k);
-    socks.update(&k, &si);
+    remember_sock(&k, &si);
     if (si.peer_port) {
         struct peer_key pk = {.tgid = k.tgid, .port = si.peer_port};
         server_by_peer.update(&pk, &k.fd);
@@ -1078,7 +1098,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     si.conn_id = next_id();
     struct sock_key k = {.tgid = id >> 32, .fd = a.fd};
     forget_conn(&k);
-    socks.update(&k, &si);
+    remember_sock(&k, &si);
     return 0;
 }
 
@@ -1112,7 +1132,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     if (st && st->phase != PHASE_IDLE)
         emit(st);
     forget_conn(&k);
-    socks.delete(&k);
+    if (socks.delete(&k) == 0)
+        stat_inc(ST_SOCK_DELETED);
     /* The connection's context (bridge.annotate_connection) ends with it. */
     struct bridge_conn_key ck = {};
     if (ns_conn_key(k.tgid, k.fd, &ck) == 0)

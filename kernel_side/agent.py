@@ -80,6 +80,8 @@ class ProcessRegistry:
     dead: dict[int, float] = field(default_factory=dict)
     comms: OrderedDict[int, str] = field(default_factory=OrderedDict)
     """Names from exec/fork events, for processes gone before /proc could be read."""
+    forgotten: set[int] = field(default_factory=set)
+    """Pids dropped since the agent last purged their connection state (take_forgotten)."""
     tls: TlsProbes | None = None
     """Attaches the SSL uprobes of each selected process (kernel_side.tls)."""
 
@@ -148,8 +150,14 @@ class ProcessRegistry:
             if now - since > _DEAD_GRACE_S:
                 self.forget(pid)
 
+    def take_forgotten(self) -> set[int]:
+        """Pids forgotten since the last call (their kernel connection state can go)."""
+        out, self.forgotten = self.forgotten, set()
+        return out
+
     def forget(self, pid: int) -> None:
         """Drop ``pid`` entirely."""
+        self.forgotten.add(pid)
         self.dead.pop(pid, None)
         self.comms.pop(pid, None)
         self.known.pop(pid, None)
@@ -292,6 +300,10 @@ class Agent:
         self.fanout: Fanout | None = None
         self.callback_errors = 0
         self.idle_flushed = 0
+        # Entries user space removed from `conns` / `socks` (idle flush, dead processes): the
+        # eviction arithmetic in table_stats subtracts them.
+        self.conns_deleted_user = 0
+        self.socks_deleted_user = 0
         self.start_to_ready_s = 0.0
         self.health_state = HealthState()
         self.health: HealthServer | None = None
@@ -463,6 +475,9 @@ class Agent:
             self.assembler.tick()
             if now >= next_scan:
                 self.registry.scan()
+                forgotten = self.registry.take_forgotten()
+                if forgotten:
+                    self._purge_processes(forgotten)
                 if self.tls is not None:
                     self.tls.rescan(self.registry.known)
                 next_scan = now + cfg.rescan_interval_s
@@ -544,15 +559,37 @@ class Agent:
                 continue
             if (again.exchange_id, again.resp_end_ns) != (ex.exchange_id, ex.resp_end_ns):
                 continue
-            self._delete(conns, key)
+            if self._delete(conns, key):
+                self.conns_deleted_user += 1
             self._delete(inflight, key)
             self.idle_flushed += 1
             self.assembler.on_exchange(ex)
 
     @staticmethod
-    def _delete(table: Any, key: Any) -> None:
-        with contextlib.suppress(KeyError):
+    def _delete(table: Any, key: Any) -> bool:
+        try:
             del table[key]
+        except KeyError:
+            return False
+        return True
+
+    def _purge_processes(self, pids: set[int]) -> None:
+        """Remove the connection state of processes that are gone.
+
+        A process's sockets close at exit without a close() syscall, so the kernel never
+        deletes their entries; left alone they would sit in the LRU maps until evicted (read as
+        losses) or, worse, be found again by a new process that reuses the pid. Runs after the
+        dead-process grace, when the idle flush has long emitted what they had finished.
+        """
+        b = self._bpf
+        for name in ("conns", "inflight", "socks"):
+            table = b[name]
+            for key in [k for k in table.keys() if k.tgid in pids]:
+                if self._delete(table, key):
+                    if name == "conns":
+                        self.conns_deleted_user += 1
+                    elif name == "socks":
+                        self.socks_deleted_user += 1
 
     # -- stats --------------------------------------------------------------------------------
 
@@ -563,9 +600,34 @@ class Agent:
         table = self._bpf["stats"]
         return {name: int(table.sum(table.Key(i)).value) for i, name in enumerate(STAT_NAMES)}
 
+    def table_stats(self, kernel: dict[str, int] | None = None) -> dict[str, int]:
+        """Live entries and LRU evictions of the connection maps.
+
+        An LRU map evicts without telling anyone, so evictions are derived: entries created,
+        minus those the kernel or user space deleted, minus those still there. ``socks_evicted``
+        are connections whose later traffic went unseen; ``conns_evicted`` are exchanges in
+        progress that were dropped without a span. Read under traffic the figure can be off by
+        the few entries created or deleted while it is computed; it is exact when quiet.
+        """
+        if self._bpf is None:
+            return {}
+        k = kernel if kernel is not None else self.kernel_stats()
+        conns_live = sum(1 for _ in self._bpf["conns"].keys())
+        socks_live = sum(1 for _ in self._bpf["socks"].keys())
+        conns_gone = k["connections"] - k["conns_deleted"] - self.conns_deleted_user
+        socks_gone = k["socks_created"] - k["socks_deleted"] - self.socks_deleted_user
+        return {
+            "conns_live": conns_live,
+            "conns_evicted": max(0, conns_gone - conns_live),
+            "socks_live": socks_live,
+            "socks_evicted": max(0, socks_gone - socks_live),
+        }
+
     def format_stats(self) -> str:
         """One line with every counter a user needs to know what was seen and what was lost."""
-        parts = [f"{k}={v}" for k, v in self.kernel_stats().items()]
+        kernel = self.kernel_stats()
+        parts = [f"{k}={v}" for k, v in kernel.items()]
+        parts += [f"{k}={v}" for k, v in self.table_stats(kernel).items()]
         if self.assembler is not None:
             s = self.assembler.stats
             parts += [f"spans={s.spans}", f"unknown_protocol={s.unknown_protocol}",

@@ -38,6 +38,9 @@ STAT_NAMES: Final = (
     "connections",
     "proc_events_lost",
     "chunks",
+    "conns_deleted",
+    "socks_created",
+    "socks_deleted",
 )
 
 PROC_EVENT: Final = struct.Struct("<IIII16s")

@@ -113,6 +113,13 @@ _KERNEL_HELP = {
     "pidns_errors": "failed PID-namespace lookups in the kernel",
     "connections": "connections the kernel started tracking",
     "proc_events_lost": "process exec/fork/exit events lost (ring buffer full)",
+    "conns_deleted": "exchange entries the kernel program deleted (ordinary ends)",
+    "socks_created": "connections the kernel program started tracking",
+    "socks_deleted": "tracked connections closed",
+    "conns_live": "exchanges in progress now (the conns map)",
+    "conns_evicted": "exchanges evicted from the full conns map without a span",
+    "socks_live": "connections tracked now (the socks map)",
+    "socks_evicted": "tracked connections evicted from the full socks map (later traffic unseen)",
 }
 _EXPORT_GAUGES = {"queued"}
 
@@ -122,6 +129,9 @@ def agent_metrics(agent: Any) -> list[Metric]:
     out: list[Metric] = []
     for name, v in agent.kernel_stats().items():
         out.append(Metric(name, "counter", v, _KERNEL_HELP.get(name, f"kernel counter {name}")))
+    for name, v in agent.table_stats().items():
+        kind = "gauge" if name.endswith("_live") else "counter"
+        out.append(Metric(name, kind, v, _KERNEL_HELP.get(name, f"connection map {name}")))
     asm = agent.assembler
     if asm is not None:
         s = asm.stats

@@ -142,6 +142,8 @@ def test_otlp_endpoint_down_then_up(harness: Harness) -> None:
     assert st["export_export_failures"] >= 1 and st["export_retries"] >= 1, st
     assert st["export_dropped_queue_full"] == 0, st
     assert st["export_dropped_retries_exhausted"] == 0, st
+    # Nothing near the map bounds: no connection state was evicted.
+    assert st["conns_evicted"] == 0 and st["socks_evicted"] == 0, st
     print(f"\notlp down/up: 100 spans, {st['export_export_failures']} failed exports, "
           f"{st['export_retries']} retries, 0 dropped")
 

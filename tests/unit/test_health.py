@@ -89,6 +89,7 @@ class _Fanout:
 def _fake_agent(**kw: Any) -> Any:
     base: dict[str, Any] = {
         "kernel_stats": lambda: {"events_lost": 9, "exchanges": 11},
+        "table_stats": lambda: {"conns_live": 7, "conns_evicted": 8},
         "assembler": _Assembler(), "fanout": _Fanout(), "idle_flushed": 2,
         "callback_errors": 0, "start_to_ready_s": 0.4,
     }
@@ -109,11 +110,13 @@ def test_agent_metrics_names_every_counter_format_stats_logs() -> None:
     assert s["ebpf_bridge_export_dropped_queue_full_total"] == 1
     assert s["ebpf_bridge_export_queued"] == 6  # a queue length is a gauge
     assert s["ebpf_bridge_start_to_ready_seconds"] == 0.4
+    assert s["ebpf_bridge_conns_live"] == 7  # entries now: a gauge
+    assert s["ebpf_bridge_conns_evicted_total"] == 8
 
 
 def test_agent_metrics_before_anything_is_built() -> None:
     s = _samples(render(agent_metrics(_fake_agent(
-        kernel_stats=dict, assembler=None, fanout=None, start_to_ready_s=0.0))))
+        kernel_stats=dict, table_stats=dict, assembler=None, fanout=None, start_to_ready_s=0.0))))
     assert s == {"ebpf_bridge_idle_flushed_total": 2, "ebpf_bridge_callback_errors_total": 0}
 
 
