@@ -584,7 +584,7 @@ class Agent:
         b = self._bpf
         for name in ("conns", "inflight", "socks"):
             table = b[name]
-            for key in [k for k in table.keys() if k.tgid in pids]:
+            for key in [k for k in table if k.tgid in pids]:
                 if self._delete(table, key):
                     if name == "conns":
                         self.conns_deleted_user += 1
@@ -612,8 +612,8 @@ class Agent:
         if self._bpf is None:
             return {}
         k = kernel if kernel is not None else self.kernel_stats()
-        conns_live = sum(1 for _ in self._bpf["conns"].keys())
-        socks_live = sum(1 for _ in self._bpf["socks"].keys())
+        conns_live = sum(1 for _ in self._bpf["conns"])
+        socks_live = sum(1 for _ in self._bpf["socks"])
         conns_gone = k["connections"] - k["conns_deleted"] - self.conns_deleted_user
         socks_gone = k["socks_created"] - k["socks_deleted"] - self.socks_deleted_user
         return {
