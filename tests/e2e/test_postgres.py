@@ -7,6 +7,7 @@ peer client, and a tenant-annotated HTTP service whose query spans join its requ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -37,13 +38,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def pg_port() -> Iterator[int]:
-    """A throwaway PostgreSQL on 127.0.0.1 (trust auth); yields its port."""
+@contextlib.contextmanager
+def running_postgres(superuser_password: str | None = None) -> Iterator[int]:
+    """A throwaway PostgreSQL on 127.0.0.1; yields its port.
+
+    Trust auth by default; with ``superuser_password``, TCP clients must send that password in
+    clear text (``password`` method), so the PasswordMessage crosses the socket unencrypted.
+    """
     tmp = Path(tempfile.mkdtemp(prefix="ebpf-bridge-pg-"))
     shutil.chown(tmp, "postgres", "postgres")
     run_as = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*run_as, str(PG_BIN / "initdb"), "-A", "trust", "-U", "postgres",
+    auth = ["-A", "trust"]
+    if superuser_password is not None:
+        pwfile = tmp / "pw"
+        pwfile.write_text(superuser_password + "\n")
+        shutil.chown(pwfile, "postgres", "postgres")
+        auth = ["--auth-local=trust", "--auth-host=password", f"--pwfile={pwfile}"]
+    subprocess.run([*run_as, str(PG_BIN / "initdb"), *auth, "-U", "postgres",
                     "-D", str(tmp / "data")], check=True, capture_output=True)
     port = _free_port()
     log = (tmp / "postgres.log").open("wb")
@@ -66,6 +77,13 @@ def pg_port() -> Iterator[int]:
             proc.wait(5)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_port() -> Iterator[int]:
+    """A throwaway PostgreSQL on 127.0.0.1 (trust auth); yields its port."""
+    with running_postgres() as port:
+        yield port
 
 
 def _db(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:

@@ -1,5 +1,6 @@
 """Planted secrets never reach the exported OTLP: HTTP Authorization and Cookie headers, SQL
-literals, a Redis AUTH password and a Redis value. The agent traces this test process (the
+literals, a Redis AUTH password and a Redis value, and a PostgreSQL password sent in clear text
+at connection start. The agent traces this test process (the
 client of everything) and the servers; the JSON-lines file it writes is grepped for each
 secret, after checking the spans that would carry them were exported."""
 
@@ -15,7 +16,7 @@ import requests
 
 from tests.e2e.conftest import APPS, Harness
 from tests.e2e.reliability import final_stats, free_port
-from tests.e2e.test_postgres import PG_BIN, pg_port
+from tests.e2e.test_postgres import PG_BIN, pg_port, running_postgres
 
 __all__ = ["pg_port"]  # the fixture, used by name below
 
@@ -41,7 +42,7 @@ def test_planted_secrets_are_not_exported(harness: Harness, pg_port: int) -> Non
     import redis
 
     tag = secrets.token_hex(4)
-    secret = {n: f"SECRET{n}x{tag}" for n in range(1, 6)}
+    secret = {n: f"SECRET{n}x{tag}" for n in range(1, 7)}
     srv, http_port = harness.python_service("edge-secrets", EDGE)
     redis_port = _start_redis(harness, secret[4])
     jsonl = harness.tmp / "spans.jsonl"
@@ -58,6 +59,11 @@ def test_planted_secrets_are_not_exported(harness: Harness, pg_port: int) -> Non
     with psycopg.connect(f"host=127.0.0.1 port={pg_port} user=postgres dbname=postgres",
                          autocommit=True) as conn:
         conn.execute(f"SELECT 'marker-{tag}' AS m, '{secret[3]}' AS s").fetchall()
+    # Clear-text password authentication: the PasswordMessage ('p') carries secret 6 as is.
+    with running_postgres(superuser_password=secret[6]) as pw_port, psycopg.connect(
+            f"host=127.0.0.1 port={pw_port} user=postgres password={secret[6]} "
+            "dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"SELECT 'pwmarker-{tag}'").fetchall()
     rc = redis.Redis(port=redis_port, password=secret[4])
     rc.set(f"k-{tag}", secret[5])
     assert rc.get(f"k-{tag}") == secret[5].encode()
@@ -69,6 +75,8 @@ def test_planted_secrets_are_not_exported(harness: Harness, pg_port: int) -> Non
     # The spans that would carry the secrets were exported.
     assert f"/secret-{tag}" in text, "no HTTP span"
     assert "SELECT" in text and f"marker-{tag}" not in text, "no SQL span, or not obfuscated"
+    pw_server = f'{{"key":"server.port","value":{{"intValue":"{pw_port}"}}}}'
+    assert pw_server in text, "no span from the password-auth PostgreSQL"
     assert "SET ? ?" in text, "no Redis SET span (or its value was not obfuscated)"
     assert "HELLO ? ? ? ?" in text or "AUTH ?" in text, "no Redis AUTH/HELLO span"
     leaked = {n: s for n, s in secret.items() if s in text}
