@@ -1,6 +1,6 @@
 """Hostile and broken traffic against traced servers (a Python http.server and Debian's nginx):
 binary garbage, clients that claim HTTP/Redis/PostgreSQL and are not, 64 KB headers, 10,000
-concurrent idle connections and 20,000 short connections. The agent keeps producing correct
+concurrent idle connections, 20,000 short connections, 1,000 selected processes. The agent keeps producing correct
 spans, counts what it could not parse, never crashes, and its memory stays bounded.
 Loopback only; every load is bounded in count and time."""
 
@@ -175,3 +175,56 @@ def test_10k_idle_and_20k_short_connections(harness: Harness, receiver: OtlpRece
     print(f"\nidle/short: {IDLE} idle + {SHORT} short connections; spans for "
           f"{len(short)}/{SHORT}; rss {rss_before:.0f} -> {rss_idle:.0f} (idle) -> "
           f"{rss_after:.0f} MB; stats {st}")
+
+
+N_PROCS = 1_000
+
+
+def test_1000_selected_processes(harness: Harness, receiver: OtlpReceiver) -> None:
+    """1,000 selected processes (a copied ``sleep`` under a unique name, selected by --exe and
+    picked up at exec) cost the agent little memory, and spans keep coming for a busy one."""
+    import re
+    import shutil
+    import subprocess
+    import time
+
+    srv, port = harness.python_service("edge-many", EDGE)
+    name = f"bi-{secrets.token_hex(3)}"  # within the 15 characters of a task's comm
+    binary = harness.tmp / name
+    shutil.copy("/bin/sleep", binary)
+    agent = harness.agent("--pid", str(srv.pid), "--exe", name, receiver=receiver)
+    rss_before = rss_mb(agent.pid)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(N_PROCS):
+            procs.append(subprocess.Popen([str(binary), "600"], stdin=subprocess.DEVNULL))
+        pids = {p.pid for p in procs}
+        deadline = time.monotonic() + 120
+        while True:
+            traced = {int(m) for m in re.findall(r"tracing pid (\d+)", agent.log_text())}
+            if pids <= traced:
+                break
+            assert time.monotonic() < deadline, f"{len(pids - traced)} of {N_PROCS} not traced"
+            time.sleep(0.2)
+        tag = secrets.token_hex(3)
+        with requests.Session() as s:
+            for i in range(20):
+                assert s.get(f"http://127.0.0.1:{port}/many-{tag}/{i}", timeout=10).ok
+        receiver.wait_for(lambda ss: len(_paths(ss, "edge-many", f"/many-{tag}/")) == 20,
+                          timeout_s=60)
+        rss_after = rss_mb(agent.pid)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(10)
+    assert agent.popen.poll() is None
+    assert agent.stop() == 0
+    log = agent.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    st = final_stats(log)
+    assert st["callback_errors"] == 0 and st["proc_events_lost"] == 0, st
+    per_proc_kb = (rss_after - rss_before) * 1024 / N_PROCS
+    assert rss_after < RSS_CAP_MB, (rss_before, rss_after)
+    print(f"\n{N_PROCS} processes: agent rss {rss_before:.0f} -> {rss_after:.0f} MB "
+          f"({per_proc_kb:.0f} KB per process)")
