@@ -266,6 +266,20 @@ BPF_TABLE_PINNED("lru_hash", struct bridge_ctx_key, struct bridge_ctx_value, ctx
 #endif
 BPF_TABLE_PINNED("lru_hash", struct bridge_conn_key, struct bridge_ctx_value, ctx_by_conn,
                  BRIDGE_CTX_MAX_ENTRIES, PIN_CTX_BY_CONN);
+/* The other direction, read by applications (bridge.current_span_context): the server exchange
+ * each thread serves, and the salt user space derives span ids from (written at start). */
+#ifndef PIN_SERVER_BY_TID
+#define PIN_SERVER_BY_TID BRIDGE_PIN_DIR "/server_by_tid"
+#endif
+#ifndef PIN_ID_SALT
+#define PIN_ID_SALT BRIDGE_PIN_DIR "/id_salt"
+#endif
+struct id_salt {
+    __u8 bytes[24];
+};
+BPF_TABLE_PINNED("lru_hash", struct bridge_ctx_key, __u64, server_by_tid, BRIDGE_CTX_MAX_ENTRIES,
+                 PIN_SERVER_BY_TID);
+BPF_TABLE_PINNED("array", __u32, struct id_salt, id_salt, 1, PIN_ID_SALT);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline void stat_inc(int slot)
@@ -449,6 +463,7 @@ static __always_inline void start_exchange(struct exchange *st, struct sock_key 
             struct bridge_ctx_value *old = ctx_by_tid.lookup(&key);
             if (old && !(old->flags & BRIDGE_CTX_F_TASK_SCOPED))
                 ctx_by_tid.delete(&key);
+            server_by_tid.update(&key, &st->exchange_id);
         }
         active_server.update(&tid, &st->exchange_id);
     } else {
@@ -1274,6 +1289,7 @@ static __always_inline void forget_thread_ctx(__u32 tgid)
     key.pidns_ino = pi->ns_ino;
     key.tid = ns.pid;
     ctx_by_tid.delete(&key);
+    server_by_tid.delete(&key);
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit)

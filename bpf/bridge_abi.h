@@ -40,6 +40,13 @@
  * request on it must not clear the entry (the SDK keeps it in step with the running task). */
 #define BRIDGE_CTX_F_TASK_SCOPED 0x4
 
+/* bridge_ctx_value.sdk_span_kind: the OTLP SpanKind numbers (0 = unspecified). */
+#define BRIDGE_SDK_KIND_INTERNAL 1
+#define BRIDGE_SDK_KIND_SERVER 2
+#define BRIDGE_SDK_KIND_CLIENT 3
+#define BRIDGE_SDK_KIND_PRODUCER 4
+#define BRIDGE_SDK_KIND_CONSUMER 5
+
 /* Keyed as both sides can name a thread: the PID namespace inode plus the thread id inside that
  * namespace. An app in a container cannot know its host tid; BPF gets the namespaced ids from
  * bpf_get_ns_current_pid_tgid(). */
@@ -69,7 +76,9 @@ struct bridge_ctx_value {
      * of that connection (the thread's latest inbound request is only right for
      * thread-per-request servers, never for an event loop serving many requests). */
     __u16 server_peer_port;
-    /* Reserved for OpenTelemetry SDK coexistence: the active SDK span on this thread. */
+    /* OpenTelemetry SDK coexistence (flag BRIDGE_CTX_F_SDK_SPAN): the SDK span active on this
+     * thread, written by sdk_side.otel.BridgeSpanProcessor. The agent parents its spans under
+     * it and drops its own span where this one, of the same kind, covers the operation. */
     __u8 sdk_trace_id[16];
     __u8 sdk_span_id[8];
     __u8 sdk_span_kind;

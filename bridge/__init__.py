@@ -13,7 +13,9 @@ Other scopes: ``bridge.asyncio`` (one loop thread, many requests), ``annotate_co
 (context keyed by socket), ``propagate`` (carry context into a worker thread),
 ``bind_request`` (name the request's inbound connection, so outgoing calls are parented under
 its server span on an event loop; the integrations do it), and the framework integrations in
-``sdk_side.integrations``.
+``sdk_side.integrations``. ``current_span_context`` names the kernel's server span for the
+request the thread serves; ``sdk_side.otel`` makes the OpenTelemetry SDK and the agent produce
+one trace with one span per operation.
 
 The writer lives in ``sdk_side`` and is imported on first use, so code that only needs the
 shared contract (the agent imports ``bridge._abi``) never loads it.
@@ -27,6 +29,7 @@ from bridge._abi import AttrValue
 from bridge._status import BridgeStatus
 
 if TYPE_CHECKING:
+    from sdk_side._spans import KernelSpanContext, current_span_context
     from sdk_side._writer import (
         annotate,
         annotate_connection,
@@ -41,12 +44,14 @@ if TYPE_CHECKING:
 __all__ = [
     "AttrValue",
     "BridgeStatus",
+    "KernelSpanContext",
     "annotate",
     "annotate_connection",
     "bind_request",
     "clear",
     "clear_connection",
     "context",
+    "current_span_context",
     "propagate",
     "status",
 ]
@@ -68,6 +73,12 @@ _LAZY = frozenset(
 def __getattr__(name: str) -> Any:
     # PEP 562: load the writer on first use, then bind it here so later look-ups are plain
     # module attributes with no indirection on the hot path.
+    if name in ("current_span_context", "KernelSpanContext"):
+        from sdk_side import _spans
+
+        value = getattr(_spans, name)
+        globals()[name] = value
+        return value
     if name in _LAZY:
         from sdk_side import _writer
 

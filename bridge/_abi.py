@@ -20,6 +20,12 @@ CTX_BY_TID_PIN: Final = f"{PIN_DIR}/{CTX_BY_TID_NAME}"
 CTX_BY_CONN_NAME: Final = "ctx_by_conn"
 CTX_BY_CONN_PIN: Final = f"{PIN_DIR}/{CTX_BY_CONN_NAME}"
 CTX_MAX_ENTRIES: Final = 16384
+# The other direction (agent -> app), readable by the app group: the server exchange each thread
+# is serving (key as ctx_by_tid, value u64 exchange id), and the salt the agent derives span and
+# trace ids from (one entry, 24 bytes). bridge.current_span_context() combines the two.
+SERVER_BY_TID_NAME: Final = "server_by_tid"
+ID_SALT_NAME: Final = "id_salt"
+ID_SALT_SIZE: Final = 24
 
 MAX_ATTRS: Final = 8
 MAX_KEY_LEN: Final = 48
@@ -35,6 +41,64 @@ CTX_F_TRUNCATED: Final = 0x1
 CTX_F_SDK_SPAN: Final = 0x2
 CTX_F_TASK_SCOPED: Final = 0x4
 """Written from an asyncio task: the kernel must not clear it when a new request starts."""
+
+# sdk_span_kind: OTLP SpanKind numbers (0 = unspecified).
+SDK_KIND_INTERNAL: Final = 1
+SDK_KIND_SERVER: Final = 2
+SDK_KIND_CLIENT: Final = 3
+SDK_KIND_PRODUCER: Final = 4
+SDK_KIND_CONSUMER: Final = 5
+SDK_SPAN_OFFSET: Final = 8
+"""Offset of sdk_trace_id in the value; sdk_span_id and sdk_span_kind follow it."""
+SDK_SPAN_SIZE: Final = 16 + 8 + 1
+
+
+_MASK64: Final = (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection on 64-bit integers (distinct in, distinct out)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def exchange_span_id(salt: bytes, exchange_id: int, index: int = 0) -> bytes:
+    """The span id the agent gives message ``index`` of kernel exchange ``exchange_id``."""
+    s1 = int.from_bytes(salt[0:8], "little")
+    v = mix64(s1 ^ (((exchange_id << 16) | (index & 0xFFFF)) & _MASK64)) or 1
+    return v.to_bytes(8, "big")
+
+
+def exchange_trace_id(salt: bytes, exchange_id: int, index: int = 0) -> bytes:
+    """The trace id the agent starts for message ``index`` of a root exchange."""
+    s2 = int.from_bytes(salt[8:16], "little")
+    s3 = int.from_bytes(salt[16:24], "little")
+    key = ((exchange_id << 16) | (index & 0xFFFF)) & _MASK64
+    return mix64(s2 ^ key).to_bytes(8, "big") + (mix64(s3 ^ key) or 1).to_bytes(8, "big")
+
+
+@dataclass(frozen=True)
+class SdkSpan:
+    """The SDK span a context entry names (``CTX_F_SDK_SPAN``)."""
+
+    trace_id: bytes
+    span_id: bytes
+    kind: int
+
+
+def sdk_span_of(value: bytes) -> SdkSpan | None:
+    """The SDK span recorded in a ``struct bridge_ctx_value``, if its flag is set and the ids
+    are valid (non-zero); None otherwise. Never raises on short or malformed input."""
+    end = SDK_SPAN_OFFSET + SDK_SPAN_SIZE
+    if len(value) < end or not value[3] & CTX_F_SDK_SPAN:
+        return None
+    trace_id = bytes(value[SDK_SPAN_OFFSET : SDK_SPAN_OFFSET + 16])
+    span_id = bytes(value[SDK_SPAN_OFFSET + 16 : SDK_SPAN_OFFSET + 24])
+    if not any(trace_id) or not any(span_id):
+        return None
+    return SdkSpan(trace_id, span_id, value[end - 1])
 
 # struct bridge_ctx_key { u64 pidns_ino; u32 tid; u32 _pad; }
 CTX_KEY: Final = struct.Struct("<QII")

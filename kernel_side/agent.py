@@ -22,7 +22,7 @@ from typing import Any
 import bpf
 from bridge import _abi
 from kernel_side import processes
-from kernel_side.assembly import SpanAssembler
+from kernel_side.assembly import IdSource, SpanAssembler
 from kernel_side.config import AgentConfig
 from kernel_side.events import (
     EV_CHUNK,
@@ -300,6 +300,7 @@ class Agent:
         self.fanout: Fanout | None = None
         self.callback_errors = 0
         self.idle_flushed = 0
+        self.ids = IdSource()
         # Entries user space removed from `conns` / `socks` (idle flush, dead processes): the
         # eviction arithmetic in table_stats subtracts them.
         self.conns_deleted_user = 0
@@ -346,6 +347,8 @@ class Agent:
             f"-DRINGBUF_PAGES={pages}",
             f'-DPIN_CTX_BY_TID="{pin}"',
             f'-DPIN_CTX_BY_CONN="{os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME)}"',
+            f'-DPIN_SERVER_BY_TID="{os.path.join(cfg.pin_dir, _abi.SERVER_BY_TID_NAME)}"',
+            f'-DPIN_ID_SALT="{os.path.join(cfg.pin_dir, _abi.ID_SALT_NAME)}"',
             "-Wno-macro-redefined",
         ]
         src = (bpf.SOURCE_DIR / "agent.bpf.c").read_text()
@@ -358,10 +361,19 @@ class Agent:
             ) from None
         self._secure_pin(pin)
         self._secure_pin(os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME))
+        # Span ids are not secrets: the app group may read which exchange a thread serves.
+        self._secure_pin(os.path.join(cfg.pin_dir, _abi.SERVER_BY_TID_NAME),
+                         group_mode=stat.S_IRGRP)
+        self._secure_pin(os.path.join(cfg.pin_dir, _abi.ID_SALT_NAME), group_mode=stat.S_IRGRP)
+        # A fresh salt for this run, published for bridge.current_span_context().
+        salt = b["id_salt"]
+        leaf = salt.Leaf()
+        ctypes.memmove(ctypes.addressof(leaf), self.ids.salt, _abi.ID_SALT_SIZE)
+        salt[salt.Key(0)] = leaf
         return b
 
-    def _secure_pin(self, pin: str) -> None:
-        # Apps open the map write-only; only root (the agent) may read it.
+    def _secure_pin(self, pin: str, group_mode: int = stat.S_IWGRP) -> None:
+        # Apps open the context maps write-only; only root (the agent) may read them.
         if self.cfg.app_group:
             try:
                 gid = grp.getgrnam(self.cfg.app_group).gr_gid
@@ -371,7 +383,7 @@ class Agent:
                     "create it (groupadd) or pass an existing group"
                 ) from None
             os.chown(pin, 0, gid)
-            os.chmod(pin, stat.S_IRUSR | stat.S_IWUSR | stat.S_IWGRP)
+            os.chmod(pin, stat.S_IRUSR | stat.S_IWUSR | group_mode)
         else:
             os.chmod(pin, stat.S_IRUSR | stat.S_IWUSR)
 
@@ -401,6 +413,7 @@ class Agent:
         self.assembler = SpanAssembler(
             self.registry, self.fanout.submit, route_heuristic=self.cfg.route_heuristic,
             parent_wait_s=self.cfg.parent_wait_s, stitch_wait_s=self.cfg.stitch_wait_s,
+            ids=self.ids,
         )
         register_all(self.assembler, raw_query_text=self.cfg.raw_query_text)
         self.streams = StreamSpans(self.assembler, max_connections=self.cfg.max_connections,
@@ -637,6 +650,7 @@ class Agent:
                       f"stitch_wait_us_total={s.stitch_wait_us_total}",
                       f"stitch_wait_us_max={s.stitch_wait_us_max}"]
             parts.append(f"pending_overflow={s.pending_overflow}")
+            parts += [f"sdk_covered={s.sdk_covered}", f"sdk_parented={s.sdk_parented}"]
         if self.streams is not None:
             parts.append(f"h2_conns_evicted={self.streams.evicted}")
         parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]

@@ -29,33 +29,27 @@ from kernel_side.protocols.traceparent import parse_traceparent
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
-
-
-def _mix64(x: int) -> int:
-    # splitmix64 finaliser: a bijection, so distinct exchange ids give distinct ids.
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+_mix64 = _abi.mix64
 
 
 class IdSource:
     """Span and trace ids derived from exchange ids, unique per agent run."""
 
     def __init__(self, salt: bytes | None = None) -> None:
-        raw = salt if salt is not None else os.urandom(24)
+        raw = salt if salt is not None else os.urandom(_abi.ID_SALT_SIZE)
+        self.salt = raw
         self._s1 = int.from_bytes(raw[0:8], "little")
         self._s2 = int.from_bytes(raw[8:16], "little")
         self._s3 = int.from_bytes(raw[16:24], "little")
 
     def span_id(self, exchange_id: int, index: int = 0) -> bytes:
-        """The span id of message ``index`` of an exchange.
+        """The span id of message ``index`` of an exchange (``bridge._abi.exchange_span_id``,
+        which applications use to name the kernel's server span).
 
         Distinct for every exchange id below 2**48 (a counter) and index below 2**16 (a
         capture buffer holds at most a few hundred pipelined requests).
         """
-        v = _mix64(self._s1 ^ (((exchange_id << 16) | (index & 0xFFFF)) & _MASK64)) or 1
-        return v.to_bytes(8, "big")
+        return _abi.exchange_span_id(self.salt, exchange_id, index)
 
     def stream_span_id(self, conn_id: int, stream_id: int) -> bytes:
         """The span id of stream ``stream_id`` of a multiplexed connection."""
@@ -69,11 +63,9 @@ class IdSource:
                 + (_mix64(self._s3 ^ key) or 1).to_bytes(8, "big"))
 
     def trace_id(self, exchange_id: int, index: int = 0) -> bytes:
-        """The trace id that message ``index`` of a root exchange starts."""
-        key = ((exchange_id << 16) | (index & 0xFFFF)) & _MASK64
-        hi = _mix64(self._s2 ^ key)
-        lo = _mix64(self._s3 ^ key) or 1
-        return hi.to_bytes(8, "big") + lo.to_bytes(8, "big")
+        """The trace id that message ``index`` of a root exchange starts
+        (``bridge._abi.exchange_trace_id``)."""
+        return _abi.exchange_trace_id(self.salt, exchange_id, index)
 
 
 _StitchKey = tuple[str, int, str, int, int]
@@ -110,6 +102,10 @@ class AssemblyStats:
     stitch_wait_us_total: int = 0
     stitch_wait_us_max: int = 0
     """How long server spans waited for their client span (the ones that found it)."""
+    sdk_covered: int = 0
+    """Spans not emitted because an OpenTelemetry SDK span of the same kind covered them."""
+    sdk_parented: int = 0
+    """Spans parented under the SDK span that was active when the kernel saw them."""
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -142,6 +138,9 @@ class SpanAssembler:
         # Kernel timestamps are CLOCK_MONOTONIC; spans want Unix time.
         self._epoch_offset_ns = time.time_ns() - time.monotonic_ns()
         self._servers: OrderedDict[int, bytes] = OrderedDict()
+        # Server exchanges whose span the SDK made: exchange id -> the SDK span's id, the parent
+        # of the client spans that wait on that exchange.
+        self._sdk_servers: OrderedDict[int, bytes] = OrderedDict()
         self._max_servers = 65_536
         self._waiting: dict[int, list[_Waiting]] = {}
         self._n_waiting = 0
@@ -278,6 +277,8 @@ class SpanAssembler:
                 attrs[semconv.BRIDGE_CONTEXT_TRUNCATED] = True
             attrs.update(business)
             span_id = self.ids.span_id(ex.exchange_id, idx)
+            if server and idx == 0 and self._sdk_covers_server(ex):
+                continue
             if server:
                 self._http_server_attrs(attrs, req, ex, local_port)
                 name = req.method
@@ -423,6 +424,8 @@ class SpanAssembler:
         """Give ``span`` its trace and parent and hand it on: a client span joins the server
         span its thread was serving; a server span starts a trace."""
         if span.kind == SpanKind.SERVER:
+            if index == 0 and self._sdk_covers_server(ex):
+                return
             span.trace_id = self.ids.trace_id(ex.exchange_id, index)
             if index == 0:
                 self._server_done(ex.exchange_id, span.trace_id)
@@ -454,8 +457,34 @@ class SpanAssembler:
         if exchange_id in self._waiting:
             self._release(exchange_id, trace_id, timed_out=False)
 
+    def _sdk_covers_server(self, ex: Exchange) -> bool:
+        """Whether an SDK server span was active for this server exchange (then it is the
+        operation's one span: the agent's is dropped, and the client spans waiting on the
+        exchange join the SDK span)."""
+        sdk = _abi.sdk_span_of(ex.ctx) if ex.ctx is not None else None
+        if sdk is None or sdk.kind != _abi.SDK_KIND_SERVER:
+            return False
+        self.stats.sdk_covered += 1
+        self._sdk_servers[ex.exchange_id] = sdk.span_id
+        if len(self._sdk_servers) > self._max_servers:
+            self._sdk_servers.popitem(last=False)
+        self._server_done(ex.exchange_id, sdk.trace_id)
+        return True
+
     def _route_client(self, span: SpanRecord, ex: Exchange, traceparent: str | None,
                       index: int) -> None:
+        sdk = _abi.sdk_span_of(ex.ctx) if ex.ctx is not None else None
+        if sdk is not None:
+            if sdk.kind == _abi.SDK_KIND_CLIENT:
+                # The SDK's client span (requests, psycopg instrumentation...) is this call.
+                self.stats.sdk_covered += 1
+                self._client_keys.pop(span.span_id, None)
+                return
+            span.attributes.pop(semconv.HTTP_ROUTE, None)
+            span.trace_id, span.parent_span_id = sdk.trace_id, sdk.span_id
+            self.stats.sdk_parented += 1
+            self._emit(span)
+            return
         self.route_client(span, ex.parent_exchange_id, traceparent,
                           lambda: self.ids.trace_id(ex.exchange_id, index))
 
@@ -474,7 +503,7 @@ class SpanAssembler:
                 span.trace_id = root_trace()
             self._emit(span)
             return
-        span.parent_span_id = self.ids.span_id(parent)
+        span.parent_span_id = self._sdk_servers.get(parent) or self.ids.span_id(parent)
         trace_id = self._servers.get(parent)
         if trace_id is not None:
             span.trace_id = trace_id
@@ -494,8 +523,11 @@ class SpanAssembler:
         self._n_waiting -= len(items)
         if timed_out:
             self.stats.parent_timeouts += len(items)
+        sdk_parent = self._sdk_servers.get(parent_id)
         for w in items:
             w.span.trace_id = trace_id
+            if sdk_parent is not None:
+                w.span.parent_span_id = sdk_parent
             self._emit(w.span)
 
     def _emit(self, span: SpanRecord) -> None:

@@ -144,6 +144,10 @@ def agent_metrics(agent: Any) -> list[Metric]:
                    "client spans exported without their server span's trace (wait expired)"),
             Metric("pending_overflow", "counter", s.pending_overflow,
                    "spans released early because too many were waiting for a parent"),
+            Metric("sdk_covered", "counter", s.sdk_covered,
+                   "spans not emitted because an OpenTelemetry SDK span covered the operation"),
+            Metric("sdk_parented", "counter", s.sdk_parented,
+                   "spans parented under the OpenTelemetry SDK span active at the time"),
             Metric("waiting_parent", "gauge", asm.waiting,
                    "client spans currently held back waiting for their parent's trace"),
         ]

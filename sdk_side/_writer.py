@@ -45,6 +45,9 @@ RETRY_INTERVAL_S: Final = 1.0
 _HEAD: Final = struct.Struct("<HBBHH")  # version, attr_count, flags, data_len, server_peer_port
 _ATTR_HEAD: Final = struct.Struct("<BBH")
 _DATA_OFF: Final = _abi.CTX_VALUE_HEADER.size
+_SDK_OFF: Final = _abi.SDK_SPAN_OFFSET
+_SDK_SIZE: Final = _abi.SDK_SPAN_SIZE
+_SDK_END: Final = _SDK_OFF + _SDK_SIZE
 _VALUE_SIZE: Final = _abi.CTX_VALUE_SIZE
 _MAX_ATTRS: Final = _abi.MAX_ATTRS
 _ATTR_BYTES: Final = _abi.ATTR_BYTES
@@ -115,6 +118,8 @@ class _Thread:
         "owner",
         "pid",
         "port",
+        "sdk",
+        "sdk_in_buf",
         "stale",
         "synced",
         "trunc",
@@ -134,6 +139,10 @@ class _Thread:
         # The client port of the request's inbound connection (bind_request), part of the
         # mirror: it belongs to the request whose context the entry holds.
         self.port = 0
+        # The active OpenTelemetry SDK span (sdk_side.otel): trace id, span id and kind as the
+        # value stores them, or b"" for none. Part of the mirror, like ``port``.
+        self.sdk = b""
+        self.sdk_in_buf = b""  # what ``buf`` holds there, so annotate rewrites it only on change
         self.synced = False  # ``buf`` holds exactly the mirror's value
         # The task context (see _TaskCtx) whose value the entry holds; None when it holds
         # thread-scoped context or nothing. Compared by identity on every asyncio task step.
@@ -174,7 +183,7 @@ class _Thread:
     @property
     def holds(self) -> bool:
         """Whether the entry holds something of ours (attributes or a bound connection)."""
-        return bool(self.mirror) or self.port != 0
+        return bool(self.mirror) or self.port != 0 or bool(self.sdk)
 
     def forget(self) -> None:
         """Record that nothing of ours is (or should be treated as being) in the map."""
@@ -182,6 +191,7 @@ class _Thread:
         self.data = b""
         self.trunc = False
         self.port = 0
+        self.sdk = b""
         self.synced = False
 
     def fill(self, recs: dict[str, bytes], data: bytes, trunc: bool, port: int,
@@ -192,6 +202,12 @@ class _Thread:
         total = len(data)
         if trunc:
             flags |= _abi.CTX_F_TRUNCATED
+        sdk = self.sdk if not flags & _TASK_FLAGS else b""
+        if sdk:
+            flags |= _abi.CTX_F_SDK_SPAN
+        if sdk != self.sdk_in_buf:
+            buf[_SDK_OFF:_SDK_END] = sdk or _ZEROS[:_SDK_SIZE]
+            self.sdk_in_buf = sdk
         _HEAD.pack_into(buf, 0, _ABI_VERSION, len(recs), flags, total, port)
         end = _DATA_OFF + total
         buf[_DATA_OFF:end] = data
@@ -512,6 +528,8 @@ def annotate(**attrs: AttrValue) -> None:
     """
     # This is the hot path: it is written out in one function on purpose (each Python call
     # costs about as much as encoding an attribute).
+    if _span_hook is not None:
+        _span_hook(attrs)
     if _ctx_get() is not None or _in_loop():
         # asyncio (or work running in a copied task context): task scope.
         _task_annotate(attrs)
@@ -567,7 +585,7 @@ def annotate(**attrs: AttrValue) -> None:
     if cut:
         p.truncated_values += cut
     st.stale = False
-    if not mirror and not st.port:
+    if not mirror and not st.port and not st.sdk:
         _write_new(st, merged, cut > 0)
         return
     dropped = 0
@@ -660,7 +678,7 @@ def bind_request(peer_port: int | None) -> None:
         if peer_port:
             _write_new(st, {}, False, peer_port)
         return
-    if not st.mirror and not peer_port:
+    if not st.mirror and not peer_port and not st.sdk:
         st.forget()
         _delete(st)
         return
@@ -677,6 +695,71 @@ def bind_request(peer_port: int | None) -> None:
             _write_new(st, {}, False, peer_port)
         return
     _count_failure(err, "update")
+
+
+_span_hook: Callable[[dict[str, AttrValue]], None] | None = None
+"""Set by ``sdk_side.otel.BridgeSpanProcessor``: also puts annotated attributes on the active
+SDK span (validating them first, so a caller error still raises before anything is written)."""
+
+
+def set_span_hook(hook: Callable[[dict[str, AttrValue]], None] | None) -> None:
+    """Install (or remove, with None) the hook ``annotate`` calls first."""
+    global _span_hook
+    _span_hook = hook
+
+
+def thread_attributes() -> dict[str, AttrValue]:
+    """The business attributes this thread's entry holds, decoded (thread scope; ``{}`` when
+    none or when the kernel has cleared them for a new request)."""
+    st: _Thread | None = getattr(_tls, "s", None)
+    if st is None or not st.mirror or st.stale:
+        return {}
+    return _abi.decode_attrs(st.data, len(st.mirror))
+
+
+def set_sdk_span(sdk: bytes) -> bool:
+    """Record the active OpenTelemetry SDK span in this thread's entry (``b""``: none).
+
+    ``sdk`` is ``trace_id (16 bytes) + span_id (8) + kind (1, OTLP numbering)``; called by
+    ``sdk_side.otel.BridgeSpanProcessor``. Thread scope only: on an asyncio loop thread (or
+    inside a copied task context) it does nothing and returns False, because the entry there
+    follows the running task. Never raises; False also when no agent runs.
+    """
+    if _ctx_get() is not None or _in_loop():
+        return False
+    if not _refresh():
+        return False
+    st = _thread()
+    if st.sdk == sdk:
+        return True
+    if not st.holds:
+        if sdk:
+            st.sdk = sdk
+            _write_new(st, {}, False)
+        return True
+    if not st.mirror and not st.port and not sdk:
+        st.forget()
+        _delete(st)
+        return True
+    old = st.sdk
+    st.sdk = sdk
+    st.fill(st.mirror, st.data, st.trunc, st.port)
+    err = _update(st.a_exist)
+    if err == 0:
+        st.set_mirror(st.mirror, st.data, st.trunc, st.port)
+        return True
+    st.synced = False
+    if err == errno.ENOENT:
+        # The kernel cleared the entry (a new inbound request): the attributes belonged to an
+        # earlier request; only the span being recorded now is this request's.
+        st.forget()
+        if sdk:
+            st.sdk = sdk
+            _write_new(st, {}, False)
+        return True
+    st.sdk = old
+    _count_failure(err, "update")
+    return True
 
 
 def _delete(st: _Thread) -> None:
@@ -743,7 +826,7 @@ class context:
             # The map changed, the entry is already gone (cleared by the kernel or by
             # clear()), or the block changed nothing: nothing to undo.
             return
-        if not mirror and not st.port:
+        if not mirror and not st.port and not st.sdk:
             st.forget()
             _delete(st)
             return

@@ -34,6 +34,8 @@ def test_constants_match() -> None:
     assert int(d["BRIDGE_CTX_F_TRUNCATED"], 0) == _abi.CTX_F_TRUNCATED
     assert int(d["BRIDGE_CTX_F_SDK_SPAN"], 0) == _abi.CTX_F_SDK_SPAN
     assert int(d["BRIDGE_CTX_F_TASK_SCOPED"], 0) == _abi.CTX_F_TASK_SCOPED
+    for kind in ("INTERNAL", "SERVER", "CLIENT", "PRODUCER", "CONSUMER"):
+        assert int(d[f"BRIDGE_SDK_KIND_{kind}"]) == getattr(_abi, f"SDK_KIND_{kind}")
 
 
 def test_layout_compiled_by_bcc_matches_python() -> None:

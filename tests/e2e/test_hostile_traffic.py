@@ -1,7 +1,8 @@
 """Hostile and broken traffic against traced servers (a Python http.server and Debian's nginx):
 binary garbage, clients that claim HTTP/Redis/PostgreSQL and are not, 64 KB headers, 10,000
-concurrent idle connections, 20,000 short connections, 1,000 selected processes. The agent keeps producing correct
-spans, counts what it could not parse, never crashes, and its memory stays bounded.
+concurrent idle connections, 20,000 short connections, 1,000 selected processes. The agent
+keeps producing correct spans, counts what it could not parse, never crashes, and its memory
+stays bounded.
 Loopback only; every load is bounded in count and time."""
 
 from __future__ import annotations

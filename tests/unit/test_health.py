@@ -73,6 +73,8 @@ class _Stats:
     parse_errors: int = 2
     parent_timeouts: int = 0
     pending_overflow: int = 0
+    sdk_covered: int = 4
+    sdk_parented: int = 6
 
 
 @dataclass
@@ -112,6 +114,8 @@ def test_agent_metrics_names_every_counter_format_stats_logs() -> None:
     assert s["ebpf_bridge_start_to_ready_seconds"] == 0.4
     assert s["ebpf_bridge_conns_live"] == 7  # entries now: a gauge
     assert s["ebpf_bridge_conns_evicted_total"] == 8
+    assert s["ebpf_bridge_sdk_covered_total"] == 4
+    assert s["ebpf_bridge_sdk_parented_total"] == 6
 
 
 def test_agent_metrics_before_anything_is_built() -> None:
