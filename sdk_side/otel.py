@@ -17,6 +17,13 @@ nested under the SDK span that was active. ``bridge.annotate`` also sets its att
 active SDK span, and SDK spans started later in the request get the thread's business
 attributes, so they carry the same context as the agent's spans.
 
+The other direction: where the app has no SDK server span (it uses the SDK only for a few
+business spans), ``kernel_context()`` is the kernel's server span as an OpenTelemetry parent
+context, so a manual span nests under it and the whole request is one trace::
+
+    with tracer.start_as_current_span("price-check", context=kernel_context()):
+        ...
+
 Thread scope only (WSGI servers, thread pools): on an asyncio loop thread the entry follows the
 running task and the processor leaves it alone; the agent's spans there are not parented under
 SDK spans (see the README).
@@ -26,13 +33,14 @@ from __future__ import annotations
 
 import threading
 
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
 from bridge import _abi
 from bridge._abi import AttrValue
-from sdk_side import _writer
+from sdk_side import _spans, _writer
 
 _KINDS: dict[SpanKind, int] = {
     SpanKind.INTERNAL: _abi.SDK_KIND_INTERNAL,
@@ -59,8 +67,6 @@ def _encode(span: ReadableSpan) -> bytes | None:
 
 
 def _set_on_current_span(attrs: dict[str, AttrValue]) -> None:
-    from opentelemetry import trace
-
     # Raise for a caller error exactly as annotate would, before anything is written.
     for k, v in attrs.items():
         _abi.check_attr(k, v)
@@ -127,3 +133,20 @@ class BridgeSpanProcessor(SpanProcessor):
         """Nothing is buffered here."""
         return True
 
+
+
+def kernel_context(traceparent: str | None = None) -> Context | None:
+    """The kernel's server span for the request this thread serves, as a parent context for
+    ``tracer.start_as_current_span(..., context=...)``; None when the agent does not know it
+    (then the SDK's default, the current context, applies). ``traceparent``: the request's
+    incoming header, if any (see ``bridge.current_span_context``)."""
+    ksc = _spans.current_span_context(traceparent)
+    if ksc is None:
+        return None
+    parent = SpanContext(
+        trace_id=int.from_bytes(ksc.trace_id, "big"),
+        span_id=int.from_bytes(ksc.span_id, "big"),
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(parent))
