@@ -930,6 +930,11 @@ def _task_sync(c: _TaskCtx | None) -> bool:
     if st.owner is c and (c is None or st.holds):
         return True
     if c is None:
+        # The entry no longer holds the previous owner's context: say so, or that task's next
+        # step would take the step hook's fast path (owner is its context) and run its I/O
+        # with no entry at all (a step of a context-less task, such as asyncio's accept task,
+        # between two steps of one request).
+        st.owner = None
         if st.holds:
             st.forget()
             _delete(st)

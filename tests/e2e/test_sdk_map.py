@@ -7,6 +7,7 @@ fd, the way the agent's probes would look them up.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 import bridge
+import bridge.asyncio
 from bridge import _abi, _env
 from bridge._abi import AttrValue
 from sdk_side import _bpf, _writer
@@ -250,6 +252,35 @@ def test_clear_deletes(pinned: PinnedMap) -> None:
     bridge.clear()  # idempotent
     bridge.annotate(user_id="u-1")
     assert pinned.entry() == {"user_id": "u-1"}
+
+
+def test_task_context_rewritten_after_a_contextless_step(pinned: PinnedMap) -> None:
+    """A step of a task without context (asyncio's accept task, a new request's first step)
+    deletes the loop thread's entry; the next step of the task that owned it must write it
+    again before its I/O (the one-loop e2e test's untagged HTTP client span)."""
+    seen: list[dict[str, AttrValue] | None] = []
+
+    async def main() -> None:
+        bridge.asyncio.install()
+        annotated, go = asyncio.Event(), asyncio.Event()
+
+        async def request() -> None:
+            bridge.annotate(tenant_id="a")
+            annotated.set()
+            await go.wait()
+            seen.append(pinned.entry())  # what the kernel would snapshot for I/O here
+
+        async def contextless() -> None:
+            go.set()
+
+        task = asyncio.create_task(request())
+        await annotated.wait()
+        assert pinned.entry() == {"tenant_id": "a"}
+        await asyncio.create_task(contextless())
+        await task
+
+    asyncio.run(main())
+    assert seen == [{"tenant_id": "a"}]
 
 
 def test_truncation_and_budget_are_counted_and_flagged(pinned: PinnedMap) -> None:
