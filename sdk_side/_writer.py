@@ -708,6 +708,15 @@ def set_span_hook(hook: Callable[[dict[str, AttrValue]], None] | None) -> None:
     _span_hook = hook
 
 
+def thread_data() -> bytes:
+    """This thread's encoded attribute block (``b""`` when none, or cleared by the kernel);
+    the same object until the attributes change."""
+    st: _Thread | None = getattr(_tls, "s", None)
+    if st is None or st.stale:
+        return b""
+    return st.data
+
+
 def thread_attributes() -> dict[str, AttrValue]:
     """The business attributes this thread's entry holds, decoded (thread scope; ``{}`` when
     none or when the kernel has cleared them for a new request)."""

@@ -56,14 +56,10 @@ class _Stack(threading.local):
         # (span id, encoded span) of the spans started and not yet ended on this thread,
         # innermost last.
         self.items: list[tuple[int, bytes]] = []
-
-
-def _encode(span: ReadableSpan) -> bytes | None:
-    ctx = span.get_span_context()
-    if ctx is None or not ctx.is_valid:
-        return None
-    kind = _KINDS.get(span.kind, _abi.SDK_KIND_INTERNAL)
-    return ctx.trace_id.to_bytes(16, "big") + ctx.span_id.to_bytes(8, "big") + bytes((kind,))
+        # The thread's attribute block last decoded, and its decoding: most spans of a request
+        # see the same block.
+        self.data: bytes = b""
+        self.attrs: dict[str, AttrValue] = {}
 
 
 def _set_on_current_span(attrs: dict[str, AttrValue]) -> None:
@@ -90,15 +86,20 @@ class BridgeSpanProcessor(SpanProcessor):
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         """Make ``span`` the thread's active SDK span."""
-        encoded = _encode(span)
-        if encoded is None:
+        ctx = span.get_span_context()
+        if ctx is None or not ctx.is_valid:
             return
+        kind = _KINDS.get(span.kind, _abi.SDK_KIND_INTERNAL)
+        encoded = ctx.trace_id.to_bytes(16, "big") + ctx.span_id.to_bytes(8, "big") + bytes(
+            (kind,))
+        stack = self._stack
         if self._copy:
-            attrs = _writer.thread_attributes()
-            if attrs:
-                span.set_attributes(attrs)
-        items = self._stack.items
-        items.append((span.get_span_context().span_id, encoded))
+            data = _writer.thread_data()
+            if data:
+                if data is not stack.data:
+                    stack.data, stack.attrs = data, _writer.thread_attributes()
+                span.set_attributes(stack.attrs)
+        stack.items.append((ctx.span_id, encoded))
         _writer.set_sdk_span(encoded)
 
     def on_end(self, span: ReadableSpan) -> None:
