@@ -1,6 +1,7 @@
 """Every benchmark in one command, with short defaults (about 10 minutes on 2 cores).
 
-Runs, in order: annotate_vs_sdk (annotate() vs an OpenTelemetry SDK span), pipeline_bench
+Runs, in order: annotate_vs_sdk (annotate() vs an OpenTelemetry SDK span), otel_processor
+(what BridgeSpanProcessor adds to an SDK span), pipeline_bench
 (agent user-space cost per span by stage), agent_bench at max rate and paced (nginx worst
 case), and flask_bench (bare vs OpenTelemetry auto-instrumentation vs agent + annotate, at max
 rate and paced). Each writes its own JSON under bench/results/; this prints every table and
@@ -56,6 +57,8 @@ def benches(quick: bool) -> dict[str, list[str]]:
     return {
         "annotate_vs_sdk": ["bench/annotate_vs_sdk.py", "--iterations",
                             "20000" if quick else "50000", "--repeat", "5"],
+        "otel_processor": ["bench/otel_processor_bench.py", "--iterations",
+                           "5000" if quick else "20000", "--repeat", "5"],
         "pipeline": ["bench/pipeline_bench.py", "--n", "2000" if quick else "5000",
                      "--repeat", "3"],
         "agent_max": ["bench/agent_bench.py", "--duration", d, "--repeat", "2"],
