@@ -83,6 +83,14 @@ def test_one_trace_one_span_per_operation(mode: str, harness: Harness, receiver:
                 s.attributes.get("tenant_id", tag)) for s in shop) >= N
 
     spans = receiver.wait_for(complete, timeout_s=60)
+    if mode == "manual":
+        # A caller's traceparent: the agent continues that trace, and so does the manual span.
+        caller_trace = secrets.token_hex(16)
+        r = requests.get(f"http://127.0.0.1:{port}/order/{tag}-tp", timeout=10, headers={
+            "X-Tenant-ID": f"t{tag}-tp", "traceparent": f"00-{caller_trace}-{'ab' * 8}-01"})
+        assert r.status_code == 200
+        spans = receiver.wait_for(lambda ss: any(
+            s.name == "price-check" and s.trace_id == caller_trace for s in ss), timeout_s=30)
     assert agent.stop() == 0  # flushes everything the agent still held
     spans = receiver.spans()
     shop = by_service(spans, "shop")
@@ -117,6 +125,13 @@ def test_one_trace_one_span_per_operation(mode: str, harness: Harness, receiver:
                 assert s.attributes.get("tenant_id") == f"t{tag}-{i}", (where, s.name)
         else:
             assert not any("tenant_id" in s.attributes for s in (srv, http[0], pg[0])), where
+    if mode == "manual":
+        tp_server = [s for s in by_service(spans, "shop", SERVER)
+                     if s.attributes.get("url.path") == f"/order/{tag}-tp"]
+        assert len(tp_server) == 1 and tp_server[0].trace_id == caller_trace
+        assert tp_server[0].parent_span_id == "ab" * 8
+        tp_manual = [s for s in shop if s.name == "price-check" and s.trace_id == caller_trace]
+        assert len(tp_manual) == 1 and tp_manual[0].parent_span_id == tp_server[0].span_id
     # Who made which span: the SDK's spans win where both saw the operation.
     st = final_stats(agent.log_text())
     sdk_made = {(s.kind, s.name) for s in shop

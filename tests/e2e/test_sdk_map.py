@@ -532,3 +532,51 @@ def test_app_in_its_own_pid_namespace_writes_namespaced_key(pinned: PinnedMap) -
         assert pinned.entry(1, pidns=host_view_ns) == {"tenant_id": "nobody", "uid": 0}
     finally:
         finish(proc)
+
+
+def test_sdk_span_written_restored_and_never_resurrects_an_earlier_request(
+        pinned: PinnedMap) -> None:
+    """BridgeSpanProcessor's writes against a real map: the active SDK span goes into the
+    entry beside the attributes, the outer span comes back when the inner one ends, and after
+    the kernel cleared the entry (a new request) a new span does not bring back the earlier
+    request's attributes."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+
+    from sdk_side.otel import BridgeSpanProcessor
+
+    def sdk_of(value: bytes | None) -> tuple[int, int] | None:
+        sdk = _abi.sdk_span_of(value or b"")
+        return None if sdk is None else (int.from_bytes(sdk.span_id, "big"), sdk.kind)
+
+    provider = TracerProvider()
+    processor = BridgeSpanProcessor()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("t")
+    try:
+        with tracer.start_as_current_span("GET /x", kind=SpanKind.SERVER) as server:
+            bridge.annotate(tenant_id="acme")
+            assert server.attributes is not None and server.attributes["tenant_id"] == "acme"
+            sid = server.get_span_context().span_id
+            assert sdk_of(pinned.raw()) == (sid, _abi.SDK_KIND_SERVER)
+            with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as client:
+                # A span started later in the request carries the business attributes.
+                assert client.attributes is not None and client.attributes["tenant_id"] == "acme"
+                assert sdk_of(pinned.raw()) == (client.get_span_context().span_id,
+                                                _abi.SDK_KIND_CLIENT)
+            assert sdk_of(pinned.raw()) == (sid, _abi.SDK_KIND_SERVER)
+            assert pinned.entry() == {"tenant_id": "acme"}
+        # The outermost server span stays recorded: the response is written after it ends.
+        assert sdk_of(pinned.raw()) == (sid, _abi.SDK_KIND_SERVER)
+        pinned.delete()  # the kernel: a new request on this thread
+        with tracer.start_as_current_span("GET /y", kind=SpanKind.SERVER) as second:
+            assert sdk_of(pinned.raw()) == (second.get_span_context().span_id,
+                                            _abi.SDK_KIND_SERVER)
+            assert pinned.entry() == {}  # not the earlier request's tenant
+        with tracer.start_as_current_span("job", kind=SpanKind.INTERNAL):
+            pass
+        # An INTERNAL span that ends with nothing around it leaves no SDK span behind.
+        assert sdk_of(pinned.raw()) is None
+    finally:
+        processor.shutdown()
+        bridge.clear()
