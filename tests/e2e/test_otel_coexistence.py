@@ -59,7 +59,7 @@ def _warm(receiver: OtlpReceiver, port: int, annotated: bool) -> None:
 @pytest.mark.skipif(not (PG_BIN / "postgres").exists(), reason="PostgreSQL not installed")
 @pytest.mark.parametrize("mode", ["plain", "annotate", "sdk", "manual"])
 def test_one_trace_one_span_per_operation(mode: str, harness: Harness, receiver: OtlpReceiver,
-                                          pg_port: int) -> None:  # noqa: F811
+                                          pg_port: int) -> None:
     inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
     app, port = harness.python_service(
         "shop", APP, mode, "--inventory", f"http://127.0.0.1:{inv_port}",
