@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
 from bridge import _abi
+from kernel_side.otlp_receiver import OtlpReceiver
 from sdk_side import _bpf
 from tests.e2e.conftest import PYTHON, REPO, Harness
 
@@ -61,3 +63,57 @@ def test_exited_thread_leaves_no_context(harness: Harness, traced: bool) -> None
     finally:
         writer.kill()
         writer.wait(10)
+
+
+def test_agent_restart_mid_request_keeps_the_context(harness: Harness,
+                                                      receiver: OtlpReceiver) -> None:
+    """The context maps are pinned, so they outlive the agent: a request that annotated before
+    the agent restarted still gets its tenant on the outgoing call the new agent traces, and
+    annotate neither raised nor failed in between."""
+    import json
+    import threading
+
+    import requests
+
+    from tests.e2e.conftest import APPS, CLIENT, EXAMPLES, by_service
+
+    inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
+    hold_dir = harness.tmp / "hold"
+    hold_dir.mkdir()
+    app, port = harness.python_service("hold", APPS / "hold_app.py", "--dir", str(hold_dir),
+                                       "--upstream", f"http://127.0.0.1:{inv_port}")
+    first = harness.agent("--pid", str(app.pid), "--pid", str(inv.pid), receiver=receiver)
+    for attempt in range(30):  # until the app's writer has found the map
+        (hold_dir / f"go-w{attempt}").write_text("")
+        requests.get(f"http://127.0.0.1:{port}/hold/w{attempt}",
+                     headers={"X-Tenant-ID": f"warm{attempt}"}, timeout=20)
+        try:
+            receiver.wait_for(lambda ss, a=attempt: any(  # type: ignore[misc]
+                s.attributes.get("tenant_id") == f"warm{a}" for s in ss), timeout_s=2)
+            break
+        except AssertionError:
+            continue
+    else:
+        raise AssertionError("the app never picked up the agent's context map")
+
+    answers: list[int] = []
+    held = threading.Thread(target=lambda: answers.append(requests.get(
+        f"http://127.0.0.1:{port}/hold/mid", headers={"X-Tenant-ID": "across-restart"},
+        timeout=60).status_code))
+    held.start()
+    deadline = time.monotonic() + 30
+    while not (hold_dir / "held-mid").exists():
+        assert time.monotonic() < deadline, "the request never annotated"
+        time.sleep(0.01)
+    assert first.stop() == 0
+    harness.agent("--pid", str(app.pid), "--pid", str(inv.pid), receiver=receiver)
+    (hold_dir / "go-mid").write_text("")
+    held.join(60)
+    assert answers == [200]
+    spans = receiver.wait_for(lambda ss: any(str(s.attributes.get("url.full", "")).endswith(
+        "/stock/sku-mid") for s in ss), timeout_s=30)
+    (call,) = [s for s in by_service(spans, "hold", CLIENT)
+               if str(s.attributes.get("url.full", "")).endswith("/stock/sku-mid")]
+    assert call.attributes.get("tenant_id") == "across-restart", call.attributes
+    status = json.loads(requests.get(f"http://127.0.0.1:{port}/status", timeout=10).text)
+    assert status["errors"] == 0 and status["connected"], status
