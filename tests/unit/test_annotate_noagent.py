@@ -31,12 +31,14 @@ def test_public_api() -> None:
     assert set(bridge.__all__) == {
         "AttrValue",
         "BridgeStatus",
+        "KernelSpanContext",
         "annotate",
         "annotate_connection",
         "bind_request",
         "clear",
         "clear_connection",
         "context",
+        "current_span_context",
         "propagate",
         "status",
     }
@@ -154,3 +156,8 @@ def test_noagent_retries_at_most_once_per_second(no_agent: Path) -> None:
     for _ in range(100):
         bridge.annotate(a=1)
     assert _writer._P.next_check == scheduled
+
+
+def test_current_span_context_without_an_agent_is_none() -> None:
+    assert bridge.current_span_context() is None
+    assert bridge.current_span_context("00-" + "ab" * 16 + "-" + "cd" * 8 + "-01") is None
