@@ -158,6 +158,6 @@ def test_noagent_retries_at_most_once_per_second(no_agent: Path) -> None:
     assert _writer._P.next_check == scheduled
 
 
-def test_current_span_context_without_an_agent_is_none() -> None:
+def test_current_span_context_without_an_agent_is_none(no_agent: Path) -> None:
     assert bridge.current_span_context() is None
     assert bridge.current_span_context("00-" + "ab" * 16 + "-" + "cd" * 8 + "-01") is None
