@@ -11,10 +11,11 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,7 +24,7 @@ import bpf
 from bridge import _abi
 from kernel_side import processes
 from kernel_side.assembly import IdSource, SpanAssembler
-from kernel_side.config import AgentConfig
+from kernel_side.config import AgentConfig, ConfigError
 from kernel_side.events import (
     EV_CHUNK,
     EV_EXCHANGE,
@@ -85,7 +86,8 @@ class ProcessRegistry:
     tls: TlsProbes | None = None
     """Attaches the SSL uprobes of each selected process (kernel_side.tls)."""
 
-    def _wanted(self, pid: int, listening: set[int]) -> bool:
+    def wanted_alone(self, pid: int, listening: set[int]) -> bool:
+        """Whether the selector names ``pid`` itself (not through a selected ancestor)."""
         if pid == self.agent_pid:
             return False
         sel = self.selector
@@ -93,19 +95,27 @@ class ProcessRegistry:
             return processes.exe_path(pid) is not None
         if pid in sel.pids or pid in listening:
             return True
-        if bool(sel.exes) and processes.matches_exe(pid, sel.exes):
-            return True
-        # Children forked before the agent started (a gunicorn master's workers): the kernel
-        # follows forks from now on; existing descendants of a selected process count too.
+        return bool(sel.exes) and processes.matches_exe(pid, sel.exes)
+
+    @staticmethod
+    def descends_from(pid: int, ancestors: Container[int]) -> bool:
+        """Whether one of ``pid``'s ancestors (up to 8 levels) is in ``ancestors``."""
         ancestor = pid
         for _ in range(8):
             parent = processes.parent_pid(ancestor)
             if parent is None or parent <= 1:
                 return False
-            if parent in self.known:
+            if parent in ancestors:
                 return True
             ancestor = parent
         return False
+
+    def _wanted(self, pid: int, listening: set[int]) -> bool:
+        if pid == self.agent_pid:
+            return False
+        # Children forked before the agent started (a gunicorn master's workers): the kernel
+        # follows forks from now on; existing descendants of a selected process count too.
+        return self.wanted_alone(pid, listening) or self.descends_from(pid, self.known)
 
     def add(self, pid: int) -> bool:
         """Select ``pid``: record its namespace and resource and tell the kernel."""
@@ -236,6 +246,19 @@ class Fanout:
 
     def __init__(self, batches: list[BatchExporter]) -> None:
         self._batches = batches
+        self._retired: list[BatchExporter] = []
+
+    def replace(self, batches: list[BatchExporter], timeout_s: float) -> None:
+        """Send new spans to ``batches`` from now on; the old exporters export what they hold
+        (within ``timeout_s``) on a background thread, so the caller never waits on I/O.
+        Their counters stay in ``stats``."""
+        old, self._batches = self._batches, batches
+        self._retired += old
+        def retire() -> None:
+            for b in old:
+                b.shutdown(timeout_s)
+
+        threading.Thread(target=retire, name="ebpf-bridge-retire", daemon=True).start()
 
     def submit(self, span: SpanRecord) -> None:
         """Queue ``span`` on every exporter (never blocks)."""
@@ -243,14 +266,14 @@ class Fanout:
             b.submit(span)
 
     def shutdown(self, timeout_s: float) -> None:
-        """Flush and close every exporter."""
-        for b in self._batches:
+        """Flush and close every exporter (retired ones too: idempotent for them)."""
+        for b in self._batches + self._retired:
             b.shutdown(timeout_s)
 
     def stats(self) -> dict[str, int]:
-        """Summed exporter counters."""
+        """Summed exporter counters, including exporters replaced by a reload."""
         out: dict[str, int] = {}
-        for b in self._batches:
+        for b in self._batches + self._retired:
             for k, v in b.stats().items():
                 out[k] = out.get(k, 0) + v
         return out
@@ -317,8 +340,11 @@ def _load_bcc() -> Any:
 class Agent:
     """One agent run. ``run()`` blocks until stopped and returns the exit code."""
 
-    def __init__(self, cfg: AgentConfig, *, out: Any = None) -> None:
+    def __init__(self, cfg: AgentConfig, *, out: Any = None,
+                 reload: Callable[[], AgentConfig] | None = None) -> None:
         self.cfg = cfg
+        # Re-reads the config file and re-applies the command line (SIGHUP); None without one.
+        self._reload = reload
         self._out = out or sys.stdout
         self._stop = False
         self._hup = False
@@ -348,9 +374,64 @@ class Agent:
         self._stop = True
 
     def hup(self, *_: object) -> None:
-        """SIGHUP (signal-safe): noted here, answered in the loop. Without a handler SIGHUP
-        would kill the agent unflushed; reload is not supported (see README, "Signals")."""
+        """SIGHUP (signal-safe): noted here; the loop reloads the config (``_apply_reload``)."""
         self._hup = True
+
+    def _apply_reload(self) -> None:
+        """Re-read the config and apply what can change while running: process selection,
+        exporters and the stats interval. Nothing in flight is lost: the assembler and the
+        kernel state stay, old exporters export what they hold. Settings baked into the loaded
+        BPF program are reported as needing a restart."""
+        if self._reload is None:
+            log.warning("SIGHUP: the agent was started without --config; nothing to reload")
+            return
+        try:
+            new = self._reload()
+        except ConfigError as e:
+            log.error("SIGHUP: config not reloaded, still running the previous one: %s", e)
+            return
+        old = self.cfg
+        assert self.registry is not None and self.fanout is not None
+        applied: list[str] = []
+        if new.selector != old.selector:
+            self.cfg = replace(self.cfg, selector=new.selector)
+            self._reselect(new.selector)
+            applied.append(f"selection (now tracing {len(self.registry.known)} processes)")
+        export_fields = ("exporters", "otlp_endpoint", "otlp_protocol", "jsonl_path",
+                         "export_queue")
+        if any(getattr(new, f) != getattr(old, f) for f in export_fields):
+            self.cfg = replace(self.cfg, **{f: getattr(new, f) for f in export_fields})
+            self.fanout.replace(self._make_batches(), 10.0)
+            applied.append("exporters (" + ", ".join(self._describe_exporters()) + ")")
+        if new.stats_interval_s != old.stats_interval_s:
+            self.cfg = replace(self.cfg, stats_interval_s=new.stats_interval_s)
+            applied.append(f"stats_interval_s={new.stats_interval_s:g}")
+        handled = {"selector", "stats_interval_s", *export_fields}
+        ignored = [f.name for f in fields(AgentConfig)
+                   if f.name not in handled and getattr(new, f.name) != getattr(old, f.name)]
+        log.info("SIGHUP: reloaded; applied: %s", ", ".join(applied) or "nothing changed")
+        if ignored:
+            log.warning("SIGHUP: %s changed but apply only at start: restart the agent",
+                        ", ".join(ignored))
+
+    def _reselect(self, selector: processes.Selector) -> None:
+        """Trace what ``selector`` selects from now on; stop tracing what it no longer does."""
+        assert self.registry is not None
+        reg = self.registry
+        reg.selector = selector
+        table = self._bpf["exec_names"]
+        table.clear()
+        self._select_exec_names(self._bpf)
+        listening: set[int] = set()
+        if selector.ports:
+            listening = processes.pids_listening_on(selector.ports, list(reg.known))
+        # A process kept only because its parent was selected goes with the parent.
+        keep = {pid for pid in reg.known if reg.wanted_alone(pid, listening)}
+        for pid in list(reg.known):
+            if pid not in keep and not reg.descends_from(pid, keep):
+                reg.forget(pid)
+        reg.rejected.clear()
+        reg.scan()
 
     def _start_health(self) -> None:
         """Serve /healthz, /readyz and /metrics when --health-port is set (see health.py)."""
@@ -419,14 +500,17 @@ class Agent:
         else:
             os.chmod(pin, stat.S_IRUSR | stat.S_IWUSR)
 
-    def _make_fanout(self) -> Fanout:
+    def _make_batches(self) -> list[BatchExporter]:
         cfg = self.cfg
         batches = []
         for kind in cfg.resolved_exporters():
             exp = make_exporter(kind, endpoint=cfg.otlp_endpoint, protocol=cfg.otlp_protocol,
                                 jsonl_path=cfg.jsonl_path, stream=self._out)
             batches.append(BatchExporter(exp, max_queue=cfg.export_queue))
-        return Fanout(batches)
+        return batches
+
+    def _make_fanout(self) -> Fanout:
+        return Fanout(self._make_batches())
 
     def run(self) -> int:
         """Start, trace until stopped, flush, and return the exit code."""
@@ -509,8 +593,7 @@ class Agent:
         while not self._stop:
             if self._hup:
                 self._hup = False
-                log.warning("SIGHUP: reload not supported; restart the agent to apply a changed "
-                            "config (in-flight spans are kept; nothing was reloaded)")
+                self._apply_reload()
             b.ring_buffer_poll(int(tick_s * 1000))
             # Most events are submitted without a wakeup (see wakeup_flag in the C source), so
             # a poll that timed out has consumed nothing: drain explicitly.

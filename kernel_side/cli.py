@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kernel_side.config import EXPORTERS, ConfigError, build, load_yaml
+from kernel_side.config import EXPORTERS, AgentConfig, ConfigError, build, load_yaml
 
 _AGENT_HELP = """\
 Trace the selected processes' HTTP/1.1 traffic with syscall tracepoints and export one
@@ -18,6 +18,9 @@ applications set with bridge.annotate(). Runs until SIGINT/SIGTERM, then flushes
 Process selection (repeatable; with none, every process but the agent is traced; processes
 that start later and match are picked up too):
   --pid 1234 --exe 'nginx' --exe '/usr/bin/python3*' --port 8080 --port 9000-9099
+
+SIGHUP re-reads --config (flags still win) and applies process selection, exporters and the
+stats interval without losing spans in flight; other settings need a restart (logged).
 
 Exporters (repeatable): otlp (to --otlp-endpoint / OTEL_EXPORTER_OTLP_ENDPOINT over
 OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf), jsonl (OTLP-JSON lines, as the Collector's
@@ -86,7 +89,7 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    def config() -> AgentConfig:
         settings: dict[str, Any] = load_yaml(args.config) if args.config else {}
         for key in ("pid", "exe", "port", "exporter", "otlp_endpoint", "otlp_protocol", "jsonl",
                     "ready_file", "stats_interval_s", "idle_flush_ms", "parent_wait_s",
@@ -95,8 +98,11 @@ def _run_agent(args: argparse.Namespace) -> int:
             value = getattr(args, key)
             if value is not None:
                 settings[key] = value
-        cfg = build(settings)
-        return Agent(cfg).run()
+        return build(settings)
+
+    try:
+        # SIGHUP re-reads the file and re-applies the same flags (flags still win).
+        return Agent(config(), reload=config if args.config else None).run()
     except (ConfigError, AgentError) as e:
         print(f"ebpf-bridge agent: {e}", file=sys.stderr)
         return 2

@@ -10,11 +10,12 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import requests
 
 from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.e2e.conftest import APPS, SERVER, Harness, by_service
+from tests.e2e.conftest import APPS, SERVER, Harness, Proc, by_service
 from tests.e2e.reliability import final_stats, free_port, rss_mb, start_nginx
 
 APP = APPS / "bridge_status_app.py"
@@ -206,19 +207,71 @@ def test_ring_buffer_overflow_is_counted(harness: Harness, receiver: OtlpReceive
           f"events_lost={st['events_lost']}")
 
 
-def test_sighup_is_answered_not_fatal(harness: Harness, receiver: OtlpReceiver) -> None:
+def _wait_log(agent: Proc, text: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in agent.log_text():
+        assert agent.popen.poll() is None, "the agent died:\n" + agent.log_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {text!r} in the log:\n" + agent.log_text()[-3000:]
+        time.sleep(0.05)
+
+
+def _wait_file(path: Path, needles: list[str], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (path.exists() and all(n in path.read_text() for n in needles)):
+        assert time.monotonic() < deadline, f"{path} lacks some of {needles[:3]}..."
+        time.sleep(0.05)
+
+
+def test_sighup_reloads_selection_and_exporters(harness: Harness) -> None:
+    """SIGHUP re-reads --config: the new process selection and the new exporter apply, spans
+    exported before go where they went, a bad file changes nothing, and settings that need a
+    restart are named."""
+    a, port_a = harness.python_service("edge-a", EDGE)
+    b, port_b = harness.python_service("edge-b", EDGE)
+    out1, out2 = harness.tmp / "one.jsonl", harness.tmp / "two.jsonl"
+    cfg = harness.tmp / "agent.yaml"
+    cfg.write_text(f"pid: [{a.pid}]\nexporter: jsonl\njsonl: {out1}\n")
+    agent = harness.agent("--config", str(cfg))
+    tag1, tag2, tag3 = (secrets.token_hex(3) for _ in range(3))
+    _drive(port_a, tag1, 10)
+    _drive(port_b, tag1, 10)
+    _wait_file(out1, [f"/{tag1}/{i}" for i in range(10)])
+
+    cfg.write_text(f"pid: [{b.pid}]\nexporter: jsonl\njsonl: {out2}\nringbuf_mb: 16\n")
+    os.kill(agent.pid, signal.SIGHUP)
+    _wait_log(agent, "SIGHUP: reloaded")
+    assert "ringbuf_mb changed but apply only at start" in agent.log_text()
+    _drive(port_a, tag2, 10)
+    _drive(port_b, tag2, 10)
+    _wait_file(out2, [f"/{tag2}/{i}" for i in range(10)])
+
+    cfg.write_text("pid: [not-a-number\n")
+    os.kill(agent.pid, signal.SIGHUP)
+    _wait_log(agent, "SIGHUP: config not reloaded")
+    _drive(port_b, tag3, 5)
+    _wait_file(out2, [f"/{tag3}/{i}" for i in range(5)])
+    assert agent.stop() == 0
+    log = agent.log_text()
+    assert "Traceback" not in log
+    one, two = out1.read_text(), out2.read_text()
+    # Before the reload only A was traced, into the first file; after it only B, into the
+    # second. The first exporter exported everything it held.
+    assert one.count(f"/{tag1}/") == 10 and tag2 not in one and tag3 not in one
+    assert two.count(f"/{tag2}/") == 10 and two.count(f"/{tag3}/") == 5 and tag1 not in two
+    st = final_stats(log)
+    assert st["export_exported"] == 25 and st["export_dropped_shutdown"] == 0, st
+
+
+def test_sighup_without_config_is_answered_not_fatal(harness: Harness,
+                                                     receiver: OtlpReceiver) -> None:
     srv, port = harness.python_service("edge-hup", EDGE)
     agent = harness.agent("--pid", str(srv.pid), receiver=receiver)
     tag = secrets.token_hex(3)
     _drive(port, tag, 10)
     os.kill(agent.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "reload not supported" not in agent.log_text():
-        assert agent.popen.poll() is None, "SIGHUP killed the agent"
-        assert time.monotonic() < deadline, agent.log_text()
-        time.sleep(0.05)
+    _wait_log(agent, "started without --config; nothing to reload")
     _drive(port, tag, 20)
-    spans = receiver.wait_for(lambda ss: len(_paths(ss, "edge-hup", tag)) >= 20, timeout_s=30)
+    receiver.wait_for(lambda ss: len(_paths(ss, "edge-hup", tag)) >= 20, timeout_s=30)
     assert agent.stop() == 0
     spans = receiver.spans()
     assert len([s for s in by_service(spans, "edge-hup", SERVER)
