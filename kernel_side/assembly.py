@@ -20,16 +20,38 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from bridge import _abi
-from kernel_side import semconv
 from kernel_side.events import ROLE_SERVER, Chunk, Exchange
 from kernel_side.model import AttrValue, Resource, SpanKind, SpanRecord, StatusCode
 from kernel_side.protocols import http1
 from kernel_side.protocols.traceparent import parse_traceparent
+from kernel_side.semconv import (
+    BRIDGE_CONTEXT_TRUNCATED,
+    BRIDGE_TRUNCATED,
+    CLIENT_ADDRESS,
+    ERROR_TYPE,
+    HTTP_REQUEST_BODY_SIZE,
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_BODY_SIZE,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+    NETWORK_PEER_ADDRESS,
+    NETWORK_PEER_PORT,
+    NETWORK_PROTOCOL_VERSION,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+    TLS_PROTOCOL_NAME,
+    URL_FULL,
+    URL_PATH,
+    URL_QUERY,
+    URL_SCHEME,
+    USER_AGENT_ORIGINAL,
+)
 
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 _mix64 = _abi.mix64
+_GOLDEN = 0x9E3779B97F4A7C15
 
 
 class IdSource:
@@ -49,7 +71,12 @@ class IdSource:
         Distinct for every exchange id below 2**48 (a counter) and index below 2**16 (a
         capture buffer holds at most a few hundred pipelined requests).
         """
-        return _abi.exchange_span_id(self.salt, exchange_id, index)
+        # _abi.exchange_span_id with the salt's words and mix64 inlined (hot path).
+        x = (self._s1 ^ (((exchange_id << 16) | (index & 0xFFFF)) & _MASK64)) + _GOLDEN
+        x &= _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return ((x ^ (x >> 31)) or 1).to_bytes(8, "big")
 
     def stream_span_id(self, conn_id: int, stream_id: int) -> bytes:
         """The span id of stream ``stream_id`` of a multiplexed connection."""
@@ -65,7 +92,9 @@ class IdSource:
     def trace_id(self, exchange_id: int, index: int = 0) -> bytes:
         """The trace id that message ``index`` of a root exchange starts
         (``bridge._abi.exchange_trace_id``)."""
-        return _abi.exchange_trace_id(self.salt, exchange_id, index)
+        key = ((exchange_id << 16) | (index & 0xFFFF)) & _MASK64
+        return (_mix64(self._s2 ^ key).to_bytes(8, "big")
+                + (_mix64(self._s3 ^ key) or 1).to_bytes(8, "big"))
 
 
 _StitchKey = tuple[str, int, str, int, int]
@@ -253,28 +282,28 @@ class SpanAssembler:
                     self._upgrades.pop(next(iter(self._upgrades)))
                 continue
             attrs: dict[str, AttrValue] = {
-                semconv.HTTP_REQUEST_METHOD: req.method,
-                semconv.NETWORK_PROTOCOL_VERSION: req.version,
+                HTTP_REQUEST_METHOD: req.method,
+                NETWORK_PROTOCOL_VERSION: req.version,
             }
             status = StatusCode.UNSET
             if resp is not None:
-                attrs[semconv.HTTP_RESPONSE_STATUS_CODE] = resp.status
+                attrs[HTTP_RESPONSE_STATUS_CODE] = resp.status
                 if resp.body_size is not None:
-                    attrs[semconv.HTTP_RESPONSE_BODY_SIZE] = resp.body_size
+                    attrs[HTTP_RESPONSE_BODY_SIZE] = resp.body_size
                 if resp.status >= 500 or (not server and resp.status >= 400):
                     status = StatusCode.ERROR
-                    attrs[semconv.ERROR_TYPE] = str(resp.status)
+                    attrs[ERROR_TYPE] = str(resp.status)
             if req.body_size is not None:
-                attrs[semconv.HTTP_REQUEST_BODY_SIZE] = req.body_size
+                attrs[HTTP_REQUEST_BODY_SIZE] = req.body_size
             if req.user_agent:
-                attrs[semconv.USER_AGENT_ORIGINAL] = req.user_agent
+                attrs[USER_AGENT_ORIGINAL] = req.user_agent
             if ex.peer_address:
-                attrs[semconv.NETWORK_PEER_ADDRESS] = ex.peer_address
-                attrs[semconv.NETWORK_PEER_PORT] = ex.peer_port
+                attrs[NETWORK_PEER_ADDRESS] = ex.peer_address
+                attrs[NETWORK_PEER_PORT] = ex.peer_port
             if truncated:
-                attrs[semconv.BRIDGE_TRUNCATED] = True
+                attrs[BRIDGE_TRUNCATED] = True
             if ctx_truncated:
-                attrs[semconv.BRIDGE_CONTEXT_TRUNCATED] = True
+                attrs[BRIDGE_CONTEXT_TRUNCATED] = True
             attrs.update(business)
             span_id = self.ids.span_id(ex.exchange_id, idx)
             if server and idx == 0 and self._sdk_covers_server(ex):
@@ -282,7 +311,7 @@ class SpanAssembler:
             if server:
                 self._http_server_attrs(attrs, req, ex, local_port)
                 name = req.method
-                route = business.get(semconv.HTTP_ROUTE)
+                route = business.get(HTTP_ROUTE)
                 if isinstance(route, str) and route:
                     # The framework's route template (sdk_side.integrations): no heuristics.
                     name = f"{req.method} {route}"
@@ -316,21 +345,21 @@ class SpanAssembler:
     @staticmethod
     def _http_server_attrs(attrs: dict[str, AttrValue], req: http1.HttpRequest, ex: Exchange,
                            local_port: int | None) -> None:
-        attrs[semconv.URL_PATH] = req.path
+        attrs[URL_PATH] = req.path
         if req.query:
-            attrs[semconv.URL_QUERY] = req.query
-        attrs[semconv.URL_SCHEME] = "https" if ex.tls else "http"
+            attrs[URL_QUERY] = req.query
+        attrs[URL_SCHEME] = "https" if ex.tls else "http"
         if ex.tls:
-            attrs[semconv.TLS_PROTOCOL_NAME] = "tls"
+            attrs[TLS_PROTOCOL_NAME] = "tls"
         if local_port is not None:
-            attrs[semconv.SERVER_PORT] = local_port
+            attrs[SERVER_PORT] = local_port
         host = _split_host(req.host)[0] if req.host else None
         if host:
-            attrs[semconv.SERVER_ADDRESS] = host
+            attrs[SERVER_ADDRESS] = host
         forwarded = req.x_forwarded_for.split(",")[0].strip() if req.x_forwarded_for else None
         client = forwarded or ex.peer_address
         if client:
-            attrs[semconv.CLIENT_ADDRESS] = client
+            attrs[CLIENT_ADDRESS] = client
 
     @staticmethod
     def _http_client_attrs(attrs: dict[str, AttrValue], req: http1.HttpRequest,
@@ -339,20 +368,20 @@ class SpanAssembler:
         host = host or ex.peer_address
         port = port or ex.peer_port or None
         if host:
-            attrs[semconv.SERVER_ADDRESS] = host
+            attrs[SERVER_ADDRESS] = host
         if port:
-            attrs[semconv.SERVER_PORT] = port
+            attrs[SERVER_PORT] = port
         if req.target.startswith(("http://", "https://")):
-            attrs[semconv.URL_FULL] = req.target
+            attrs[URL_FULL] = req.target
         elif host:
             name = f"[{host}]" if ":" in host else host
             hostport = req.host or (f"{name}:{port}" if port else name)
             scheme = "https" if ex.tls else "http"
-            attrs[semconv.URL_FULL] = f"{scheme}://{hostport}{req.target}"
+            attrs[URL_FULL] = f"{scheme}://{hostport}{req.target}"
         else:
-            attrs[semconv.URL_PATH] = req.path
+            attrs[URL_PATH] = req.path
         if ex.tls:
-            attrs[semconv.TLS_PROTOCOL_NAME] = "tls"
+            attrs[TLS_PROTOCOL_NAME] = "tls"
 
     # -- for protocol span builders ------------------------------------------------------------
 
@@ -362,13 +391,13 @@ class SpanAssembler:
         the thread's business context filled in; ids and parents are set by ``finish``."""
         attrs: dict[str, AttrValue] = dict(attributes or {})
         if ex.peer_address:
-            attrs.setdefault(semconv.NETWORK_PEER_ADDRESS, ex.peer_address)
-            attrs.setdefault(semconv.NETWORK_PEER_PORT, ex.peer_port)
+            attrs.setdefault(NETWORK_PEER_ADDRESS, ex.peer_address)
+            attrs.setdefault(NETWORK_PEER_PORT, ex.peer_port)
         business, ctx_truncated = self._business(ex)
         if ctx_truncated:
-            attrs[semconv.BRIDGE_CONTEXT_TRUNCATED] = True
+            attrs[BRIDGE_CONTEXT_TRUNCATED] = True
         if ex.tls:
-            attrs[semconv.TLS_PROTOCOL_NAME] = "tls"
+            attrs[TLS_PROTOCOL_NAME] = "tls"
         attrs.update(business)
         start = ex.req_start_ns + self._epoch_offset_ns
         end = max(ex.resp_end_ns, ex.req_end_ns) + self._epoch_offset_ns
@@ -480,7 +509,7 @@ class SpanAssembler:
                 self.stats.sdk_covered += 1
                 self._client_keys.pop(span.span_id, None)
                 return
-            span.attributes.pop(semconv.HTTP_ROUTE, None)
+            span.attributes.pop(HTTP_ROUTE, None)
             span.trace_id, span.parent_span_id = sdk.trace_id, sdk.span_id
             self.stats.sdk_parented += 1
             self._emit(span)
@@ -494,7 +523,7 @@ class SpanAssembler:
         (waiting a bounded time for that span's trace id), else under an outgoing
         ``traceparent``, else start the trace ``root_trace()``; then hand it on."""
         # The reserved key http.route names the server's route: not a client attribute.
-        span.attributes.pop(semconv.HTTP_ROUTE, None)
+        span.attributes.pop(HTTP_ROUTE, None)
         if not parent:
             tp = parse_traceparent(traceparent)
             if tp is not None:
@@ -617,7 +646,21 @@ def _asks_h2c(request: bytes) -> bool:
     return b"\nupgrade:" in head and b"h2c" in head
 
 
+_HOSTS: dict[str, tuple[str | None, int | None]] = {}
+
+
 def _split_host(host: str) -> tuple[str | None, int | None]:
+    # Host headers repeat from request to request: split each distinct one once (bounded).
+    split = _HOSTS.get(host)
+    if split is None:
+        split = _split_host_uncached(host)
+        if len(_HOSTS) >= 4096:
+            _HOSTS.clear()
+        _HOSTS[host] = split
+    return split
+
+
+def _split_host_uncached(host: str) -> tuple[str | None, int | None]:
     host = host.strip()
     if not host:
         return None, None

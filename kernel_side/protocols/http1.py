@@ -308,8 +308,17 @@ def _body_framing(data: bytes, head: _Head) -> _Framing | None:
         if walked is None:
             return True, None, None
         return True, walked[0], walked[1]
-    if _H_CONTENT_LENGTH not in lower:
+    i = lower.find(_H_CONTENT_LENGTH)
+    if i < 0:
         return None
+    start = i + len(_H_CONTENT_LENGTH)
+    if lower.find(_H_CONTENT_LENGTH, start) < 0:
+        # One plain decimal Content-Length, the usual case: no lists to build.
+        value = lower[start : lower.find(b"\n", start)].strip(b" \t\r")
+        if value.isdigit() and len(value) <= 16:
+            single = int(value)
+            if single <= _MAX_LENGTH:
+                return False, single, head.end + single if head.complete else None
     length = _parse_content_length(head.all(_H_CONTENT_LENGTH, lower=True))
     if length is None:
         return False, None, None
@@ -366,61 +375,85 @@ def parse_requests(data: bytes, total_len: int) -> list[HttpRequest]:
     truncated = total_len > n
     absent = [False, False]
     out: list[HttpRequest] = []
-    pos = _skip_blank_lines(data, 0, n)
+    # The common shapes are inlined below (this runs for every exchange); anything unusual
+    # takes the general helpers, which decide exactly as before.
+    pos = _skip_blank_lines(data, 0, n) if n and data[0] in b"\r\n" else 0
     while pos < n:
         # looks_like_request, without slicing the buffer.
         sp = data.find(b" ", pos, pos + _MAX_METHOD_LEN + 1)
         if sp <= pos or data[pos:sp] not in _METHOD_BYTES:
             break
         head = _locate_head(data, pos, absent)
-        if not head.line_complete and not truncated:
+        if head.line_complete:
+            parts = head.line.split()
+            if len(parts) != 3 or parts[0] not in _METHOD_BYTES:
+                break
+            version = _VERSIONS.get(parts[2])
+            if version is None:
+                break
+            raw_target = parts[1]
+            method = _METHOD_NAMES[parts[0]]
+            target = (raw_target.decode("utf-8", "replace") if len(raw_target) <= MAX_VALUE_LEN
+                      else _text(raw_target))
+        elif not truncated:
             break
-        parsed = _parse_request_line(head.line, head.line_complete)
-        if parsed is None:
-            break
-        method, target, version = parsed
-        path, query, authority = _split_target(target)
-        framing = _body_framing(data, head)
-        if framing is None:
-            if _H_TRANSFER_ENCODING in head.lower:
+        else:
+            parsed = _parse_request_line(head.line, False)
+            if parsed is None:
+                break
+            method, target, version = parsed
+        if target[:1] == "/":
+            path, qmark, query_text = target.partition("?")
+            query = query_text if qmark else None
+            authority = None
+        else:
+            path, query, authority = _split_target(target)
+        lower = head.lower
+        if _H_TRANSFER_ENCODING not in lower and _H_CONTENT_LENGTH not in lower:
+            # No body framing: a complete head ends the request; a cut one may have lost
+            # its Content-Length.
+            chunked = False
+            if head.complete:
+                body_size: int | None = 0
+                end: int | None = head.end
+            else:
+                body_size = end = None
+        else:
+            framing = _body_framing(data, head)
+            if framing is None:
                 # Transfer-Encoding without a final chunked: RFC 9112 6.3 makes this a 400;
                 # the length is unknowable.
                 framing = (False, None, None)
-            elif head.complete:
-                framing = (False, 0, head.end)
-            else:
-                # A Content-Length may have been in the part the capture cut off.
-                framing = (False, None, None)
-        chunked, body_size, end = framing
+            chunked, body_size, end = framing
         host = head.first(_H_HOST)
         traceparent = head.first(_H_TRACEPARENT)
-        if traceparent is not None and head.lower.count(_H_TRACEPARENT) > 1:
+        if traceparent is not None and lower.count(_H_TRACEPARENT) > 1:
             # W3C trace context: more than one traceparent makes the context invalid.
             traceparent = None
         user_agent = head.first(_H_USER_AGENT)
         # Repeated X-Forwarded-For headers form one list (RFC 9110 section 5.3).
-        xff = b", ".join(head.all(_H_XFF)) if _H_XFF in head.lower else None
+        xff = b", ".join(head.all(_H_XFF)) if _H_XFF in lower else None
         out.append(
             HttpRequest(
-                method=method,
-                target=target,
-                path=path,
-                query=query,
-                version=version,
-                host=_text(host) if host is not None else authority,
-                traceparent=_text(traceparent) if traceparent is not None else None,
-                user_agent=_text(user_agent) if user_agent is not None else None,
-                x_forwarded_for=_text(xff) if xff is not None else None,
-                body_size=body_size,
-                chunked=chunked,
-                head_complete=head.complete,
-                offset=pos,
-                length=end - pos if end is not None else None,
+                method,
+                target,
+                path,
+                query,
+                version,
+                _text(host) if host is not None else authority,
+                _text(traceparent) if traceparent is not None else None,
+                _text(user_agent) if user_agent is not None else None,
+                _text(xff) if xff is not None else None,
+                body_size,
+                chunked,
+                head.complete,
+                pos,
+                end - pos if end is not None else None,
             )
         )
         if end is None:
             break
-        pos = _skip_blank_lines(data, end, n)
+        pos = _skip_blank_lines(data, end, n) if end < n and data[end] in b"\r\n" else end
     return out
 
 
@@ -480,14 +513,14 @@ def parse_responses(
         chunked, body_size, end = framing
         out.append(
             HttpResponse(
-                status=status,
-                reason=_text(reason.strip(b" \t\r")),
-                version=version,
-                body_size=body_size,
-                chunked=chunked,
-                head_complete=head.complete,
-                offset=pos,
-                length=end - pos if end is not None else None,
+                status,
+                _text(reason.strip(b" \t\r")),
+                version,
+                body_size,
+                chunked,
+                head.complete,
+                pos,
+                end - pos if end is not None else None,
             )
         )
         if end is None or tunnel:

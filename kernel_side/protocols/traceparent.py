@@ -7,6 +7,7 @@ parses version ``00`` as long as they are followed by ``-`` or the end of the va
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -14,6 +15,11 @@ __all__ = ["TraceParent", "format_traceparent", "parse_traceparent"]
 
 _LOWER_HEX: Final = "0123456789abcdef"
 _V00_LEN: Final = 55  # "00-" + 32 + "-" + 16 + "-" + 2
+# The usual header, a well-formed version 00, checked in one C call; anything else takes the
+# general checks below, which decide every other case.
+_V00: Final = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_SPAN: Final = "0" * 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +49,15 @@ def parse_traceparent(value: str | None) -> TraceParent | None:
     all-zero trace or span ids, and a future version whose 55th character is followed by
     anything other than ``-``. Never raises.
     """
-    if value is None or len(value) < _V00_LEN:
+    if value is None:
+        return None
+    m = _V00.fullmatch(value)
+    if m is not None:
+        trace_hex, span_hex, flags_hex = m.groups()
+        if trace_hex == _ZERO_TRACE or span_hex == _ZERO_SPAN:
+            return None
+        return TraceParent(bytes.fromhex(trace_hex), bytes.fromhex(span_hex), int(flags_hex, 16))
+    if len(value) < _V00_LEN:
         return None
     version = value[0:2]
     if not _is_lower_hex(version) or version == "ff":
