@@ -202,7 +202,7 @@ class _Thread:
         total = len(data)
         if trunc:
             flags |= _abi.CTX_F_TRUNCATED
-        sdk = self.sdk if not flags & _TASK_FLAGS else b""
+        sdk = self.sdk
         if sdk:
             flags |= _abi.CTX_F_SDK_SPAN
         if sdk != self.sdk_in_buf:
@@ -663,7 +663,7 @@ def bind_request(peer_port: int | None) -> None:
         cur = _ctx_get()
         if cur is not None and cur.port == peer_port:
             return
-        new = (_TaskCtx(cur.recs, cur.data, cur.trunc, peer_port) if cur is not None
+        new = (_TaskCtx(cur.recs, cur.data, cur.trunc, peer_port, cur.sdk) if cur is not None
                else _TaskCtx({}, b"", False, peer_port))
         _task_ctx.set(new)
         if not _task_sync(new):
@@ -730,12 +730,18 @@ def set_sdk_span(sdk: bytes) -> bool:
     """Record the active OpenTelemetry SDK span in this thread's entry (``b""``: none).
 
     ``sdk`` is ``trace_id (16 bytes) + span_id (8) + kind (1, OTLP numbering)``; called by
-    ``sdk_side.otel.BridgeSpanProcessor``. Thread scope only: on an asyncio loop thread (or
-    inside a copied task context) it does nothing and returns False, because the entry there
-    follows the running task. Never raises; False also when no agent runs.
+    ``sdk_side.otel.BridgeSpanProcessor``. Scoped like ``annotate``: on an asyncio loop thread
+    (or inside a copied task context) it becomes part of the running task's context, which the
+    step hook writes whenever the task runs. Never raises; False when no agent runs.
     """
-    if _ctx_get() is not None or _in_loop():
-        return False
+    cur = _ctx_get()
+    if cur is not None or _in_loop():
+        if (b"" if cur is None else cur.sdk) == sdk:
+            return _P.connected
+        new = (_TaskCtx({}, b"", False, 0, sdk) if cur is None
+               else _TaskCtx(cur.recs, cur.data, cur.trunc, cur.port, sdk))
+        _task_ctx.set(new)
+        return _task_sync(new)
     if not _refresh():
         return False
     st = _thread()
@@ -880,13 +886,15 @@ class _TaskCtx:
     anything was truncated or dropped. Tasks share these objects (a child task copies its
     parent's contextvars), and the step hook compares them by identity."""
 
-    __slots__ = ("data", "port", "recs", "trunc")
+    __slots__ = ("data", "port", "recs", "sdk", "trunc")
 
-    def __init__(self, recs: dict[str, bytes], data: bytes, trunc: bool, port: int = 0) -> None:
+    def __init__(self, recs: dict[str, bytes], data: bytes, trunc: bool, port: int = 0,
+                 sdk: bytes = b"") -> None:
         self.recs = recs
         self.data = data
         self.trunc = trunc
         self.port = port  # the client port of the request's inbound connection (bind_request)
+        self.sdk = sdk  # the task's active OpenTelemetry SDK span (see set_sdk_span)
 
 
 _task_ctx: contextvars.ContextVar[_TaskCtx | None] = contextvars.ContextVar(
@@ -923,7 +931,8 @@ def _task_annotate(attrs: dict[str, AttrValue]) -> None:
         data = b"".join(merged.values())
         p.dropped_attrs += dropped
     trunc = (cur is not None and cur.trunc) or cut > 0 or dropped > 0
-    new = _TaskCtx(merged, data, trunc, 0 if cur is None else cur.port)
+    new = (_TaskCtx(merged, data, trunc) if cur is None
+           else _TaskCtx(merged, data, trunc, cur.port, cur.sdk))
     _task_ctx.set(new)
     if not _task_sync(new):
         p.noop_calls += 1
@@ -948,6 +957,7 @@ def _task_sync(c: _TaskCtx | None) -> bool:
             st.forget()
             _delete(st)
         return True
+    st.sdk = c.sdk
     st.fill(c.recs, c.data, c.trunc, c.port, _TASK_FLAGS)
     err = _update(st.a_any)
     if err == 0:

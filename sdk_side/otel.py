@@ -24,9 +24,9 @@ context, so a manual span nests under it and the whole request is one trace::
     with tracer.start_as_current_span("price-check", context=kernel_context()):
         ...
 
-Thread scope only (WSGI servers, thread pools): on an asyncio loop thread the entry follows the
-running task and the processor leaves it alone; the agent's spans there are not parented under
-SDK spans (see the README).
+Scoped like ``bridge.annotate``: per thread (WSGI servers), and per task on an asyncio loop,
+where the active SDK span becomes part of the task's context that the step hook writes
+whenever the task runs (install the hook: ``bridge.asyncio.install()`` or the ASGI middleware).
 """
 
 from __future__ import annotations
@@ -51,15 +51,15 @@ _KINDS: dict[SpanKind, int] = {
 }
 
 
-class _Stack(threading.local):
+class _Decoded(threading.local):
     def __init__(self) -> None:
-        # (span id, encoded span) of the spans started and not yet ended on this thread,
-        # innermost last.
-        self.items: list[tuple[int, bytes]] = []
         # The thread's attribute block last decoded, and its decoding: most spans of a request
         # see the same block.
         self.data: bytes = b""
         self.attrs: dict[str, AttrValue] = {}
+
+
+_MAX_LIVE = 100_000
 
 
 def _set_on_current_span(attrs: dict[str, AttrValue]) -> None:
@@ -79,7 +79,11 @@ class BridgeSpanProcessor(SpanProcessor):
     """
 
     def __init__(self, *, copy_attributes: bool = True) -> None:
-        self._stack = _Stack()
+        # Encoded spans started and not yet ended, by span id: when a span ends, its parent
+        # (if it is one of these) becomes the active one again. By parent rather than by a
+        # per-thread stack, so it holds for asyncio tasks that interleave on one thread.
+        self._live: dict[int, bytes] = {}
+        self._decoded = _Decoded()
         self._copy = copy_attributes
         if copy_attributes:
             _writer.set_span_hook(_set_on_current_span)
@@ -92,14 +96,17 @@ class BridgeSpanProcessor(SpanProcessor):
         kind = _KINDS.get(span.kind, _abi.SDK_KIND_INTERNAL)
         encoded = ctx.trace_id.to_bytes(16, "big") + ctx.span_id.to_bytes(8, "big") + bytes(
             (kind,))
-        stack = self._stack
         if self._copy:
             data = _writer.thread_data()
             if data:
-                if data is not stack.data:
-                    stack.data, stack.attrs = data, _writer.thread_attributes()
-                span.set_attributes(stack.attrs)
-        stack.items.append((ctx.span_id, encoded))
+                dec = self._decoded
+                if data is not dec.data:
+                    dec.data, dec.attrs = data, _writer.thread_attributes()
+                span.set_attributes(dec.attrs)
+        live = self._live
+        if len(live) >= _MAX_LIVE:
+            live.clear()  # spans that never end must not grow this without bound
+        live[ctx.span_id] = encoded
         _writer.set_sdk_span(encoded)
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -111,17 +118,12 @@ class BridgeSpanProcessor(SpanProcessor):
         entry when the next request arrives on the thread.
         """
         ctx = span.get_span_context()
-        if ctx is None:
-            return
-        items = self._stack.items
-        for i in range(len(items) - 1, -1, -1):
-            if items[i][0] == ctx.span_id:
-                del items[i]
-                break
-        else:
-            return  # started on another thread, or before this processor was added
-        if items:
-            _writer.set_sdk_span(items[-1][1])
+        if ctx is None or self._live.pop(ctx.span_id, None) is None:
+            return  # not started through this processor
+        parent = span.parent
+        outer = self._live.get(parent.span_id) if parent is not None else None
+        if outer is not None:
+            _writer.set_sdk_span(outer)
         elif span.kind is not SpanKind.SERVER:
             _writer.set_sdk_span(b"")
 

@@ -580,3 +580,52 @@ def test_sdk_span_written_restored_and_never_resurrects_an_earlier_request(
     finally:
         processor.shutdown()
         bridge.clear()
+
+
+def test_sdk_span_follows_the_running_asyncio_task(pinned: PinnedMap) -> None:
+    """On one event loop, two requests' SDK spans interleave: at every step the entry holds
+    the SDK span (and tenant) of the task that runs, and a client span's end brings back its
+    own task's server span, not the other task's."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import SpanKind
+
+    from sdk_side.otel import BridgeSpanProcessor
+
+    provider = TracerProvider()
+    processor = BridgeSpanProcessor()
+    provider.add_span_processor(processor)
+    tracer = provider.get_tracer("t")
+    seen: list[tuple[str, str, int | None, object]] = []
+
+    def active() -> tuple[int | None, object]:
+        raw = pinned.raw()
+        sdk = _abi.sdk_span_of(raw or b"")
+        entry = pinned.entry() or {}
+        return (None if sdk is None else int.from_bytes(sdk.span_id, "big"),
+                entry.get("tenant_id"))
+
+    async def request(name: str, mine: asyncio.Event, theirs: asyncio.Event) -> None:
+        with tracer.start_as_current_span(f"srv-{name}", kind=SpanKind.SERVER) as srv:
+            bridge.annotate(tenant_id=name)
+            sid = srv.get_span_context().span_id
+            mine.set()
+            await theirs.wait()  # the other request runs in between
+            with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as cl:
+                await asyncio.sleep(0)
+                seen.append((name, "client", cl.get_span_context().span_id, active()))
+            await asyncio.sleep(0)
+            seen.append((name, "server", sid, active()))
+
+    async def main() -> None:
+        bridge.asyncio.install()
+        ea, eb = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(asyncio.create_task(request("a", ea, eb)),
+                             asyncio.create_task(request("b", eb, ea)))
+
+    try:
+        asyncio.run(main())
+    finally:
+        processor.shutdown()
+    assert len(seen) == 4
+    for name, what, span_id, (active_id, tenant) in seen:
+        assert (active_id, tenant) == (span_id, name), (name, what)

@@ -222,7 +222,7 @@ def test_cli_passes_health_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Any] = []
 
     class FakeAgent:
-        def __init__(self, cfg: Any) -> None:
+        def __init__(self, cfg: Any, reload: Any = None) -> None:
             seen.append(cfg)
 
         def run(self) -> int:
@@ -233,3 +233,33 @@ def test_cli_passes_health_flags(monkeypatch: pytest.MonkeyPatch) -> None:
                      "--health-address", "0.0.0.0"]) == 0
     assert (seen[0].health_port, seen[0].health_address) == (9464, "0.0.0.0")
     assert cli.main(["agent", "--exporter", "console", "--health-port", "70000"]) == 2
+
+
+def test_cli_reload_rereads_the_config_file_and_keeps_flags(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from kernel_side import agent as agent_mod
+    from kernel_side import cli
+    from kernel_side.config import ConfigError
+
+    reloads: list[Any] = []
+
+    class FakeAgent:
+        def __init__(self, cfg: Any, reload: Any = None) -> None:
+            reloads.append(reload)
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(agent_mod, "Agent", FakeAgent)
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("pid: [11]\nexporter: console\n")
+    assert cli.main(["agent", "--config", str(cfg), "--stats-interval", "3"]) == 0
+    reload = reloads[0]
+    cfg.write_text("pid: [22]\nexporter: console\nstats_interval_s: 9\n")
+    new = reload()
+    assert new.selector.pids == (22,) and new.stats_interval_s == 3.0  # the flag still wins
+    cfg.write_text("pid: [oops\n")
+    with pytest.raises(ConfigError):
+        reload()
+    assert cli.main(["agent", "--exporter", "console"]) == 0
+    assert reloads[-1] is None  # no --config: nothing to reload
