@@ -502,20 +502,28 @@ class SpanAssembler:
 
     def _route_client(self, span: SpanRecord, ex: Exchange, traceparent: str | None,
                       index: int) -> None:
-        sdk = _abi.sdk_span_of(ex.ctx) if ex.ctx is not None else None
-        if sdk is not None:
-            if sdk.kind == _abi.SDK_KIND_CLIENT:
-                # The SDK's client span (requests, psycopg instrumentation...) is this call.
-                self.stats.sdk_covered += 1
-                self._client_keys.pop(span.span_id, None)
-                return
-            span.attributes.pop(HTTP_ROUTE, None)
-            span.trace_id, span.parent_span_id = sdk.trace_id, sdk.span_id
-            self.stats.sdk_parented += 1
-            self._emit(span)
+        if ex.ctx is not None and self.route_under_sdk(span, ex.ctx):
             return
         self.route_client(span, ex.parent_exchange_id, traceparent,
                           lambda: self.ids.trace_id(ex.exchange_id, index))
+
+    def route_under_sdk(self, span: SpanRecord, ctx: bytes | None) -> bool:
+        """Handle a client span made while an OpenTelemetry SDK span was active (``ctx`` names
+        it): dropped when that SDK span is a client span (it is this call), else parented
+        under it and handed on. False, doing nothing, when ``ctx`` names no SDK span."""
+        sdk = _abi.sdk_span_of(ctx) if ctx is not None else None
+        if sdk is None:
+            return False
+        if sdk.kind == _abi.SDK_KIND_CLIENT:
+            # The SDK's client span (requests, psycopg, grpc instrumentation...) is this call.
+            self.stats.sdk_covered += 1
+            self._client_keys.pop(span.span_id, None)
+            return True
+        span.attributes.pop(HTTP_ROUTE, None)
+        span.trace_id, span.parent_span_id = sdk.trace_id, sdk.span_id
+        self.stats.sdk_parented += 1
+        self._emit(span)
+        return True
 
     def route_client(self, span: SpanRecord, parent: int, traceparent: str | None,
                      root_trace: Callable[[], bytes]) -> None:

@@ -192,6 +192,10 @@ class StreamSpans:
                     span, fallback_trace=asm.ids.stream_trace_id(conn.conn_id, s.stream_id),
                     stitch_key=stitch if conn.peer_traced else None)
         else:
+            # The stream's first chunk carries the thread's context when the call started: an
+            # SDK client span then (grpc instrumentation) is this call's one span.
+            if asm.route_under_sdk(span, meta.ctx if meta else None):
+                return
             if stitch is not None:
                 asm.stitch_client(span.span_id, stitch)
             asm.route_client(span, meta.parent_exchange_id if meta else 0, s.traceparent,

@@ -7,7 +7,7 @@ from kernel_side import semconv
 from kernel_side.assembly import IdSource
 from kernel_side.model import SpanKind
 from sdk_side._spans import KernelSpanContext
-from tests.unit.test_assembly import SALT, assembler, client_ex, make_ex
+from tests.unit.test_assembly import SALT, T0, assembler, client_ex, make_ex
 
 SDK_TRACE = bytes.fromhex("0af7651916cd43dd8448eb211c80319c")
 SDK_SPAN = bytes.fromhex("b7ad6b7169203331")
@@ -97,3 +97,28 @@ def test_app_side_ids_match_the_agents() -> None:
         assert _abi.exchange_trace_id(SALT, exchange_id) == ids.trace_id(exchange_id)
     k = KernelSpanContext(SDK_TRACE, SDK_SPAN)
     assert k.traceparent == f"00-{SDK_TRACE.hex()}-{SDK_SPAN.hex()}-01"
+
+
+def _grpc_client_spans(kind: int) -> tuple[list[object], object]:
+    from kernel_side.events import ROLE_CLIENT, Chunk
+    from kernel_side.protocols.http2_spans import StreamSpans
+    from tests.unit.test_http2 import load
+
+    asm, out = assembler()
+    streams = StreamSpans(asm, max_connections=64)
+    for i, (from_client, data) in enumerate(load("grpc_unary")):
+        streams(Chunk(tgid=100, fd=5, role=ROLE_CLIENT, from_client=from_client, closed=False,
+                      peer_address="127.0.0.1", peer_port=50051, listen_fd=0, tid=100,
+                      total_len=len(data), conn_id=7, ts_ns=T0 + i, parent_exchange_id=0,
+                      data=data, ctx=ctx(kind, tenant_id="acme")))
+    streams.flush(T0 + 10**12)
+    return list(out), asm
+
+
+def test_grpc_client_stream_under_sdk_spans() -> None:
+    out, asm = _grpc_client_spans(_abi.SDK_KIND_CLIENT)
+    assert out == [] and asm.stats.sdk_covered == 1  # type: ignore[attr-defined]
+    out, asm = _grpc_client_spans(_abi.SDK_KIND_SERVER)
+    (span,) = out
+    assert span.attributes.get("rpc.system") == "grpc"  # type: ignore[attr-defined]
+    assert (span.trace_id, span.parent_span_id) == (SDK_TRACE, SDK_SPAN)  # type: ignore[attr-defined]
