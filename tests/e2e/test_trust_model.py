@@ -97,10 +97,23 @@ def test_app_group_members_write_but_never_read(harness: Harness, receiver: Otlp
         pin = f"{pin_dir}/{_abi.CTX_BY_TID_NAME}"
         st = os.stat(pin)
         assert stat.S_IMODE(st.st_mode) == 0o620 and st.st_gid == gid and st.st_uid == 0
-        # Every pinned context map: never readable by anyone but root.
+        # Every pinned context map: never readable by anyone but root. The two maps of the
+        # other direction (which server span a thread serves, the id salt) hold no context:
+        # the group reads them, nobody else, and nobody but root writes them.
+        readable = {_abi.SERVER_BY_TID_NAME, _abi.ID_SALT_NAME}
         for p in Path(pin_dir).iterdir():
             mode = stat.S_IMODE(p.stat().st_mode)
-            assert not mode & (stat.S_IRGRP | stat.S_IROTH), f"{p} is readable: {oct(mode)}"
+            if p.name in readable:
+                assert mode == 0o640 and p.stat().st_gid == gid, f"{p}: {oct(mode)}"
+            else:
+                assert not mode & (stat.S_IRGRP | stat.S_IROTH), f"{p} is readable: {oct(mode)}"
+        assert {p.name for p in Path(pin_dir).iterdir()} == {
+            _abi.CTX_BY_TID_NAME, _abi.CTX_BY_CONN_NAME, *readable}
+        spans_pin = f"{pin_dir}/{_abi.SERVER_BY_TID_NAME}"
+        assert _probe(member, spans_pin) == {"rdonly": 0, "rdwr": errno.EACCES,
+                                             "wronly": errno.EACCES}
+        assert _probe(outsider, spans_pin) == {"rdonly": errno.EACCES, "rdwr": errno.EACCES,
+                                               "wronly": errno.EACCES}
 
         # The kernel enforces the file mode on BPF_OBJ_GET.
         assert _probe(member, pin) == {"rdonly": errno.EACCES, "rdwr": errno.EACCES,

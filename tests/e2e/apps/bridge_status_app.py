@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+
+from _ready import write_ready
 
 import bridge
 
@@ -65,9 +65,7 @@ def main() -> None:
     srv = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     srv.daemon_threads = True
     if a.ready_file:
-        tmp = Path(a.ready_file + ".tmp")
-        tmp.write_text(str(srv.server_address[1]))
-        os.replace(tmp, a.ready_file)
+        write_ready(a.ready_file, srv.server_address[1])
     srv.serve_forever()
 
 

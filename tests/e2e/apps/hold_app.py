@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
+from _ready import write_ready
 
 import bridge
 
@@ -61,9 +62,7 @@ def main() -> None:
 
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     server.daemon_threads = True
-    tmp = Path(a.ready_file + ".tmp")
-    tmp.write_text(str(server.server_address[1]))
-    tmp.rename(a.ready_file)
+    write_ready(a.ready_file, server.server_address[1])
     server.serve_forever()
 
 

@@ -19,6 +19,8 @@ import pymysql
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+from _ready import write_ready
+
 import bridge
 from tests.fixtures_capture import capture_mysql
 
@@ -77,9 +79,7 @@ def main() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
     if args.ready_file:
-        tmp = Path(args.ready_file + ".tmp")
-        tmp.write_text(str(server.server_address[1]))
-        tmp.rename(args.ready_file)
+        write_ready(args.ready_file, server.server_address[1])
     server.serve_forever()
 
 

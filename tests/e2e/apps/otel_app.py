@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import requests
+from _ready import write_ready
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
@@ -88,9 +88,7 @@ def main() -> None:
         return jsonify({"order": oid, "tenant": tenant, "stock": stock["count"]})
 
     server = make_server("127.0.0.1", args.port, app, threaded=True)
-    tmp = Path(args.ready_file + ".tmp")
-    tmp.write_text(str(server.server_address[1]))
-    tmp.rename(args.ready_file)
+    write_ready(args.ready_file, server.server_address[1])
     server.serve_forever()
 
 

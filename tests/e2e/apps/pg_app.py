@@ -12,9 +12,9 @@ import argparse
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import psycopg
+from _ready import write_ready
 
 import bridge
 
@@ -52,9 +52,7 @@ def main() -> None:
     Handler.dsn = args.dsn
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
-    tmp = Path(args.ready_file + ".tmp")
-    tmp.write_text(str(server.server_address[1]))
-    tmp.rename(args.ready_file)
+    write_ready(args.ready_file, server.server_address[1])
     server.serve_forever()
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import urllib3
+from _ready import write_ready
 
 
 def main() -> None:
@@ -40,9 +40,7 @@ def main() -> None:
 
     server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
     server.daemon_threads = True
-    tmp = Path(a.ready_file + ".tmp")
-    tmp.write_text(str(server.server_address[1]))
-    tmp.rename(a.ready_file)
+    write_ready(a.ready_file, server.server_address[1])
     server.serve_forever()
 
 

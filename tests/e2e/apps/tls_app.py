@@ -16,8 +16,9 @@ import json
 import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
+
+from _ready import write_ready
 
 _local = threading.local()
 
@@ -87,9 +88,7 @@ def main() -> None:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.cert, args.key)
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    tmp = Path(args.ready_file + ".tmp")
-    tmp.write_text(str(server.server_address[1]))
-    tmp.rename(args.ready_file)
+    write_ready(args.ready_file, server.server_address[1])
     server.serve_forever()
 
 
