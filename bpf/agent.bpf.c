@@ -67,7 +67,10 @@
 #define ST_CONN_DELETED 8
 #define ST_SOCK_CREATED 9
 #define ST_SOCK_DELETED 10
-#define ST_SLOTS 11
+/* A bookkeeping map (syscalls in progress, traced processes) was full: that syscall or that
+ * process is not traced. */
+#define ST_TRACK_FULL 11
+#define ST_SLOTS 12
 
 struct proc_info {
     __u64 ns_dev;
@@ -240,8 +243,13 @@ struct peer_key {
     __u16 _pad;
 };
 BPF_TABLE("lru_hash", struct peer_key, __u32, server_by_peer, SOCK_MAX);
-BPF_HASH(active_io, __u32, struct io_args, 10240);
-BPF_HASH(active_conn, __u32, struct conn_args, 10240);
+/* Syscalls in progress, one entry per thread inside one (a thread blocked in read() holds its
+ * entry): the loader sets THREAD_MAX (max_threads). */
+#ifndef THREAD_MAX
+#define THREAD_MAX 10240
+#endif
+BPF_HASH(active_io, __u32, struct io_args, THREAD_MAX);
+BPF_HASH(active_conn, __u32, struct conn_args, THREAD_MAX);
 BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
 BPF_PERCPU_ARRAY(chunk_scratch, struct chunk, 1);
 BPF_TABLE("lru_hash", __u64, struct sk_tuple, sk_ports, SOCK_MAX);
@@ -717,7 +725,7 @@ struct ssl_key {
     __u64 ssl;
 };
 
-BPF_HASH(ssl_calls, __u32, struct ssl_call, 10240);
+BPF_HASH(ssl_calls, __u32, struct ssl_call, THREAD_MAX);
 /* The socket of an SSL object: learned from the syscall a thread makes inside an SSL call, or
  * (memory-BIO stacks such as Node's, whose socket I/O happens outside SSL calls) from the TLS
  * socket the thread last moved bytes on. */
@@ -802,7 +810,8 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, int ex)
     c.buf = PT_REGS_PARM2(ctx);
     c.nbytes_ptr = ex ? PT_REGS_PARM4(ctx) : 0;
     c.start_ns = bpf_ktime_get_ns();
-    ssl_calls.update(&tid, &c);
+    if (ssl_calls.update(&tid, &c))
+        stat_inc(ST_TRACK_FULL);
     return 0;
 }
 
@@ -873,7 +882,8 @@ static __always_inline int on_enter_io(__u32 fd, __u64 ptr, __u32 kind, __u64 vl
     __u32 tid = (__u32)id;
     tls_learn_fd(si, &k, tid);
     struct io_args a = {.ptr = ptr, .fd = fd, .kind = kind, .vlen = vlen};
-    active_io.update(&tid, &a);
+    if (active_io.update(&tid, &a))
+        stat_inc(ST_TRACK_FULL);
     return 0;
 }
 
@@ -890,7 +900,8 @@ static __always_inline int on_enter_msg(__u32 fd, __u64 msg)
         return 0;
     __u32 tid = (__u32)id;
     struct io_args a = {.ptr = m.iov, .fd = fd, .kind = IO_IOVEC, .vlen = m.iovlen};
-    active_io.update(&tid, &a);
+    if (active_io.update(&tid, &a))
+        stat_inc(ST_TRACK_FULL);
     return 0;
 }
 
@@ -1016,7 +1027,8 @@ static __always_inline int on_enter_conn(__u32 fd, __u64 addr)
         return 0;
     __u32 tid = (__u32)id;
     struct conn_args a = {.addr = addr, .fd = fd};
-    active_conn.update(&tid, &a);
+    if (active_conn.update(&tid, &a))
+        stat_inc(ST_TRACK_FULL);
     return 0;
 }
 
@@ -1237,7 +1249,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         struct proc_info *ns = default_ns.lookup(&zero);
         if (ns && exec_names.lookup(&name)) {
             struct proc_info copy = *ns;
-            procs.update(&tgid, &copy);
+            if (procs.update(&tgid, &copy))
+                stat_inc(ST_TRACK_FULL);
             /* Wake user space now: it must read /proc/<pid> (resource, namespace) while a
              * short-lived process is still there. */
             struct proc_event ev = {.type = EV_PROC, .what = PROC_EXEC, .pid = tgid};
@@ -1264,7 +1277,8 @@ TRACEPOINT_PROBE(task, task_newtask)
      * namespace, which differs after unshare(CLONE_NEWPID). */
     __u32 child = args->pid;
     struct proc_info copy = *pi;
-    procs.update(&child, &copy);
+    if (procs.update(&child, &copy))
+        stat_inc(ST_TRACK_FULL);
     proc_event(PROC_FORK, child, parent, 1);
     return 0;
 }

@@ -81,6 +81,8 @@ class ProcessRegistry:
     dead: dict[int, float] = field(default_factory=dict)
     comms: OrderedDict[int, str] = field(default_factory=OrderedDict)
     """Names from exec/fork events, for processes gone before /proc could be read."""
+    procs_full: int = 0
+    """Processes not traced because the kernel's ``procs`` map was full."""
     forgotten: set[int] = field(default_factory=set)
     """Pids dropped since the agent last purged their connection state (take_forgotten)."""
     tls: TlsProbes | None = None
@@ -127,9 +129,15 @@ class ProcessRegistry:
         old = self.known.get(pid)
         if old is not None:
             info.listen_ports = old.listen_ports
+        try:
+            self.procs_map[self.procs_map.Key(pid)] = self.procs_map.Leaf(ns[0], ns[1])
+        except Exception:  # BCC raises a bare Exception when the update fails (map full)
+            self.procs_full += 1
+            if self.procs_full == 1:
+                log.warning("the traced-process map is full: pid %d and later ones are not "
+                            "traced (counted in procs_full)", pid)
+            return False
         self.known[pid] = info
-        leaf = self.procs_map.Leaf(ns[0], ns[1])
-        self.procs_map[self.procs_map.Key(pid)] = leaf
         if old is None:
             log.info("tracing pid %d (%s)", pid, resource.attributes.get("service.name"))
         if self.tls is not None:
@@ -457,6 +465,7 @@ class Agent:
             f"-DRESP_CAP={cfg.resp_capture}",
             f"-DCONN_MAX={cfg.max_connections}",
             f"-DSOCK_MAX={cfg.max_connections * 4}",
+            f"-DTHREAD_MAX={cfg.max_threads}",
             f"-DRINGBUF_PAGES={pages}",
             f'-DPIN_CTX_BY_TID="{pin}"',
             f'-DPIN_CTX_BY_CONN="{os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME)}"',
@@ -783,6 +792,8 @@ class Agent:
             parts += [f"sdk_covered={s.sdk_covered}", f"sdk_parented={s.sdk_parented}"]
         if self.streams is not None:
             parts.append(f"h2_conns_evicted={self.streams.evicted}")
+        if self.registry is not None:
+            parts.append(f"procs_full={self.registry.procs_full}")
         parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]
         if self.fanout is not None:
             parts += [f"export_{k}={v}" for k, v in self.fanout.stats().items()]

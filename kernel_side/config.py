@@ -43,6 +43,7 @@ class AgentConfig:
     req_capture: int = 1024
     resp_capture: int = 512
     max_connections: int = 4096
+    max_threads: int = 10240
     ringbuf_mb: int = 8
     export_queue: int = 20_000
     health_port: int | None = None
@@ -79,6 +80,8 @@ class AgentConfig:
             raise ConfigError(f"ringbuf_mb must be a power of two, got {self.ringbuf_mb}")
         if self.max_connections < 64:
             raise ConfigError(f"max_connections must be at least 64, got {self.max_connections}")
+        if self.max_threads < 64:
+            raise ConfigError(f"max_threads must be at least 64, got {self.max_threads}")
         for lo, hi in self.selector.ports:
             if not (0 < lo <= hi < 65536):
                 raise ConfigError(f"port range {lo}-{hi} is not within 1-65535")

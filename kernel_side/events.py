@@ -41,6 +41,7 @@ STAT_NAMES: Final = (
     "conns_deleted",
     "socks_created",
     "socks_deleted",
+    "tracking_full",
 )
 
 PROC_EVENT: Final = struct.Struct("<IIII16s")

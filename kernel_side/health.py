@@ -116,6 +116,7 @@ _KERNEL_HELP = {
     "conns_deleted": "exchange entries the kernel program deleted (ordinary ends)",
     "socks_created": "connections the kernel program started tracking",
     "socks_deleted": "tracked connections closed",
+    "tracking_full": "syscalls or processes not traced because a bookkeeping map was full",
     "conns_live": "exchanges in progress now (the conns map)",
     "conns_evicted": "exchanges evicted from the full conns map without a span",
     "socks_live": "connections tracked now (the socks map)",
@@ -151,6 +152,10 @@ def agent_metrics(agent: Any) -> list[Metric]:
             Metric("waiting_parent", "gauge", asm.waiting,
                    "client spans currently held back waiting for their parent's trace"),
         ]
+    registry = getattr(agent, "registry", None)
+    if registry is not None:
+        out.append(Metric("procs_full", "counter", registry.procs_full,
+                          "processes not traced because the traced-process map was full"))
     out += [
         Metric("idle_flushed", "counter", agent.idle_flushed,
                "exchanges emitted by the idle flush (response quiet for --idle-flush-ms)"),

@@ -229,3 +229,45 @@ def test_1000_selected_processes(harness: Harness, receiver: OtlpReceiver) -> No
     assert rss_after < RSS_CAP_MB, (rss_before, rss_after)
     print(f"\n{N_PROCS} processes: agent rss {rss_before:.0f} -> {rss_after:.0f} MB "
           f"({per_proc_kb:.0f} KB per process)")
+
+
+def test_syscall_bookkeeping_bound_is_counted(harness: Harness, receiver: OtlpReceiver) -> None:
+    """``max_threads``: with more threads of a traced process blocked in recv() than the
+    syscall bookkeeping maps hold, the extra syscalls go untraced and are counted in
+    ``tracking_full``; the app is unaffected, and tracing resumes once the threads return."""
+    import time
+
+    blocked = 100
+    base = harness.tmp / "park"
+    base.mkdir()
+    srv, port = harness.python_service("parked", APPS / "blocked_threads_app.py", "--dir",
+                                       str(base), "--threads", str(blocked))
+    cfg = harness.tmp / "agent.yaml"
+    cfg.write_text("max_threads: 64\n")
+    agent = harness.agent("--pid", str(srv.pid), "--config", str(cfg), receiver=receiver)
+    (base / "block").write_text("")
+    deadline = time.monotonic() + 60
+    while not (base / "blocked").exists():
+        assert time.monotonic() < deadline, "the app's threads never all blocked"
+        time.sleep(0.05)
+    tag = secrets.token_hex(3)
+    # While the maps are full the app keeps serving; these requests may go untraced.
+    for i in range(5):
+        r = requests.get(f"http://127.0.0.1:{port}/full-{tag}/{i}",
+                         headers={"Connection": "close"}, timeout=10)
+        assert r.status_code == 200
+    (base / "release").write_text("")
+    while not (base / "released").exists():
+        assert time.monotonic() < deadline, "the app's threads never returned"
+        time.sleep(0.05)
+    r = requests.get(f"http://127.0.0.1:{port}/after-{tag}", headers={"Connection": "close"},
+                     timeout=10)
+    assert r.status_code == 200
+    receiver.wait_for(lambda ss: f"/after-{tag}" in _paths(ss, "parked", f"/after-{tag}"),
+                      timeout_s=30)
+    assert agent.stop() == 0
+    st = final_stats(agent.log_text())
+    # 100 threads inside recv, 64 slots: at least 36 syscalls could not be tracked.
+    assert st["tracking_full"] >= blocked - 64, st
+    assert st["callback_errors"] == 0, st
+    print(f"\nmax_threads 64, {blocked} threads blocked: tracking_full={st['tracking_full']}")
