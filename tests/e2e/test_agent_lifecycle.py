@@ -186,6 +186,7 @@ BAD_YAML = [
     ("bogus_key: 1\n", "unknown setting 'bogus_key'"),
     ("req_capture: 1000\n", "req_capture must be a power of two"),
     ("req_capture: lots\n", "req_capture"),
+    ("max_threads: 10\n", "max_threads must be at least 64"),
     ("port: 70000\n", "70000"),
     ("pid: [abc]\n", "abc"),
     ("- just\n- a list\n", "mapping"),
