@@ -128,6 +128,8 @@ class _TraceService(TraceServiceServicer):
     def Export(
         self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> ExportTraceServiceResponse:
+        if not self._receiver.admit():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "refused for a test (fail_first)")
         self._receiver.record(request)
         return ExportTraceServiceResponse()
 
@@ -154,6 +156,9 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                     return
             except (DecodeError, json_format.ParseError, ValueError) as exc:
                 self._reply(400, "text/plain", f"bad OTLP request: {exc}\n".encode())
+                return
+            if not receiver.admit():
+                self._reply(503, "text/plain", b"refused for a test (fail_first)\n")
                 return
             receiver.record(request)
             if content_type == _JSON:
@@ -188,8 +193,16 @@ class OtlpReceiver:
         http_port: int | None = None,
         *,
         on_request: Callable[[ExportTraceServiceRequest], None] | None = None,
+        fail_first: int = 0,
+        delay_s: float = 0.0,
     ) -> None:
+        """``fail_first``: refuse that many export requests first (gRPC UNAVAILABLE, HTTP 503),
+        as a collector that is overloaded or restarting does; ``delay_s``: answer every request
+        that late, as a slow collector does. Both for fault tests."""
         self.host = host
+        self._refuse_left = fail_first
+        self._delay_s = delay_s
+        self.refused = 0
         self._grpc_port = grpc_port
         self._http_port = http_port
         self._on_request = on_request
@@ -200,6 +213,18 @@ class OtlpReceiver:
         self._http_thread: threading.Thread | None = None
         self.grpc_endpoint = ""
         self.http_endpoint: str | None = None
+
+    def admit(self) -> bool:
+        """Called once per export request: wait ``delay_s``, then False while requests are
+        still to be refused (``fail_first``)."""
+        if self._delay_s:
+            time.sleep(self._delay_s)
+        with self._cond:
+            if self._refuse_left > 0:
+                self._refuse_left -= 1
+                self.refused += 1
+                return False
+        return True
 
     def start(self) -> OtlpReceiver:
         """Bind and start serving; returns self for chaining."""

@@ -149,6 +149,27 @@ def test_otlp_endpoint_down_then_up(harness: Harness) -> None:
           f"{st['export_retries']} retries, 0 dropped")
 
 
+def test_otlp_endpoint_slow_and_refusing(harness: Harness) -> None:
+    """A collector that answers every export 0.5 s late and refuses the first four
+    (UNAVAILABLE, as an overloaded or restarting one does): the refused batches are retried,
+    every span arrives, nothing is dropped, and the app never waits on any of it."""
+    srv, port = harness.python_service("edge-slow", EDGE)
+    with OtlpReceiver(fail_first=4, delay_s=0.5) as rcv:
+        agent = harness.agent("--pid", str(srv.pid), receiver=rcv)
+        tag = secrets.token_hex(3)
+        _drive(port, tag, 100)
+        spans = rcv.wait_for(lambda ss: len(_paths(ss, "edge-slow", tag)) >= 100, timeout_s=120)
+        assert _paths(spans, "edge-slow", tag) == {f"/{tag}/{i}" for i in range(100)}
+        assert agent.stop() == 0
+        assert rcv.refused == 4
+    st = final_stats(agent.log_text())
+    assert st["export_export_failures"] >= 4 and st["export_retries"] >= 4, st
+    assert st["export_dropped_queue_full"] == st["export_dropped_retries_exhausted"] == 0, st
+    assert st["export_dropped_shutdown"] == 0, st
+    print(f"\notlp slow+refusing: 100 spans, {st['export_export_failures']} failed exports, "
+          f"{st['export_retries']} retries, 0 dropped")
+
+
 def test_tiny_export_queue_with_endpoint_down_counts_drops(harness: Harness) -> None:
     srv, port = harness.python_service("edge-queue", EDGE)
     cfg = harness.tmp / "agent.yaml"
