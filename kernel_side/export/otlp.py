@@ -12,15 +12,16 @@ from collections.abc import Mapping, Sequence
 import grpc
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
 
 from kernel_side.export.base import SpanExporter
-from kernel_side.export.otlp_proto import to_export_request
+from kernel_side.export.otlp_wire import encode_export_request
 from kernel_side.model import SpanRecord
 
 logger = logging.getLogger(__name__)
 
 TRACES_PATH = "/v1/traces"
+# The OTLP/gRPC method; the request goes out as bytes already serialized (otlp_wire).
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -92,8 +93,11 @@ class OtlpGrpcExporter(SpanExporter):
             )
         else:
             self._channel = grpc.insecure_channel(target, options=_GRPC_CHANNEL_OPTIONS)
-        # The generated *_pb2_grpc module ships without type hints.
-        self._stub = TraceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._export = self._channel.unary_unary(
+            EXPORT_METHOD,
+            request_serializer=None,  # the request is bytes from encode_export_request
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
         # gRPC metadata keys must be lowercase; OTEL_EXPORTER_OTLP_HEADERS often are not.
         self._metadata = tuple((k.lower(), v) for k, v in (headers or {}).items())
         self._timeout_s = timeout_s
@@ -106,9 +110,9 @@ class OtlpGrpcExporter(SpanExporter):
         if self._closed:
             logger.warning("OTLP gRPC export after shutdown: %d spans", len(spans))
             return False
-        request = to_export_request(spans)
+        request = encode_export_request(spans)
         try:
-            response = self._stub.Export(request, timeout=self._timeout_s, metadata=self._metadata)
+            response = self._export(request, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             logger.warning(
                 "OTLP gRPC export of %d spans to %s failed: %s %s",
@@ -170,7 +174,7 @@ class OtlpHttpExporter(SpanExporter):
         if self._closed:
             logger.warning("OTLP HTTP export after shutdown: %d spans", len(spans))
             return False
-        body = to_export_request(spans).SerializeToString()
+        body = encode_export_request(spans)
         request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self._timeout_s) as reply:
