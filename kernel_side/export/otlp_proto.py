@@ -1,8 +1,10 @@
-"""SpanRecord -> OTLP protobuf ``ExportTraceServiceRequest``: the one place that builds it.
+"""SpanRecord -> OTLP protobuf ``ExportTraceServiceRequest`` built with the generated classes.
 
-This runs on the agent's hot path for every batch, so it fills the messages in place through
-``add()`` and direct field assignment: with the upb backend that is several times cheaper than
-building ``KeyValue``/``AnyValue`` objects and copying them in via constructors.
+The exporters send bytes from ``otlp_wire`` instead (cheaper); this builder is the reference
+those bytes are checked against (``tests/unit/test_otlp_wire.py``) and the baseline
+``bench/pipeline_bench.py`` compares with. It fills the messages in place through ``add()`` and
+direct field assignment: with the upb backend that is several times cheaper than building
+``KeyValue``/``AnyValue`` objects and copying them in via constructors.
 """
 
 from __future__ import annotations
