@@ -708,6 +708,11 @@ def set_span_hook(hook: Callable[[dict[str, AttrValue]], None] | None) -> None:
     _span_hook = hook
 
 
+def reachable() -> bool:
+    """Whether the agent's map is open (re-checking the pin at most once a second)."""
+    return _refresh()
+
+
 def thread_data() -> bytes:
     """This thread's encoded attribute block (``b""`` when none, or cleared by the kernel);
     the same object until the attributes change."""

@@ -90,6 +90,8 @@ class BridgeSpanProcessor(SpanProcessor):
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         """Make ``span`` the thread's active SDK span."""
+        if not _writer.reachable():
+            return  # no agent: nothing to tell it (the pin is re-checked once a second)
         ctx = span.get_span_context()
         if ctx is None or not ctx.is_valid:
             return
