@@ -18,18 +18,12 @@ or fails on time.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import shutil
-import statistics
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
+
+from _common import can_pin, measure, micro_args, pinned_context_map, report
 
 import bridge
 from bridge import _abi, _env
@@ -37,17 +31,6 @@ from sdk_side import _bpf, _writer
 
 ATTRS_1 = {"tenant_id": "acme"}
 ATTRS_3 = {"tenant_id": "acme", "user_id": "u-42", "feature_flag": "new-checkout"}
-
-
-def measure(fn: Callable[[], object], iterations: int, repeat: int) -> dict[str, float]:
-    """Per-call ns: median, min and max of ``repeat`` run means."""
-    runs: list[float] = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        for _ in range(iterations):
-            fn()
-        runs.append((time.perf_counter_ns() - t0) / iterations)
-    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs)}
 
 
 def measure_new_request(
@@ -78,13 +61,7 @@ def measure_new_request(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--iterations", type=int, default=100_000)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument(
-        "--json", type=Path, default=Path(__file__).parent / "results" / "annotate.json"
-    )
-    args = ap.parse_args(argv)
+    args = micro_args(argv, __doc__, 100_000, "annotate.json")
     n, r = args.iterations, args.repeat
     rows: dict[str, dict[str, float]] = {}
 
@@ -95,17 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         rows["no agent, 3 attrs"] = measure(lambda: bridge.annotate(**ATTRS_3), n, r)
 
     note = ""
-    if os.geteuid() == 0 and os.path.ismount("/sys/fs/bpf"):
-        base = Path(f"/sys/fs/bpf/ebpf_bridge_bench_{os.getpid()}")
-        base.mkdir()
-        fd = _bpf.map_create(
-            _abi.CTX_KEY.size, _abi.CTX_VALUE_SIZE, _abi.CTX_MAX_ENTRIES, name="bridge_bench"
-        )
-        try:
-            _bpf.obj_pin(fd, str(base / _abi.CTX_BY_TID_NAME))
-            os.environ[_env.EBPF_BRIDGE_PIN_DIR] = str(base)
-            if not _writer.reconnect():
-                raise SystemExit(f"could not open the bench map: {bridge.status().last_error}")
+    if can_pin():
+        with pinned_context_map() as fd:
             bridge.annotate(**ATTRS_3)
             st = _writer._thread()
             rows["raw syscall (floor)"] = measure(
@@ -134,39 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             status = bridge.status()
             if status.errors or status.map_full:
                 note = f"unexpected: {status}"
-        finally:
-            os.close(fd)
-            shutil.rmtree(base, ignore_errors=True)
     else:
         note = "not root or no bpffs: only the no-agent rows were measured"
 
-    width = max(map(len, rows)) + 2
-    print(
-        f"bridge.annotate, ns per call ({n} calls x {r} runs; Python {platform.python_version()})"
-    )
-    print(f"{'case':<{width}}{'median':>10}{'min':>10}{'max':>10}")
-    for name, row in rows.items():
-        print(f"{name:<{width}}{row['median']:>10.0f}{row['min']:>10.0f}{row['max']:>10.0f}")
-    if note:
-        print(note)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps(
-            {
-                "unit": "ns/call",
-                "iterations": n,
-                "repeat": r,
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "kernel": platform.release(),
-                "rows": rows,
-                "note": note,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {args.json}")
+    report("bridge.annotate", "ns/call", rows, note, args)
     return 0
 
 

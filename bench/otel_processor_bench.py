@@ -20,36 +20,19 @@ the per-run means in ns. Prints a table and writes JSON; never passes or fails o
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import shutil
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 
+from _common import can_pin, measure, micro_args, pinned_context_map, report
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Tracer
 
 import bridge
-from bridge import _abi, _env
-from sdk_side import _bpf, _writer
+from bridge import _env
+from sdk_side import _writer
 from sdk_side.otel import BridgeSpanProcessor
-
-
-def measure(fn: Callable[[], object], iterations: int, repeat: int) -> dict[str, float]:
-    """Per-call ns: median, min and max of ``repeat`` run means."""
-    runs: list[float] = []
-    for _ in range(repeat):
-        t0 = time.perf_counter_ns()
-        for _ in range(iterations):
-            fn()
-        runs.append((time.perf_counter_ns() - t0) / iterations)
-    return {"median": statistics.median(runs), "min": min(runs), "max": max(runs)}
 
 
 def one_span(tracer: Tracer) -> Callable[[], None]:
@@ -71,13 +54,7 @@ def nested(tracer: Tracer, iterations: int, repeat: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--iterations", type=int, default=20_000)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument(
-        "--json", type=Path, default=Path(__file__).parent / "results" / "otel_processor.json"
-    )
-    args = ap.parse_args(argv)
+    args = micro_args(argv, __doc__, 20_000, "otel_processor.json")
     n, r = args.iterations, args.repeat
     rows: dict[str, dict[str, float]] = {}
 
@@ -93,17 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         rows["+ processor, no agent"] = measure(one_span(tracer), n, r)
 
     note = ""
-    if os.geteuid() == 0 and os.path.ismount("/sys/fs/bpf"):
-        base = Path(f"/sys/fs/bpf/ebpf_bridge_bench_{os.getpid()}")
-        base.mkdir()
-        fd = _bpf.map_create(
-            _abi.CTX_KEY.size, _abi.CTX_VALUE_SIZE, _abi.CTX_MAX_ENTRIES, name="bridge_bench"
-        )
-        try:
-            _bpf.obj_pin(fd, str(base / _abi.CTX_BY_TID_NAME))
-            os.environ[_env.EBPF_BRIDGE_PIN_DIR] = str(base)
-            if not _writer.reconnect():
-                raise SystemExit(f"could not open the bench map: {bridge.status().last_error}")
+    if can_pin():
+        with pinned_context_map():
             writes = bridge.status().writes
             rows["+ processor, pinned map"] = measure(one_span(tracer), n, r)
             if bridge.status().writes - writes < n * r:
@@ -120,26 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             status = bridge.status()
             if status.errors or status.map_full:
                 note = f"unexpected: {status}"
-        finally:
-            os.close(fd)
-            shutil.rmtree(base, ignore_errors=True)
     else:
         note = "not root or no bpffs: only the no-agent rows were measured"
 
-    width = max(map(len, rows)) + 2
-    print(f"OpenTelemetry SDK span with BridgeSpanProcessor, ns per span ({n} x {r} runs; "
-          f"Python {platform.python_version()})")
-    print(f"{'case':<{width}}{'median':>10}{'min':>10}{'max':>10}")
-    for name, row in rows.items():
-        print(f"{name:<{width}}{row['median']:>10.0f}{row['min']:>10.0f}{row['max']:>10.0f}")
-    if note:
-        print(note)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "unit": "ns/span", "iterations": n, "repeat": r, "python": platform.python_version(),
-        "kernel": platform.release(), "rows": rows, "note": note,
-    }, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    report("OpenTelemetry SDK span with BridgeSpanProcessor", "ns/span", rows, note, args)
     return 0
 
 

@@ -4,6 +4,7 @@ first on ``sys.path``."""
 
 from __future__ import annotations
 
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -12,3 +13,12 @@ def write_ready(path: str, value: object) -> None:
     tmp = Path(path + ".tmp")
     tmp.write_text(str(value))
     tmp.replace(path)
+
+
+def serve(handler: type[BaseHTTPRequestHandler], port: int, ready_file: str) -> None:
+    """Serve ``handler`` on 127.0.0.1:``port`` (0: any), a thread per request, write the port
+    to ``ready_file``, and serve until killed."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    write_ready(ready_file, server.server_address[1])
+    server.serve_forever()

@@ -15,10 +15,10 @@ import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from _ready import write_ready
+from _ready import serve
 
 _RECVFROM = 45  # x86-64 syscall number
 
@@ -87,10 +87,7 @@ def main() -> None:
             pass
 
     threading.Thread(target=park, args=(Path(a.dir), a.threads), daemon=True).start()
-    server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
-    server.daemon_threads = True
-    write_ready(a.ready_file, server.server_address[1])
-    server.serve_forever()
+    serve(Handler, a.port, a.ready_file)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ import argparse
 import dataclasses
 import json
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import requests
-from _ready import write_ready
+from _ready import serve
 
 import bridge
 
@@ -60,10 +60,7 @@ def main() -> None:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
-    server.daemon_threads = True
-    write_ready(a.ready_file, server.server_address[1])
-    server.serve_forever()
+    serve(Handler, a.port, a.ready_file)
 
 
 if __name__ == "__main__":

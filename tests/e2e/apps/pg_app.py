@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import psycopg
-from _ready import write_ready
+from _ready import serve
 
 import bridge
 
@@ -50,10 +50,7 @@ def main() -> None:
     ap.add_argument("--dsn", required=True)
     args = ap.parse_args()
     Handler.dsn = args.dsn
-    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
-    server.daemon_threads = True
-    write_ready(args.ready_file, server.server_address[1])
-    server.serve_forever()
+    serve(Handler, args.port, args.ready_file)
 
 
 if __name__ == "__main__":

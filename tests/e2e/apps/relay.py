@@ -8,10 +8,10 @@ reuse the same connections.
 from __future__ import annotations
 
 import argparse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import urllib3
-from _ready import write_ready
+from _ready import serve
 
 
 def main() -> None:
@@ -38,10 +38,7 @@ def main() -> None:
         def log_message(self, format: str, *args: object) -> None:
             """Quiet."""
 
-    server = ThreadingHTTPServer(("127.0.0.1", a.port), Handler)
-    server.daemon_threads = True
-    write_ready(a.ready_file, server.server_address[1])
-    server.serve_forever()
+    serve(Handler, a.port, a.ready_file)
 
 
 if __name__ == "__main__":
