@@ -52,6 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kernel_side.health import parse_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -277,16 +279,8 @@ class Session:
         """The agent's Prometheus counters (empty without an agent)."""
         if self.agent is None:
             return {}
-        out: dict[str, float] = {}
         with urllib.request.urlopen(f"http://127.0.0.1:{self.health}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                name = name.removeprefix("ebpf_bridge_").removesuffix("_total")
-                with contextlib.suppress(ValueError):
-                    out[name] = float(value)
-        return out
+            return parse_metrics(r.read().decode())
 
     def close(self) -> None:
         if self.agent is not None and self.agent.poll() is None:

@@ -23,6 +23,7 @@ shared contract (the agent imports ``bridge._abi``) never loads it.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from bridge._abi import AttrValue
@@ -56,33 +57,25 @@ __all__ = [
     "status",
 ]
 
-_LAZY = frozenset(
-    {
-        "annotate",
-        "annotate_connection",
-        "bind_request",
-        "clear",
-        "clear_connection",
-        "context",
-        "propagate",
-        "status",
-    }
-)
+# Public name -> the module that defines it, imported on first use.
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        ("annotate", "annotate_connection", "bind_request", "clear", "clear_connection",
+         "context", "propagate", "status"),
+        "sdk_side._writer",
+    ),
+    **dict.fromkeys(("current_span_context", "KernelSpanContext"), "sdk_side._spans"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: load the writer on first use, then bind it here so later look-ups are plain
-    # module attributes with no indirection on the hot path.
-    if name in ("current_span_context", "KernelSpanContext"):
-        from sdk_side import _spans
-
-        value = getattr(_spans, name)
-        globals()[name] = value
-        return value
-    if name in _LAZY:
-        from sdk_side import _writer
-
-        for lazy in _LAZY:
-            globals()[lazy] = getattr(_writer, lazy)
-        return globals()[name]
-    raise AttributeError(f"module 'bridge' has no attribute {name!r}")
+    # PEP 562: load the defining module on first use, then bind all its names here so later
+    # look-ups are plain module attributes with no indirection on the hot path.
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module 'bridge' has no attribute {name!r}")
+    module = importlib.import_module(where)
+    for lazy, source in _LAZY.items():
+        if source == where:
+            globals()[lazy] = getattr(module, lazy)
+    return globals()[name]

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernel_side.health import parse_metrics
 from kernel_side.otlp_receiver import ReceivedSpan, flatten, parse_otlp_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,19 +316,11 @@ class SpanFile:
 
 def _metrics(port: int) -> dict[str, float]:
     """The agent's Prometheus counters, without the prefix and suffix."""
-    out: dict[str, float] = {}
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
+            return parse_metrics(r.read().decode())
     except OSError:
-        return out
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            name = name.removeprefix("ebpf_bridge_").removesuffix("_total")
-            with contextlib.suppress(ValueError):
-                out[name] = float(value)
-    return out
+        return {}
 
 
 def _is_warmup(s: ReceivedSpan) -> bool:

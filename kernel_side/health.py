@@ -125,6 +125,19 @@ _KERNEL_HELP = {
 _EXPORT_GAUGES = {"queued"}
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """The samples of a ``/metrics`` page as ``{name: value}``, names without the
+    ``ebpf_bridge_`` prefix and ``_total`` suffix (the reader's side of ``render``)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            name = name.removeprefix("ebpf_bridge_").removesuffix("_total")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
+
+
 def agent_metrics(agent: Any) -> list[Metric]:
     """Every counter of a running ``kernel_side.agent.Agent``, the ones ``format_stats`` logs."""
     out: list[Metric] = []
