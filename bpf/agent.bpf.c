@@ -443,6 +443,19 @@ static __always_inline __u64 client_parent(__u32 tgid, __u32 tid, __u16 server_p
     return parent ? *parent : 0;
 }
 
+#ifdef INJECT_TRACEPARENT
+/* The injector's choice for the write a thread is in (inject.bpf.c): the exchange id whose span
+ * id went on the wire (0: nothing injected), for the write whose buffer is ptr. */
+struct inj_choice {
+    __u64 eid;
+    __u64 ptr;
+};
+BPF_HASH(inject_ids, __u32, struct inj_choice, THREAD_MAX);
+/* The connection of the server exchange a thread last started (where active_server's exchange
+ * lives), so the injector can read that request's traceparent. */
+BPF_TABLE("lru_hash", __u32, struct sock_key, server_conn_by_tid, SOCK_MAX);
+#endif
+
 static __always_inline void start_exchange(struct exchange *st, struct sock_key *k, __u32 tid)
 {
     __u64 now = bpf_ktime_get_ns();
@@ -474,7 +487,16 @@ static __always_inline void start_exchange(struct exchange *st, struct sock_key 
             server_by_tid.update(&key, &st->exchange_id);
         }
         active_server.update(&tid, &st->exchange_id);
+#ifdef INJECT_TRACEPARENT
+        server_conn_by_tid.update(&tid, k);
+#endif
     } else {
+#ifdef INJECT_TRACEPARENT
+        /* This request went out with a traceparent naming the span of exchange eid. */
+        struct inj_choice *ch = inject_ids.lookup(&tid);
+        if (ch && ch->eid)
+            st->exchange_id = ch->eid;
+#endif
         snapshot_ctx(st, k->tgid, k->fd);
         st->parent_exchange_id =
             client_parent(k->tgid, tid, st->has_ctx ? st->ctx.server_peer_port : 0);
@@ -905,6 +927,18 @@ static __always_inline int on_enter_msg(__u32 fd, __u64 msg)
     return 0;
 }
 
+static __always_inline int on_exit_io_sock(__u64 id, __u32 tid, int dir, struct io_args *ap,
+                                           long ret)
+{
+    struct sock_key k = {.tgid = id >> 32, .fd = ap->fd};
+    struct sock_info *si = socks.lookup(&k);
+    if (!si)
+        return 0;
+    if (tls_socket_io(si, &k, tid, dir, ap, ret))
+        return 0;
+    return conn_io(&k, si, dir, ap, ret, tid);
+}
+
 static __always_inline int on_exit_io(int dir, long ret)
 {
     __u64 id = bpf_get_current_pid_tgid();
@@ -914,15 +948,14 @@ static __always_inline int on_exit_io(int dir, long ret)
         return 0;
     struct io_args a = *ap;
     active_io.delete(&tid);
-    if (ret <= 0)
-        return 0;
-    struct sock_key k = {.tgid = id >> 32, .fd = a.fd};
-    struct sock_info *si = socks.lookup(&k);
-    if (!si)
-        return 0;
-    if (tls_socket_io(si, &k, tid, dir, &a, ret))
-        return 0;
-    return conn_io(&k, si, dir, &a, ret, tid);
+    if (ret > 0)
+        on_exit_io_sock(id, tid, dir, &a, ret);
+#ifdef INJECT_TRACEPARENT
+    /* The injector's choice belongs to this write alone (start_exchange has taken it). */
+    if (dir == DIR_OUT && inject_ids.lookup(&tid))
+        inject_ids.delete(&tid);
+#endif
+    return 0;
 }
 
 /* The per-connection state machine: bytes of one read (dir DIR_IN) or write (DIR_OUT) of

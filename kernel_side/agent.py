@@ -40,6 +40,7 @@ from kernel_side.events import (
 from kernel_side.export import make_exporter
 from kernel_side.export.batch import BatchExporter
 from kernel_side.health import HealthServer, HealthState, agent_metrics
+from kernel_side.inject import InjectError, Injector
 from kernel_side.model import AttrValue, Resource, SpanRecord
 from kernel_side.protocols.http2_spans import StreamSpans
 from kernel_side.protocols.registry import register_all
@@ -362,6 +363,7 @@ class Agent:
         self.streams: StreamSpans | None = None
         self.registry: ProcessRegistry | None = None
         self.tls: TlsProbes | None = None
+        self.injector: Injector | None = None
         self.assembler: SpanAssembler | None = None
         self.fanout: Fanout | None = None
         self.callback_errors = 0
@@ -473,7 +475,12 @@ class Agent:
             f'-DPIN_ID_SALT="{os.path.join(cfg.pin_dir, _abi.ID_SALT_NAME)}"',
             "-Wno-macro-redefined",
         ]
+        if cfg.inject_traceparent:
+            cflags.append("-DINJECT_TRACEPARENT")
         src = (bpf.SOURCE_DIR / "agent.bpf.c").read_text()
+        if cfg.inject_traceparent:
+            # Appended, not #included: BCC makes programs only of the main file's functions.
+            src += "\n" + (bpf.SOURCE_DIR / "inject.bpf.c").read_text()
         try:
             b = bcc.BPF(text=src, cflags=cflags)
         except Exception as e:
@@ -545,6 +552,12 @@ class Agent:
                                    route_heuristic=self.cfg.route_heuristic)
         self.assembler.set_stream_handler(self.streams)
         b["events"].open_ring_buffer(self._on_event)
+        if self.cfg.inject_traceparent:
+            try:
+                self.injector = Injector.attach(b)
+            except InjectError as e:
+                b.cleanup()
+                raise AgentError(str(e)) from None
         self.registry.scan()
         release_compiler_memory()
         self.start_to_ready_s = time.monotonic() - t0
@@ -644,6 +657,8 @@ class Agent:
                 Path(self.cfg.ready_file).unlink(missing_ok=True)
             if self.health is not None:  # before cleanup: /metrics reads the BPF maps
                 self.health.stop()
+            if self.injector is not None:
+                self.injector.close()
             if b is not None:
                 b.cleanup()
 
@@ -794,6 +809,8 @@ class Agent:
             parts.append(f"h2_conns_evicted={self.streams.evicted}")
         if self.registry is not None:
             parts.append(f"procs_full={self.registry.procs_full}")
+        if self.injector is not None:
+            parts += [f"inject_{k}={v}" for k, v in self.injector.stats().items()]
         parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]
         if self.fanout is not None:
             parts += [f"export_{k}={v}" for k, v in self.fanout.stats().items()]

@@ -80,6 +80,11 @@ def _agent_parser(sub: Any) -> None:
     run.add_argument("--health-address", metavar="ADDR",
                      help="address the health endpoint binds (default 127.0.0.1; 0.0.0.0 in a "
                      "pod, so the kubelet can probe it)")
+    run.add_argument("--inject-traceparent", action="store_true", default=None,
+                     help="write a W3C traceparent into outgoing HTTP/1.1 requests of traced "
+                     "processes that send none, so the next node's agent joins the trace "
+                     "(default: off; changes bytes on the wire: see README, 'Traceparent "
+                     "injection')")
     run.add_argument("--log-level", default="info",
                      choices=("debug", "info", "warning", "error"))
 
@@ -94,7 +99,8 @@ def _run_agent(args: argparse.Namespace) -> int:
         for key in ("pid", "exe", "port", "exporter", "otlp_endpoint", "otlp_protocol", "jsonl",
                     "ready_file", "stats_interval_s", "idle_flush_ms", "parent_wait_s",
                     "stitch_wait_s", "raw_query_text",
-                    "route_heuristic", "app_group", "health_port", "health_address"):
+                    "route_heuristic", "app_group", "health_port", "health_address",
+                    "inject_traceparent"):
             value = getattr(args, key)
             if value is not None:
                 settings[key] = value

@@ -48,6 +48,7 @@ class AgentConfig:
     export_queue: int = 20_000
     health_port: int | None = None
     health_address: str = "127.0.0.1"
+    inject_traceparent: bool = False
 
     def resolved_exporters(self) -> tuple[str, ...]:
         """The exporters to run: as configured, else otlp with an endpoint, else jsonl."""
