@@ -52,6 +52,12 @@ fi
 
 mountpoint -q /sys/kernel/tracing || { log "mount tracefs"; mount -t tracefs tracefs /sys/kernel/tracing; }
 mountpoint -q /sys/fs/bpf || { log "mount bpffs"; mount -t bpf bpf /sys/fs/bpf; }
+# cgroup v2, for the opt-in traceparent injector's sock_ops program (kernel_side/inject.py).
+if ! grep -q " - cgroup2 " /proc/self/mountinfo; then
+  log "mount cgroup2 on /sys/fs/cgroup/unified"
+  { mkdir -p /sys/fs/cgroup/unified && mount -t cgroup2 none /sys/fs/cgroup/unified; } ||
+    log "could not mount cgroup2: --inject-traceparent will not be available"
+fi
 mountpoint -q /sys/kernel/security 2>/dev/null || mount -t securityfs securityfs /sys/kernel/security 2>/dev/null || true
 
 # The venv sees Debian's BCC (python3-bpfcc) through --system-site-packages; BCC is not on PyPI.

@@ -15,10 +15,11 @@ def write_ready(path: str, value: object) -> None:
     tmp.replace(path)
 
 
-def serve(handler: type[BaseHTTPRequestHandler], port: int, ready_file: str) -> None:
-    """Serve ``handler`` on 127.0.0.1:``port`` (0: any), a thread per request, write the port
+def serve(handler: type[BaseHTTPRequestHandler], port: int, ready_file: str,
+          host: str = "127.0.0.1") -> None:
+    """Serve ``handler`` on ``host``:``port`` (0: any), a thread per request, write the port
     to ``ready_file``, and serve until killed."""
-    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     write_ready(ready_file, server.server_address[1])
     server.serve_forever()

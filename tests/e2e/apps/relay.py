@@ -17,6 +17,7 @@ from _ready import serve
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--upstream", required=True, help="for example http://127.0.0.1:8082")
     ap.add_argument("--prefix", default="/stock/sku-")
     ap.add_argument("--ready-file", required=True)
@@ -38,7 +39,7 @@ def main() -> None:
         def log_message(self, format: str, *args: object) -> None:
             """Quiet."""
 
-    serve(Handler, a.port, a.ready_file)
+    serve(Handler, a.port, a.ready_file, a.host)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""Zero-code HTTP/1.1 client for the injection tests. Writes its pid to --ready-file, waits for
+--go-file (so the agent is attached before it connects), then sends the requests of --spec
+(a JSON list of {"head": str, "body": str, "split": bool}) one after another over ONE
+keep-alive connection, each with a single write unless "split" (head and body written
+separately), and writes every response body (JSON) to --out, one line each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from _ready import write_ready
+
+
+def _response(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        buf += data
+    head, _, buf = buf.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(buf) < length:
+        buf += sock.recv(65536)
+    return buf[:length], buf[length:]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ready-file", required=True)
+    ap.add_argument("--go-file", required=True)
+    a = ap.parse_args()
+    spec = json.loads(Path(a.spec).read_text())
+    write_ready(a.ready_file, os.getpid())
+    deadline = time.monotonic() + 120
+    while not os.path.exists(a.go_file):
+        if time.monotonic() > deadline:
+            raise SystemExit("no go file")
+        time.sleep(0.02)
+    lines = []
+    with socket.create_connection((a.host, a.port), timeout=30) as sock:
+        rest = b""
+        for req in spec:
+            head = req["head"].encode("latin-1")
+            body = req.get("body", "").encode("latin-1")
+            if req.get("split"):
+                sock.sendall(head)
+                sock.sendall(body)
+            else:
+                sock.sendall(head + body)
+            resp, rest = _response(sock, rest)
+            lines.append(resp.decode())
+    write_ready(a.out, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
