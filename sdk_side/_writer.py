@@ -118,6 +118,8 @@ class _Thread:
         "owner",
         "pid",
         "port",
+        "req_calls",
+        "req_len",
         "sdk",
         "sdk_in_buf",
         "stale",
@@ -148,6 +150,10 @@ class _Thread:
         # thread-scoped context or nothing. Compared by identity on every asyncio task step.
         self.owner: _TaskCtx | None = None
         self.stale = False  # the last write found the entry cleared by the kernel
+        # Request-length prediction for annotate (see _annotate_first): calls made since the
+        # kernel was last seen clearing the entry, and how many the previous request made.
+        self.req_calls = 0
+        self.req_len = 0
         self.buf = bytearray(_VALUE_SIZE)
         self.filled = 0  # data bytes in ``buf`` (the rest is zero)
         # Exporting the buffer pins it: it can never be resized under the kernel's pointer.
@@ -554,6 +560,12 @@ def annotate(**attrs: AttrValue) -> None:
     if st.gen != p.gen:
         st = _thread()
     mirror = merged = st.mirror
+    if st.req_calls >= st.req_len and (mirror or st.port or st.sdk):
+        # As many calls as the previous request made: most likely the first call of a new
+        # request, whose entry the kernel has cleared.
+        _annotate_first(st, attrs)
+        return
+    st.req_calls += 1
     data = st.data
     rebuild = False
     cut = 0
@@ -612,9 +624,91 @@ def annotate(**attrs: AttrValue) -> None:
         # earlier request's attributes into it.
         st.stale = True
         st.forget()
+        # This call was counted in the request it turned out not to belong to.
+        st.req_len, st.req_calls = st.req_calls - 1, 1
         _write_new(st, {k: full[k] for k in attrs}, cut > 0)
         return
     # The entry still holds the mirror's content; the mirror stays as it was.
+    _count_failure(err, "update")
+
+
+def _annotate_first(st: _Thread, attrs: dict[str, AttrValue]) -> None:
+    """``annotate`` on a thread whose entry probably was cleared by the kernel (a new request):
+    write ``attrs`` alone with ``BPF_NOEXIST``, one syscall where trying ``BPF_EXIST`` first
+    would take two. ``EEXIST`` means the entry still holds this request's context: merge into
+    it as ``annotate`` does, and expect longer requests from now on.
+
+    The prediction only decides which write is tried first; the kernel's answer decides what
+    is written, so the result is the same as ``annotate``'s either way.
+    """
+    recs: dict[str, bytes] = {}
+    cut = 0
+    strs = _strs
+    try:
+        for k, v in attrs.items():
+            known = strs.get(k)
+            rec = None if known is None else known.get(v)
+            if rec is None:
+                rec, was_cut = _record(k, v)
+                cut += was_cut
+            recs[k] = rec
+    except TypeError:
+        _validate(attrs)
+        raise
+    p = _P
+    p.calls += 1
+    if cut:
+        p.truncated_values += cut
+    data = b"".join(recs.values())
+    dropped = 0
+    kept = recs
+    if len(recs) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
+        kept, dropped = _fit(recs)
+        data = b"".join(kept.values())
+    trunc = cut > 0 or dropped > 0
+    # A new request's entry holds no bound connection and no SDK span of the earlier one.
+    sdk = st.sdk
+    st.sdk = b""
+    st.fill(kept, data, trunc, 0)
+    if _syscall(_NR_BPF, _CMD_UPDATE, st.a_noexist, _ELEM_SIZE) == 0:
+        p.writes += 1
+        p.dropped_attrs += dropped
+        st.stale = True  # as when an update finds the entry cleared (see annotate)
+        st.req_len, st.req_calls = st.req_calls, 1
+        st.set_mirror(kept, data, trunc, 0)
+        return
+    st.sdk = sdk
+    st.synced = False
+    err = ctypes.get_errno()
+    if err != errno.EEXIST:
+        # Nothing was written; whatever the entry holds, the mirror still describes it.
+        _count_failure(err, "update")
+        return
+    # Still the same request: it makes more calls than predicted.
+    st.req_len = max(2 * st.req_len, st.req_calls + 1)
+    st.req_calls += 1
+    st.stale = False
+    merged = {**st.mirror, **recs}
+    data = b"".join(merged.values())
+    dropped = 0
+    if len(merged) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
+        merged, dropped = _fit(merged)
+        data = b"".join(merged.values())
+    trunc = st.trunc or cut > 0 or dropped > 0
+    st.fill(merged, data, trunc, st.port)
+    err = _update(st.a_exist)
+    if err == 0:
+        p.dropped_attrs += dropped
+        st.set_mirror(merged, data, trunc, st.port)
+        return
+    st.synced = False
+    if err == errno.ENOENT:
+        # Cleared between the two writes: a new request after all.
+        st.stale = True
+        st.forget()
+        st.req_len, st.req_calls = st.req_calls - 1, 1
+        _write_new(st, recs, cut > 0)
+        return
     _count_failure(err, "update")
 
 

@@ -191,6 +191,53 @@ def test_new_request_does_not_inherit_the_old_context(pinned: PinnedMap) -> None
     assert pinned.entry() == {"feature_flag": "new-checkout", "user_id": "u-7"}
 
 
+@pytest.mark.parametrize("lengths", [[1] * 6, [3, 3, 3, 1, 1, 4, 2, 2], [1, 5, 1, 1, 7]])
+def test_requests_of_any_length_merge_within_and_never_across(
+        pinned: PinnedMap, lengths: list[int]) -> None:
+    """The writer guesses from the previous request's number of calls whether the kernel has
+    cleared the entry, and tries that write first; whatever the guess, each request's entry
+    holds exactly its own attributes, merged."""
+    for req, n in enumerate(lengths):
+        if req:
+            pinned.delete()  # the kernel: a new inbound request on this thread
+        expected: dict[str, AttrValue] = {}
+        for call in range(n):
+            attrs: dict[str, AttrValue] = {"req": req, f"k{call % 5}": f"v{req}-{call}"}
+            if call % 2:
+                attrs["tenant_id"] = f"t{req}"
+            bridge.annotate(**attrs)
+            expected.update(attrs)
+            assert pinned.entry() == expected, (req, call)
+    status = bridge.status()
+    assert (status.errors, status.map_full) == (0, 0)
+
+
+def test_calls_never_cleared_by_the_kernel_keep_merging(pinned: PinnedMap) -> None:
+    """A thread the kernel never clears (no inbound requests on it): every call merges."""
+    for i in range(40):
+        bridge.annotate(**{f"k{i % 8}": i})
+        assert pinned.entry() == {f"k{j}": j + 8 * ((i - j) // 8) for j in range(min(i + 1, 8))}
+    assert bridge.status().errors == 0
+
+
+def test_first_call_of_a_new_request_drops_the_bound_connection(pinned: PinnedMap) -> None:
+    for i in range(3):
+        if i:
+            pinned.delete()
+        bridge.bind_request(5000)
+        bridge.annotate(tenant_id="acme")
+        raw = pinned.raw()
+        assert raw is not None and _abi.CTX_VALUE_HEADER.unpack_from(raw)[4] == 5000
+    pinned.delete()
+    bridge.annotate(tenant_id="next")  # no bind_request in this request
+    raw = pinned.raw()
+    assert raw is not None and _abi.CTX_VALUE_HEADER.unpack_from(raw)[4] == 0
+    assert pinned.entry() == {"tenant_id": "next"}
+    with bridge.context(step="inner"):
+        assert pinned.entry() == {"tenant_id": "next", "step": "inner"}
+    assert pinned.entry() == {"tenant_id": "next"}
+
+
 def test_shrinking_value_leaves_no_stale_bytes(pinned: PinnedMap) -> None:
     bridge.annotate(tenant_id="a" * 100, other="b" * 100)
     pinned.delete()
