@@ -254,3 +254,43 @@ def test_off_by_default(harness: Harness,
     answers = [json.loads(ln) for ln in _wait_file(out, client).splitlines()]
     for req, answer in zip(spec, answers, strict=True):
         assert answer["head"] == req["head"]
+
+
+def test_concurrent_requests_on_shared_keep_alive_connections(
+        harness: Harness, receiver: OtlpReceiver, netns: Netns) -> None:
+    """16 concurrent requests through a threaded relay whose outbound calls share two
+    keep-alive connections: each injected traceparent names the trace of the request its
+    thread serves, never a neighbour's."""
+    echo, echo_port = _echo(harness, netns, netns.a, netns.addr_a)
+    ready = harness.tmp / "relay.ready"
+    relay = harness.start("relay", [*netns.run(netns.b), PYTHON, str(APPS / "relay.py"),
+                                    "--host", netns.addr_b, "--upstream",
+                                    f"http://{netns.addr_a}:{echo_port}", "--prefix", "/echo/",
+                                    "--ready-file", str(ready)],
+                          env={"OTEL_SERVICE_NAME": "relay"}, ready_file=ready)
+    host = f"{netns.addr_b}:{int(ready.read_text())}"
+    agent = harness.agent("--pid", str(relay.pid), "--pid", str(echo.pid),
+                          "--inject-traceparent", receiver=receiver)
+    n = 16
+    callers = [subprocess.Popen([*netns.run(netns.b), "curl", "-s", "--max-time", "30",
+                                 f"http://{host}/r/{i}"], stdout=subprocess.PIPE)
+               for i in range(n)]
+    for i, c in enumerate(callers):
+        out, _ = c.communicate(timeout=60)
+        assert c.returncode == 0 and f"/echo/{i} ".encode() in out, (i, out)
+
+    spans = receiver.wait_for(lambda ss: len(by_service(ss, "echo", SERVER)) >= n,
+                              timeout_s=60)
+    by_id = {s.span_id: s for s in spans}
+    for i in range(n):
+        (echo_span,) = [s for s in by_service(spans, "echo", SERVER)
+                        if s.attributes["url.path"] == f"/echo/{i}"]
+        relay_client = by_id[echo_span.parent_span_id]
+        relay_server = by_id[relay_client.parent_span_id]
+        assert relay_client.kind == CLIENT and relay_server.kind == SERVER
+        assert relay_server.attributes["url.path"] == f"/r/{i}", i
+        assert {echo_span.trace_id, relay_client.trace_id, relay_server.trace_id} == {
+            relay_server.trace_id}, i
+    assert len({s.trace_id for s in by_service(spans, "relay", SERVER)}) == n
+    stats = _final_stats(agent)
+    assert stats["inject_injected"] == n, stats
