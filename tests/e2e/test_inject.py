@@ -294,3 +294,26 @@ def test_concurrent_requests_on_shared_keep_alive_connections(
     assert len({s.trace_id for s in by_service(spans, "relay", SERVER)}) == n
     stats = _final_stats(agent)
     assert stats["inject_injected"] == n, stats
+
+
+def test_agent_killed_mid_connection_leaves_the_app_working_and_untouched(
+        harness: Harness, receiver: OtlpReceiver, netns: Netns) -> None:
+    """The programs are attached through BPF links, which go with the agent's file
+    descriptors: after SIGKILL nothing injects any more, and the connection that was in the
+    sockhash keeps working."""
+    echo, port = _echo(harness, netns, netns.b, netns.addr_b)
+    host = f"{netns.addr_b}:{port}"
+    later = harness.tmp / "agent-dead"
+    spec = [_req("GET", "/before", host), {**_req("GET", "/after", host), "wait": str(later)}]
+    client, out, go = _client(harness, netns, netns.addr_b, port, spec)
+    agent = harness.agent("--pid", str(client.pid), "--pid", str(echo.pid),
+                          "--inject-traceparent", receiver=receiver)
+    go.touch()
+    progress = Path(str(out) + ".progress")
+    first = json.loads(_wait_file(progress, client).splitlines()[0])
+    assert TP_LINE.search(str(first["head"]).encode("latin-1"))
+    agent.popen.kill()
+    agent.popen.wait(30)
+    later.touch()
+    answers = [json.loads(ln) for ln in _wait_file(out, client).splitlines()]
+    assert answers[1]["head"] == spec[1]["head"]

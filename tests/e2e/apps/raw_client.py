@@ -1,8 +1,10 @@
 """Zero-code HTTP/1.1 client for the injection tests. Writes its pid to --ready-file, waits for
 --go-file (so the agent is attached before it connects), then sends the requests of --spec
-(a JSON list of {"head": str, "body": str, "split": bool}) one after another over ONE
-keep-alive connection, each with a single write unless "split" (head and body written
-separately), and writes every response body (JSON) to --out, one line each."""
+(a JSON list of {"head": str, "body": str, "split": bool, "wait": path}) one after another
+over ONE keep-alive connection, each with a single write unless "split" (head and body written
+separately) and, with "wait", only once that file exists. Each response body (JSON) is
+appended to --out + ".progress" as it arrives, and all of them are written to --out at the
+end, one line each."""
 
 from __future__ import annotations
 
@@ -53,6 +55,11 @@ def main() -> None:
     with socket.create_connection((a.host, a.port), timeout=30) as sock:
         rest = b""
         for req in spec:
+            if req.get("wait"):
+                while not os.path.exists(req["wait"]):
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"{req['wait']} never appeared")
+                    time.sleep(0.02)
             head = req["head"].encode("latin-1")
             body = req.get("body", "").encode("latin-1")
             if req.get("split"):
@@ -62,6 +69,8 @@ def main() -> None:
                 sock.sendall(head + body)
             resp, rest = _response(sock, rest)
             lines.append(resp.decode())
+            with open(a.out + ".progress", "a") as progress:
+                progress.write(resp.decode() + "\n")
     write_ready(a.out, "\n".join(lines) + "\n")
 
 
