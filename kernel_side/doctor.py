@@ -294,6 +294,24 @@ def check_uprobes(p: Probe) -> Outcome:
     )
 
 
+def check_injection(p: Probe) -> Outcome:
+    """What ``--inject-traceparent`` needs (optional): cgroup v2 for sock_ops, Linux 6.10+ for
+    sockmap links."""
+    from kernel_side.inject import InjectError, find_cgroup2_root
+
+    try:
+        root = find_cgroup2_root()
+    except InjectError as e:
+        return Outcome(False, "no cgroup v2 mount: --inject-traceparent is unavailable",
+                       str(e).split(": ", 1)[-1])
+    release = os.uname().release
+    nums = [int(x) for x in re.findall(r"\d+", release)[:2]]
+    if len(nums) == 2 and tuple(nums) < (6, 10):
+        return Outcome(False, f"Linux {release}: sockmap links need 6.10+; "
+                       "--inject-traceparent is unavailable", "use Linux 6.10 or later")
+    return Outcome(True, f"available (cgroup v2 at {root})")
+
+
 def check_ringbuf(p: Probe) -> Outcome:
     """Create (and close) a BPF_MAP_TYPE_RINGBUF: the agent's event channel."""
     size = os.sysconf("SC_PAGE_SIZE") * 4
@@ -587,6 +605,7 @@ CHECKS: list[tuple[str, CheckFn, bool]] = [
     ("kprobes", check_kprobes, False),
     ("uprobes", check_uprobes, False),
     ("ring buffer", check_ringbuf, True),
+    ("traceparent injection", check_injection, False),
     ("lockdown", check_lockdown, False),
     ("bcc", check_bcc, True),
     ("kernel headers", check_headers, True),

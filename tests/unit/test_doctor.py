@@ -88,7 +88,7 @@ def test_verdict() -> None:
 
 def test_checks_are_declared_once_with_unique_names() -> None:
     names = [name for name, _, _ in doctor.CHECKS]
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 16
 
 
 # --- run_checks and main ----------------------------------------------------------------------
