@@ -454,6 +454,9 @@ BPF_HASH(inject_ids, __u32, struct inj_choice, THREAD_MAX);
 /* The connection of the server exchange a thread last started (where active_server's exchange
  * lives), so the injector can read that request's traceparent. */
 BPF_TABLE("lru_hash", __u32, struct sock_key, server_conn_by_tid, SOCK_MAX);
+#define IS_TAKEN 9 /* inject.bpf.c names the other slots */
+#define IS_SLOTS 10
+BPF_PERCPU_ARRAY(inject_stats, __u64, IS_SLOTS);
 #endif
 
 static __always_inline void start_exchange(struct exchange *st, struct sock_key *k, __u32 tid)
@@ -494,8 +497,13 @@ static __always_inline void start_exchange(struct exchange *st, struct sock_key 
 #ifdef INJECT_TRACEPARENT
         /* This request went out with a traceparent naming the span of exchange eid. */
         struct inj_choice *ch = inject_ids.lookup(&tid);
-        if (ch && ch->eid)
+        if (ch && ch->eid) {
             st->exchange_id = ch->eid;
+            int slot = IS_TAKEN;
+            __u64 *v = inject_stats.lookup(&slot);
+            if (v)
+                *v += 1;
+        }
 #endif
         snapshot_ctx(st, k->tgid, k->fd);
         st->parent_exchange_id =

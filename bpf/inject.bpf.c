@@ -1,7 +1,7 @@
 /* ebpf-bridge traceparent injector (opt-in: inject_traceparent / --inject-traceparent).
  *
  * Appended to agent.bpf.c by the loader (with -DINJECT_TRACEPARENT) when injection is on, so it
- * reads the agent's own state (procs, socks, conns, active_io, active_server, id_salt) instead
+ * reads the agent's own state (procs, socks, conns, active_io, active_server) instead
  * of keeping a second copy of it.
  *
  * - inject_sockops (sock_ops, cgroup v2 root): a TCP connect(2) by a traced process marks the
@@ -43,12 +43,12 @@
 #define IS_UNTRACED 6   /* a connection the agent does not pair (TLS, HTTP/2, unknown) */
 #define IS_FAILED 7     /* bpf_msg_push_data / pull_data refused */
 #define IS_SOCKETS 8    /* connections put into the sockhash */
-#define IS_SLOTS 9
+/* IS_TAKEN 9 and IS_SLOTS: agent.bpf.c (start_exchange counts the ids it takes) */
 
 BPF_SOCKHASH(inject_socks, __u64, SOCK_MAX);
 BPF_TABLE("lru_hash", __u64, __u8, inject_pending, SOCK_MAX);
-BPF_PERCPU_ARRAY(inject_stats, __u64, IS_SLOTS);
 BPF_ARRAY(inject_counter, __u64, 1);
+BPF_ARRAY(inject_salt, struct id_salt, 1); /* set by kernel_side/inject.py at attach */
 BPF_PROG_ARRAY(inject_progs, 3);
 #define INJ_PROG_DECIDE 0
 #define INJ_PROG_NESTED 1
@@ -365,7 +365,10 @@ int inject_push(struct sk_msg_md *msg)
     __u32 tid = (__u32)bpf_get_current_pid_tgid();
     int zero = 0;
     struct inj_scan *sc = inject_scan.lookup(&zero);
-    struct id_salt *salt = id_salt.lookup(&zero);
+    /* This agent's own salt, not the pinned id_salt map: another agent started with the same
+     * pin directory would overwrite that one, and the ids on the wire would stop matching the
+     * spans this agent exports. */
+    struct id_salt *salt = inject_salt.lookup(&zero);
     __u64 *ctr = inject_counter.lookup(&zero);
     if (!sc || !salt || !ctr)
         return SK_PASS;

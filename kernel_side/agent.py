@@ -554,7 +554,7 @@ class Agent:
         b["events"].open_ring_buffer(self._on_event)
         if self.cfg.inject_traceparent:
             try:
-                self.injector = Injector.attach(b)
+                self.injector = Injector.attach(b, self.ids.salt)
             except InjectError as e:
                 b.cleanup()
                 raise AgentError(str(e)) from None

@@ -27,9 +27,11 @@ __all__ = ["CGROUP2_CANDIDATES", "INJECT_STAT_NAMES", "InjectError", "Injector",
 
 INJECT_STAT_NAMES = (
     "injected", "present", "not_http", "incomplete", "unknown_trace", "mid_request",
-    "untraced", "failed", "sockets",
+    "untraced", "failed", "sockets", "taken",
 )
-"""The slots of the ``inject_stats`` map, in bpf/inject.bpf.c's order (IS_*)."""
+"""The slots of the ``inject_stats`` map, in bpf/inject.bpf.c's order (IS_*). ``taken``: ids
+the agent's start_exchange gave a client span; it falls short of ``injected`` when a request
+went out with an id that no span got."""
 
 CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 
@@ -77,12 +79,17 @@ class Injector:
     links: list[int] = field(default_factory=list)
 
     @classmethod
-    def attach(cls, b: Any, cgroup: str | None = None) -> Injector:
-        """Load the programs from the agent's BPF object ``b`` and attach them."""
+    def attach(cls, b: Any, salt: bytes, cgroup: str | None = None) -> Injector:
+        """Load the programs from the agent's BPF object ``b`` and attach them; ``salt`` is the
+        agent's id salt (``IdSource.salt``), from which the kernel derives the ids it writes."""
         import bcc
 
         root = cgroup or find_cgroup2_root()
         inj = cls(b, root)
+        table = b["inject_salt"]
+        leaf = table.Leaf()
+        ctypes.memmove(ctypes.addressof(leaf), salt, min(len(salt), ctypes.sizeof(leaf)))
+        table[table.Key(0)] = leaf
         try:
             progs = b["inject_progs"]
             for slot, name in enumerate(("inject_decide", "inject_nested", "inject_push")):

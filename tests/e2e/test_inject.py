@@ -317,3 +317,24 @@ def test_agent_killed_mid_connection_leaves_the_app_working_and_untouched(
     later.touch()
     answers = [json.loads(ln) for ln in _wait_file(out, client).splitlines()]
     assert answers[1]["head"] == spec[1]["head"]
+
+
+def test_ids_stay_this_agents_when_another_agent_shares_the_pin_dir(
+        harness: Harness, receiver: OtlpReceiver, netns: Netns) -> None:
+    """A second agent started with the same pin directory publishes its own salt into the
+    pinned id_salt map. The injector derives ids from its own agent's salt, so the header
+    still names the span its agent exports (found by a benchmark, where it did not)."""
+    echo, port = _echo(harness, netns, netns.b, netns.addr_b)
+    host = f"{netns.addr_b}:{port}"
+    spec = [_req("GET", f"/n/{i}", host) for i in range(3)]
+    client, out, go = _client(harness, netns, netns.addr_b, port, spec)
+    harness.agent("--pid", str(client.pid), "--pid", str(echo.pid), "--inject-traceparent",
+                  receiver=receiver)
+    harness.agent("--pid", "1", "--exporter", "jsonl", "--jsonl", str(harness.tmp / "b.jsonl"))
+    go.touch()
+    _wait_file(out, client)
+    spans = receiver.wait_for(lambda ss: len(by_service(ss, "echo", SERVER)) >= 3
+                              and len(by_service(ss, "client", CLIENT)) >= 3, timeout_s=60)
+    client_ids = {s.span_id for s in by_service(spans, "client", CLIENT)}
+    for s in by_service(spans, "echo", SERVER):
+        assert s.parent_span_id in client_ids, s
