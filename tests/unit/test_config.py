@@ -340,3 +340,13 @@ def test_int_accepted_for_float_settings() -> None:
 
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
+
+
+def test_traceparent_injection_is_off_by_default_and_set_from_yaml(tmp_path: Path) -> None:
+    assert build({}).inject_traceparent is False
+    path = tmp_path / "agent.yaml"
+    path.write_text("inject_traceparent: true\n")
+    assert build(load_yaml(path)).inject_traceparent is True
+    path.write_text("inject_traceparent: sometimes\n")
+    with pytest.raises(ConfigError, match="inject_traceparent must be true or false"):
+        build(load_yaml(path))
