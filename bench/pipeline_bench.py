@@ -2,8 +2,9 @@
 
 Stages: decode (ring-buffer bytes -> Exchange), parse+assemble (HTTP/1.1 parse, ids, attributes,
 business context -> SpanRecord), and export encoding for each exporter (OTLP protobuf build +
-serialize, OTLP-JSON line). The kernel-to-user transfer (BCC's ctypes callback) is measured by
-agent_bench.py under real load, not here. Prints a table and writes JSON; never pass/fail.
+serialize; OTLP-JSON line as dicts + orjson and as the direct writer the JSONL sink uses).
+The kernel-to-user transfer (BCC's ctypes callback) is measured by agent_bench.py under real
+load, not here. Prints a table and writes JSON; never pass/fail.
 
     .venv/bin/python bench/pipeline_bench.py [--n 20000] [--repeat 5]
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO))
 from bridge import _abi  # noqa: E402
 from kernel_side.assembly import SpanAssembler  # noqa: E402
 from kernel_side.events import ExchangeLayout  # noqa: E402
-from kernel_side.export.otlp_json import to_otlp_json  # noqa: E402
+from kernel_side.export.otlp_json import otlp_json_line, to_otlp_json  # noqa: E402
 from kernel_side.export.otlp_proto import to_export_request  # noqa: E402
 from kernel_side.export.otlp_wire import encode_export_request  # noqa: E402
 from kernel_side.model import Resource, SpanRecord  # noqa: E402
@@ -121,7 +122,7 @@ def main() -> int:
     # and order path, users rotate over 50, tenants over 4; method, ports and scheme repeat.
     # Each export sees a fresh batch (never the same path twice), so caches only help with
     # values that really repeat.
-    batch_calls = max(args.n // 512, 5) * args.repeat * 3 + 3  # three batch stages
+    batch_calls = max(args.n // 512, 5) * args.repeat * 4 + 4  # four batch stages
 
     def make_batch(b: int) -> list[SpanRecord]:
         out = []
@@ -156,8 +157,10 @@ def main() -> int:
             timed_batch(lambda b: to_export_request(b).SerializeToString()),
         "otlp protobuf, direct wire encoder (per span, batch 512)":
             timed_batch(encode_export_request),
-        "otlp-json line (per span, batch 512)":
+        "otlp-json line, dicts + orjson (per span, batch 512)":
             timed_batch(lambda b: orjson.dumps(to_otlp_json(b))),
+        "otlp-json line, direct writer (per span, batch 512)":
+            timed_batch(otlp_json_line),
     }
     results: dict[str, list[float]] = {}
     for name, fn in stages.items():
@@ -169,9 +172,9 @@ def main() -> int:
             vals = per_call_us(fn, args.n, args.repeat)
         results[name] = vals
         spans.clear()
-    print(f"{'stage':<52} {'us/span median':>15} {'min-max':>15}")
+    print(f"{'stage':<54} {'us/span median':>15} {'min-max':>15}")
     for name, vals in results.items():
-        print(f"{name:<52} {statistics.median(vals):>15.2f} "
+        print(f"{name:<54} {statistics.median(vals):>15.2f} "
               f"{min(vals):>7.2f}-{max(vals):<7.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"us_per_span": results}, indent=2))

@@ -11,6 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from kernel_side.export.otlp_proto import scope_version
 from kernel_side.model import AttrValue, SpanRecord, StatusCode
 from kernel_side.semconv import SCHEMA_URL, SCOPE_NAME
@@ -54,7 +56,12 @@ def attributes_json(attributes: Mapping[str, AttrValue]) -> list[JsonDict]:
     cache = _KV_CACHE
     out: list[JsonDict] = []
     for key, value in attributes.items():
-        k = (key, type(value), value)
+        t = type(value)
+        if t is float:
+            # Not cached: 0.0 == -0.0 would share one entry (and floats rarely repeat).
+            out.append({"key": key, "value": _any_value(value)})
+            continue
+        k = (key, t, value)
         kv = cache.get(k)
         if kv is None:
             kv = {"key": key, "value": _any_value(value)}
@@ -63,6 +70,90 @@ def attributes_json(attributes: Mapping[str, AttrValue]) -> list[JsonDict]:
             cache[k] = kv
         out.append(kv)
     return out
+
+
+# The same (key, type, value) -> its KeyValue already serialized, for the line writer below.
+_KV_BYTES: dict[tuple[str, type, object], bytes] = {}
+_NAME_BYTES: dict[str, bytes] = {}
+_dumps = orjson.dumps
+
+
+def _attributes_bytes(attributes: Mapping[str, AttrValue]) -> bytes:
+    cache = _KV_BYTES
+    parts: list[bytes] = []
+    for key, value in attributes.items():
+        t = type(value)
+        if t is float:
+            parts.append(_dumps({"key": key, "value": _any_value(value)}))
+            continue
+        k = (key, t, value)
+        kv = cache.get(k)
+        if kv is None:
+            kv = _dumps({"key": key, "value": _any_value(value)})
+            if len(cache) >= _KV_CACHE_MAX:
+                cache.clear()
+            cache[k] = kv
+        parts.append(kv)
+    return b",".join(parts)
+
+
+def _span_bytes(span: SpanRecord) -> bytes:
+    out = [b'{"traceId":"', span.trace_id.hex().encode(), b'","spanId":"',
+           span.span_id.hex().encode(), b'"']
+    if span.parent_span_id:
+        out += (b',"parentSpanId":"', span.parent_span_id.hex().encode(), b'"')
+    if span.name:
+        name = _NAME_BYTES.get(span.name)
+        if name is None:
+            name = b',"name":' + _dumps(span.name)
+            if len(_NAME_BYTES) >= _KV_CACHE_MAX:
+                _NAME_BYTES.clear()
+            _NAME_BYTES[span.name] = name
+        out.append(name)
+    if span.kind:
+        out.append(b',"kind":%d' % int(span.kind))
+    if span.start_ns:
+        out.append(b',"startTimeUnixNano":"%d"' % span.start_ns)
+    if span.end_ns:
+        out.append(b',"endTimeUnixNano":"%d"' % span.end_ns)
+    if span.attributes:
+        out += (b',"attributes":[', _attributes_bytes(span.attributes), b"]")
+    if span.status is not StatusCode.UNSET or span.status_message:
+        status: JsonDict = {}
+        if span.status_message:
+            status["message"] = span.status_message
+        if span.status is not StatusCode.UNSET:
+            status["code"] = int(span.status)
+        out += (b',"status":', _dumps(status))
+    out.append(b"}")
+    return b"".join(out)
+
+
+def otlp_json_line(spans: Sequence[SpanRecord]) -> bytes:
+    """``orjson.dumps(to_otlp_json(spans))`` plus a newline, byte for byte, written directly:
+    each span's fields and each distinct attribute are serialized once into bytes and joined,
+    instead of building the nested dicts and walking them again (the JSONL sink's hot path)."""
+    if not spans:
+        return b"{}\n"
+    groups: dict[tuple[int, int], list[bytes]] = {}
+    heads: dict[tuple[int, int], bytes] = {}
+    for span in spans:
+        rkey = span.resource.key
+        group = groups.get(rkey)
+        if group is None:
+            group = groups[rkey] = []
+            head = b"{"
+            if span.resource.attributes:
+                head += (b'"resource":{"attributes":['
+                         + _attributes_bytes(span.resource.attributes) + b"]},")
+            heads[rkey] = head
+        group.append(_span_bytes(span))
+    scope = _dumps({"name": SCOPE_NAME, "version": scope_version()})
+    schema = _dumps(SCHEMA_URL)
+    tail = b'],"schemaUrl":' + schema + b'}],"schemaUrl":' + schema + b"}"
+    entries = [heads[rkey] + b'"scopeSpans":[{"scope":' + scope + b',"spans":['
+               + b",".join(group) + tail for rkey, group in groups.items()]
+    return b'{"resourceSpans":[' + b",".join(entries) + b"]}\n"
 
 
 def _span_json(span: SpanRecord) -> JsonDict:
