@@ -82,3 +82,39 @@ def report(title: str, unit: str, rows: dict[str, dict[str, float]], note: str,
         "kernel": platform.release(), "rows": rows, "note": note,
     }, indent=2) + "\n")
     print(f"wrote {args.json}")
+
+
+def compare_modes(modes: tuple[str, ...], repeat: int,
+                  run: Callable[[str], dict[str, float]]) -> dict[str, list[dict[str, float]]]:
+    """``run(mode)`` for every mode, ``repeat`` rounds, modes interleaved within each round so
+    that a machine growing busier or quieter affects them alike; prints each run."""
+    import sys
+
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    width = max(map(len, modes))
+    for i in range(repeat):
+        for mode in modes:
+            r = run(mode)
+            runs[mode].append(r)
+            print(f"run {i + 1}/{repeat} {mode:<{width}}: "
+                  + " ".join(f"{k}={v:.4g}" for k, v in r.items()), file=sys.stderr)
+    return runs
+
+
+def side_by_side(title: str, runs: dict[str, list[dict[str, float]]], keys: list[str],
+                 json_path: str | Path, config: dict[str, object]) -> None:
+    """Print median [min-max] of each key, one column per mode, and write every run as JSON."""
+    def cell(mode: str, key: str) -> str:
+        vals = [r[key] for r in runs[mode] if key in r]
+        if not vals:
+            return "-"
+        return f"{statistics.median(vals):.4g} [{min(vals):.4g}-{max(vals):.4g}]"
+
+    print(f"\n{title}")
+    print(f"{'metric':<24}" + "".join(f" {m:>32}" for m in runs))
+    for k in keys:
+        print(f"{k:<24}" + "".join(f" {cell(m, k):>32}" for m in runs))
+    path = Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": config, "runs": runs}, indent=2))
+    print(f"\nJSON: {path}")

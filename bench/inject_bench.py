@@ -13,11 +13,9 @@ Prints a table and writes JSON; never decides pass/fail.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+from _common import compare_modes, side_by_side  # noqa: E402
 from agent_bench import cpu_seconds, free_port, nginx_worker, parse_stats, start_nginx  # noqa: E402
 
 MODES = ("agent", "agent+inject")
@@ -114,33 +113,19 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (the agent loads eBPF programs)", file=sys.stderr)
         return 1
-    runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
-    for i in range(args.repeat):
-        for mode in MODES:
-            with tempfile.TemporaryDirectory() as d:
-                r = one_run(Path(d), args.duration, args.connections, args.rate,
-                            mode == "agent+inject")
-            runs[mode].append(r)
-            print(f"run {i + 1}/{args.repeat} {mode:12}: "
-                  + " ".join(f"{k}={v:.4g}" for k, v in r.items()), file=sys.stderr)
+    def run(mode: str) -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as d:
+            return one_run(Path(d), args.duration, args.connections, args.rate,
+                           mode == "agent+inject")
 
-    def med(mode: str, key: str) -> str:
-        vals = [r[key] for r in runs[mode] if key in r]
-        if not vals:
-            return "-"
-        return f"{statistics.median(vals):.4g} [{min(vals):.4g}-{max(vals):.4g}]"
-
+    runs = compare_modes(MODES, args.repeat, run)
     load = f"paced at {args.rate} req/s" if args.rate else "max rate"
-    print(f"\nwrk -> nginx (6-byte body), {load}, wrk -t1 -c{args.connections} "
-          f"-d{args.duration}s; wrk and the nginx worker on CPU 1, agent on CPU 0; agent "
-          f"traces both; median [min-max] of {args.repeat} runs")
-    print(f"{'metric':<24} {'agent':>30} {'agent+inject':>30}")
-    for k in ("rps", "p50_ms", "p99_ms", "client_cpu_us_per_req", "app_cpu_us_per_req",
-              "agent_cpu_us_per_span", "spans", "injected", "events_lost"):
-        print(f"{k:<24} {med('agent', k):>30} {med('agent+inject', k):>30}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"config": vars(args), "runs": runs}, indent=2))
-    print(f"\nJSON: {args.json}")
+    side_by_side(
+        f"wrk -> nginx (6-byte body), {load}, wrk -t1 -c{args.connections} -d{args.duration}s; "
+        "wrk and the nginx worker on CPU 1, agent on CPU 0; agent traces both; median "
+        f"[min-max] of {args.repeat} runs", runs,
+        ["rps", "p50_ms", "p99_ms", "client_cpu_us_per_req", "app_cpu_us_per_req",
+         "agent_cpu_us_per_span", "spans", "injected", "events_lost"], args.json, vars(args))
     return 0
 
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+from _common import compare_modes, side_by_side  # noqa: E402
 from agent_bench import parse_stats  # noqa: E402
 
 PY = sys.executable
@@ -146,27 +146,15 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (the agent loads eBPF programs)", file=sys.stderr)
         return 1
-    runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
-    for i in range(args.repeat):
-        for mode in MODES:
-            with tempfile.TemporaryDirectory() as d:
-                r = one_run(Path(d), args.duration, args.rate, mode.endswith("inject"))
-            runs[mode].append(r)
-            print(f"run {i + 1}/{args.repeat} {mode:16}: "
-                  + " ".join(f"{k}={v:.4g}" for k, v in r.items()), file=sys.stderr)
+    def run(mode: str) -> dict[str, float]:
+        with tempfile.TemporaryDirectory() as d:
+            return one_run(Path(d), args.duration, args.rate, mode.endswith("inject"))
 
-    def med(mode: str, key: str) -> str:
-        vals = [r[key] for r in runs[mode]]
-        return f"{statistics.median(vals):.4g} [{min(vals):.4g}-{max(vals):.4g}]"
-
-    print(f"\nfront -> mid -> inventory (zero-code Python, same node), wrk paced at "
-          f"{args.rate} req/s for {args.duration}s; median [min-max] of {args.repeat} runs")
-    print(f"{'metric':<22} {MODES[0]:>26} {MODES[1]:>26}")
-    for k in runs[MODES[0]][0]:
-        print(f"{k:<22} {med(MODES[0], k):>26} {med(MODES[1], k):>26}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"config": vars(args), "runs": runs}, indent=2))
-    print(f"\nJSON: {args.json}")
+    runs = compare_modes(MODES, args.repeat, run)
+    side_by_side(
+        f"front -> mid -> inventory (zero-code Python, same node), wrk paced at {args.rate} "
+        f"req/s for {args.duration}s; median [min-max] of {args.repeat} runs", runs,
+        list(runs[MODES[0]][0]), args.json, vars(args))
     return 0
 
 

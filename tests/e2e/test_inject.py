@@ -76,6 +76,17 @@ def _echo(h: Harness, ns: Netns, where: str, addr: str) -> tuple[Proc, int]:
     return proc, int(ready.read_text())
 
 
+def _relay(h: Harness, ns: Netns, upstream: str) -> tuple[Proc, int]:
+    """The zero-code relay (thread per request, shared keep-alive pool) on node b:
+    GET /r/<id> -> GET <upstream>/echo/<id>."""
+    ready = h.tmp / "relay.ready"
+    proc = h.start("relay", [*ns.run(ns.b), PYTHON, str(APPS / "relay.py"), "--host", ns.addr_b,
+                             "--upstream", upstream, "--prefix", "/echo/",
+                             "--ready-file", str(ready)],
+                   env={"OTEL_SERVICE_NAME": "relay"}, ready_file=ready)
+    return proc, int(ready.read_text())
+
+
 def _client(h: Harness, ns: Netns, host: str, port: int,
             spec: list[dict[str, object]]) -> tuple[Proc, Path, Path]:
     (h.tmp / "spec.json").write_text(json.dumps(spec))
@@ -194,13 +205,7 @@ def test_nested_requests_carry_the_inbound_trace(harness: Harness, receiver: Otl
     injected (or given) traceparent named, or, for a caller the agent does not trace, the
     trace the relay's server span starts."""
     echo, echo_port = _echo(harness, netns, netns.a, netns.addr_a)
-    ready = harness.tmp / "relay.ready"
-    relay = harness.start("relay", [*netns.run(netns.b), PYTHON, str(APPS / "relay.py"),
-                                    "--host", netns.addr_b, "--upstream",
-                                    f"http://{netns.addr_a}:{echo_port}", "--prefix", "/echo/",
-                                    "--ready-file", str(ready)],
-                          env={"OTEL_SERVICE_NAME": "relay"}, ready_file=ready)
-    relay_port = int(ready.read_text())
+    relay, relay_port = _relay(harness, netns, f"http://{netns.addr_a}:{echo_port}")
     host = f"{netns.addr_b}:{relay_port}"
     spec = [_req("GET", f"/r/{i}", host) for i in range(3)]
     spec.append(_req("GET", "/r/given", host, tp=GIVEN_TP))
@@ -262,13 +267,8 @@ def test_concurrent_requests_on_shared_keep_alive_connections(
     keep-alive connections: each injected traceparent names the trace of the request its
     thread serves, never a neighbour's."""
     echo, echo_port = _echo(harness, netns, netns.a, netns.addr_a)
-    ready = harness.tmp / "relay.ready"
-    relay = harness.start("relay", [*netns.run(netns.b), PYTHON, str(APPS / "relay.py"),
-                                    "--host", netns.addr_b, "--upstream",
-                                    f"http://{netns.addr_a}:{echo_port}", "--prefix", "/echo/",
-                                    "--ready-file", str(ready)],
-                          env={"OTEL_SERVICE_NAME": "relay"}, ready_file=ready)
-    host = f"{netns.addr_b}:{int(ready.read_text())}"
+    relay, relay_port = _relay(harness, netns, f"http://{netns.addr_a}:{echo_port}")
+    host = f"{netns.addr_b}:{relay_port}"
     agent = harness.agent("--pid", str(relay.pid), "--pid", str(echo.pid),
                           "--inject-traceparent", receiver=receiver)
     n = 16

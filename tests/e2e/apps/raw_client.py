@@ -15,24 +15,8 @@ import socket
 import time
 from pathlib import Path
 
+from _http import read_message
 from _ready import write_ready
-
-
-def _response(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("server closed the connection")
-        buf += data
-    head, _, buf = buf.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    while len(buf) < length:
-        buf += sock.recv(65536)
-    return buf[:length], buf[length:]
 
 
 def main() -> None:
@@ -67,7 +51,10 @@ def main() -> None:
                 sock.sendall(body)
             else:
                 sock.sendall(head + body)
-            resp, rest = _response(sock, rest)
+            msg = read_message(sock, rest)
+            if msg is None:
+                raise ConnectionError("server closed the connection")
+            _, resp, rest = msg
             lines.append(resp.decode())
             with open(a.out + ".progress", "a") as progress:
                 progress.write(resp.decode() + "\n")

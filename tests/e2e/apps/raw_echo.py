@@ -11,30 +11,15 @@ import select
 import socket
 import threading
 
+from _http import read_message
 from _ready import write_ready
 
 
 def _serve_conn(conn: socket.socket) -> None:
     buf = b""
     with conn:
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value.strip())
-            while len(buf) < length:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            body, buf = buf[:length], buf[length:]
+        while (msg := read_message(conn, buf)) is not None:
+            head, body, buf = msg
             out = json.dumps({"head": (head + b"\r\n\r\n").decode("latin-1"),
                               "body_sha256": hashlib.sha256(body).hexdigest()}).encode()
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
