@@ -342,15 +342,20 @@ static __always_inline int ns_conn_key(__u32 tgid, __u32 fd, struct bridge_conn_
  * the thread's. */
 static __always_inline struct bridge_ctx_value *lookup_ctx(__u32 tgid, __u32 fd)
 {
-    struct bridge_conn_key ck = {};
-    if (ns_conn_key(tgid, fd, &ck) == 0) {
-        struct bridge_ctx_value *cv = ctx_by_conn.lookup(&ck);
-        if (cv)
-            return cv;
-    }
-    struct bridge_ctx_key key = {};
-    if (ns_ctx_key(tgid, &key))
+    /* One process lookup and one namespace query serve both keys. */
+    struct proc_info *pi = procs.lookup(&tgid);
+    if (!pi)
         return 0;
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(pi->ns_dev, pi->ns_ino, &ns, sizeof(ns))) {
+        stat_inc(ST_NS_ERRORS);
+        return 0;
+    }
+    struct bridge_conn_key ck = {.pidns_ino = pi->ns_ino, .tgid = ns.tgid, .fd = fd};
+    struct bridge_ctx_value *cv = ctx_by_conn.lookup(&ck);
+    if (cv)
+        return cv;
+    struct bridge_ctx_key key = {.pidns_ino = pi->ns_ino, .tid = ns.pid, ._pad = 0};
     return ctx_by_tid.lookup(&key);
 }
 
@@ -487,9 +492,19 @@ static __always_inline void start_exchange(struct exchange *st, struct sock_key 
             struct bridge_ctx_value *old = ctx_by_tid.lookup(&key);
             if (old && !(old->flags & BRIDGE_CTX_F_TASK_SCOPED))
                 ctx_by_tid.delete(&key);
-            server_by_tid.update(&key, &st->exchange_id);
+            /* A thread serves request after request: overwrite its entry in place (an update
+             * of an LRU hash allocates and swaps an element every time). */
+            __u64 *sv = server_by_tid.lookup(&key);
+            if (sv)
+                *sv = st->exchange_id;
+            else
+                server_by_tid.update(&key, &st->exchange_id);
         }
-        active_server.update(&tid, &st->exchange_id);
+        __u64 *as = active_server.lookup(&tid);
+        if (as)
+            *as = st->exchange_id;
+        else
+            active_server.update(&tid, &st->exchange_id);
 #ifdef INJECT_TRACEPARENT
         server_conn_by_tid.update(&tid, k);
 #endif
