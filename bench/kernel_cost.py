@@ -117,6 +117,8 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--rate", type=int, default=5000, help="paced req/s (0 = max rate)")
+    ap.add_argument("--agent-config", metavar="YAML",
+                    help="run the agent with this --config (e.g. to try another ringbuf_mb)")
     ap.add_argument("--json", default=str(REPO / "bench/results/kernel_cost.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -142,7 +144,8 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
         agent = subprocess.Popen(
             ["taskset", "-c", "0", sys.executable, "-m", "kernel_side.cli", "agent", "--pid",
              str(ngx.pid), "--pid", str(worker), "--exporter", "jsonl", "--jsonl",
-             str(tmp / "spans.jsonl"), "--ready-file", str(ready), "--stats-interval", "0"],
+             str(tmp / "spans.jsonl"), "--ready-file", str(ready), "--stats-interval", "0",
+             *(["--config", args.agent_config] if args.agent_config else [])],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
     try:
         while not ready.exists():

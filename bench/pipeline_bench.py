@@ -64,6 +64,20 @@ class _Layout(ctypes.Structure):
     ]
 
 
+def pack_event(raw: bytes) -> bytes:
+    """The ring-buffer form of a ``struct exchange`` (EV_EXCHANGE_PACKED): header, request and
+    response bytes, and the context when ``has_ctx``, as ``emit`` in bpf/agent.bpf.c packs it."""
+    raw = raw.ljust(ctypes.sizeof(_Layout), b"\0")
+    ev = _Layout.from_buffer_copy(raw)
+    hdr = _Layout.ctx.offset
+    out = (4).to_bytes(4, "little") + raw[4:hdr]
+    out += raw[_Layout.req.offset:_Layout.req.offset + ev.req_cap]
+    out += raw[_Layout.resp.offset:_Layout.resp.offset + ev.resp_cap]
+    if ev.has_ctx:
+        out += raw[hdr:hdr + _Layout.ctx.size]
+    return out
+
+
 def make_event() -> bytes:
     ev = _Layout()
     ev.type, ev.tgid, ev.fd, ev.role, ev.family, ev.peer_port = 1, 4242, 7, 1, 2, 51000
@@ -112,7 +126,8 @@ def main() -> int:
     args = ap.parse_args()
     raw = make_event()
     layout = ExchangeLayout.from_ctypes(_Layout)
-    ex = layout.decode(raw)
+    packed = pack_event(raw)
+    ex = layout.decode_packed(packed)
     spans: list[SpanRecord] = []
     asm = SpanAssembler(_Procs(), spans.append)
     asm.on_exchange(ex)
@@ -151,7 +166,7 @@ def main() -> int:
         return run
 
     stages = {
-        "decode (bytes -> Exchange)": lambda: layout.decode(raw),
+        "decode (bytes -> Exchange)": lambda: layout.decode_packed(packed),
         "parse + assemble (-> SpanRecord)": lambda: asm.on_exchange(ex),
         "otlp protobuf, generated classes (per span, batch 512)":
             timed_batch(lambda b: to_export_request(b).SerializeToString()),

@@ -28,6 +28,7 @@ from kernel_side.config import AgentConfig, ConfigError
 from kernel_side.events import (
     EV_CHUNK,
     EV_EXCHANGE,
+    EV_EXCHANGE_PACKED,
     EV_PROC,
     PROC_EVENT,
     PROC_EXEC,
@@ -668,7 +669,10 @@ class Agent:
         try:
             raw = ctypes.string_at(data, size)
             kind = int.from_bytes(raw[:4], "little")
-            if kind == EV_EXCHANGE:
+            if kind == EV_EXCHANGE_PACKED:
+                assert self._layout is not None and self.assembler is not None
+                self.assembler.on_exchange(self._layout.decode_packed(raw))
+            elif kind == EV_EXCHANGE:
                 assert self._layout is not None and self.assembler is not None
                 self.assembler.on_exchange(self._layout.decode(raw))
             elif kind == EV_CHUNK:

@@ -16,6 +16,9 @@ from typing import Any, Final
 EV_EXCHANGE: Final = 1
 EV_PROC: Final = 2
 EV_CHUNK: Final = 3
+EV_EXCHANGE_PACKED: Final = 4
+"""An exchange as the ring buffer carries it: header, request bytes, response bytes, then the
+context only when ``has_ctx`` (``emit`` in bpf/agent.bpf.c)."""
 CHUNK_F_CLOSE: Final = 1
 
 ROLE_SERVER: Final = 1
@@ -156,19 +159,46 @@ class ExchangeLayout:
     """Offsets of ``struct exchange`` and a decoder for it."""
 
     def __init__(self, header: struct.Struct, names: tuple[str, ...], req_off: int,
-                 resp_off: int, ctx_size: int) -> None:
+                 resp_off: int, ctx_size: int, packed_header: struct.Struct | None = None,
+                 packed_off: int = 0) -> None:
         self._header = header
         self._names = names
         self.req_off = req_off
         self.resp_off = resp_off
         self.ctx_size = ctx_size
+        self._packed_header = packed_header
+        self._packed_off = packed_off
 
     @classmethod
     def from_ctypes(cls, leaf: type[ctypes.Structure]) -> ExchangeLayout:
         """Build the decoder from BCC's ctypes class for the ``conns`` map value."""
         header = _struct_for(leaf, _HEADER_FIELDS)
         names = _HEADER_FIELDS
-        return cls(header, tuple(names), leaf.req.offset, leaf.resp.offset, leaf.ctx.size)
+        return cls(header, tuple(names), leaf.req.offset, leaf.resp.offset, leaf.ctx.size,
+                   _struct_for(leaf, _HEADER_FIELDS[:-1]), leaf.ctx.offset)
+
+    def decode_packed(self, data: bytes) -> Exchange:
+        """Decode one ``EV_EXCHANGE_PACKED`` ring-buffer event."""
+        if self._packed_header is None:
+            raise RuntimeError("layout built without the packed event header")
+        (
+            _type, tgid, fd, role, family, _phase, has_ctx, peer_port, listen_fd, req_tid,
+            resp_tid, req_cap, resp_cap, req_calls, resp_calls, peer_addr, conn_id,
+            exchange_id, parent_exchange_id, req_start_ns, req_end_ns, resp_start_ns,
+            resp_end_ns, req_bytes, resp_bytes, local_addr, local_port, peer_traced, tls,
+        ) = self._packed_header.unpack_from(data, 0)
+        req_off = self._packed_off
+        resp_off = req_off + req_cap
+        ctx_off = resp_off + resp_cap
+        return Exchange(
+            tgid, fd, role, _format_addr(family, peer_addr), peer_port, listen_fd, req_tid,
+            resp_tid, conn_id, exchange_id, parent_exchange_id, req_start_ns, req_end_ns,
+            resp_start_ns, resp_end_ns, req_bytes, resp_bytes, req_calls, resp_calls,
+            data[req_off:resp_off], data[resp_off:ctx_off],
+            data[ctx_off : ctx_off + self.ctx_size] if has_ctx else None,
+            _format_addr(family, local_addr) if local_port else None,
+            local_port, peer_traced != 0, tls != 0,
+        )
 
     def decode(self, data: bytes) -> Exchange:
         """Decode one exchange event (or a ``conns`` value read by user space)."""
