@@ -93,6 +93,11 @@ def run_wrk(port: int, duration: int, connections: int, rate: int, tmp: Path) ->
         script.write_text(f"function delay() return {connections * 1000 / rate} end\n")
         argv[5:5] = ["-s", str(script)]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    """Requests, requests/s and p50/p99 latency (ms) from ``wrk --latency`` output."""
     reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -26,7 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from _common import compare_modes, side_by_side  # noqa: E402
-from agent_bench import cpu_seconds, free_port, nginx_worker, parse_stats, start_nginx  # noqa: E402
+from agent_bench import (  # noqa: E402
+    cpu_seconds,
+    free_port,
+    nginx_worker,
+    parse_stats,
+    parse_wrk,
+    start_nginx,
+)
 
 MODES = ("agent", "agent+inject")
 
@@ -46,17 +52,9 @@ def _wrk(port: int, duration: int, connections: int, rate: int,
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise RuntimeError(f"wrk failed: {out}")
-    reqs = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-    def pct(label: str) -> float:
-        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
-        if not m:
-            return float("nan")
-        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
-
-    return {"requests": reqs, "rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
-            "client_cpu_us_per_req": (usage.ru_utime + usage.ru_stime) / reqs * 1e6}
+    result = parse_wrk(out)
+    result["client_cpu_us_per_req"] = (usage.ru_utime + usage.ru_stime) / result["requests"] * 1e6
+    return result
 
 
 def one_run(tmp: Path, duration: int, connections: int, rate: int,
