@@ -23,6 +23,18 @@ _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
 
+
+def _status(span: SpanRecord) -> JsonDict | None:
+    """The OTLP-JSON ``status`` of a span; None when it is unset and has no message."""
+    if span.status is StatusCode.UNSET and not span.status_message:
+        return None
+    status: JsonDict = {}
+    if span.status_message:
+        status["message"] = span.status_message
+    if span.status is not StatusCode.UNSET:
+        status["code"] = int(span.status)
+    return status
+
 def _any_value(value: object) -> JsonDict:
     # Mirrors otlp_proto.set_any_value so both encodings agree on every input.
     if isinstance(value, bool):
@@ -118,12 +130,8 @@ def _span_bytes(span: SpanRecord) -> bytes:
         out.append(b',"endTimeUnixNano":"%d"' % span.end_ns)
     if span.attributes:
         out += (b',"attributes":[', _attributes_bytes(span.attributes), b"]")
-    if span.status is not StatusCode.UNSET or span.status_message:
-        status: JsonDict = {}
-        if span.status_message:
-            status["message"] = span.status_message
-        if span.status is not StatusCode.UNSET:
-            status["code"] = int(span.status)
+    status = _status(span)
+    if status is not None:
         out += (b',"status":', _dumps(status))
     out.append(b"}")
     return b"".join(out)
@@ -170,12 +178,8 @@ def _span_json(span: SpanRecord) -> JsonDict:
         out["endTimeUnixNano"] = str(span.end_ns)
     if span.attributes:
         out["attributes"] = attributes_json(span.attributes)
-    if span.status is not StatusCode.UNSET or span.status_message:
-        status: JsonDict = {}
-        if span.status_message:
-            status["message"] = span.status_message
-        if span.status is not StatusCode.UNSET:
-            status["code"] = int(span.status)
+    status = _status(span)
+    if status is not None:
         out["status"] = status
     return out
 
