@@ -65,6 +65,9 @@ def benches(quick: bool) -> dict[str, list[str]]:
         "agent_paced": ["bench/agent_bench.py", "--duration", d, "--repeat", "2",
                         "--rate", "5000", "--connections", "10"],
         "flask": ["bench/flask_bench.py", "--duration", d, "--repeat", rep],
+        "kernel_cost": ["bench/kernel_cost.py", "--duration", d],
+        "inject": ["bench/inject_bench.py", "--duration", d, "--repeat", "2"],
+        "stitch": ["bench/stitch_bench.py", "--duration", "4" if quick else "8", "--repeat", "2"],
     }
 
 
