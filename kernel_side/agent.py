@@ -321,6 +321,33 @@ def release_compiler_memory() -> int:
         return 0
 
 
+LOCK_DIR = "/run/ebpf-bridge"
+
+
+def claim_pin_dir(pin_dir: str, lock_dir: str = LOCK_DIR) -> tuple[int | None, int | None]:
+    """Take the advisory lock that names ``pin_dir`` for this agent: ``(fd, None)``; or
+    ``(None, pid)`` when the agent ``pid`` holds it (bpffs holds maps, not lock files, hence a
+    lock file elsewhere). The lock goes with the fd, so an agent that dies releases it."""
+    import fcntl
+    import hashlib
+
+    os.makedirs(lock_dir, exist_ok=True)
+    name = hashlib.sha256(os.path.realpath(pin_dir).encode()).hexdigest()[:16]
+    fd = os.open(os.path.join(lock_dir, f"{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = int(os.pread(fd, 32, 0).split()[0])
+        except (ValueError, IndexError, OSError):
+            holder = 0
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {pin_dir}\n".encode(), 0)
+    return fd, None
+
+
 def _check_environment() -> None:
     if os.geteuid() != 0:
         raise AgentError(
@@ -365,6 +392,7 @@ class Agent:
         self.registry: ProcessRegistry | None = None
         self.tls: TlsProbes | None = None
         self.injector: Injector | None = None
+        self._pin_lock: int | None = None
         self.assembler: SpanAssembler | None = None
         self.fanout: Fanout | None = None
         self.callback_errors = 0
@@ -533,6 +561,18 @@ class Agent:
         """Start, trace until stopped, flush, and return the exit code."""
         t0 = time.monotonic()
         _check_environment()
+        try:
+            self._pin_lock, holder = claim_pin_dir(self.cfg.pin_dir)
+        except OSError as e:
+            self._pin_lock, holder = None, None
+            log.debug("pin directory lock not taken: %s", e)
+        if holder is not None:
+            log.warning(
+                "another agent (pid %s) uses the pin directory %s: apps share one context map "
+                "between you, and each agent publishes its own id salt there, so "
+                "bridge.current_span_context() will name spans of only one of you. Give each "
+                "agent its own pin_dir (config) and its apps the same EBPF_BRIDGE_PIN_DIR",
+                holder or "?", self.cfg.pin_dir)
         self._start_health()
         self.fanout = self._make_fanout()
         b = self._bpf = self._compile()
@@ -662,6 +702,9 @@ class Agent:
                 self.injector.close()
             if b is not None:
                 b.cleanup()
+            if self._pin_lock is not None:
+                os.close(self._pin_lock)
+                self._pin_lock = None
 
     # -- events -------------------------------------------------------------------------------
 

@@ -328,9 +328,11 @@ def test_ids_stay_this_agents_when_another_agent_shares_the_pin_dir(
     host = f"{netns.addr_b}:{port}"
     spec = [_req("GET", f"/n/{i}", host) for i in range(3)]
     client, out, go = _client(harness, netns, netns.addr_b, port, spec)
-    harness.agent("--pid", str(client.pid), "--pid", str(echo.pid), "--inject-traceparent",
-                  receiver=receiver)
-    harness.agent("--pid", "1", "--exporter", "jsonl", "--jsonl", str(harness.tmp / "b.jsonl"))
+    first = harness.agent("--pid", str(client.pid), "--pid", str(echo.pid),
+                          "--inject-traceparent", receiver=receiver)
+    second = harness.agent("--pid", "1", "--exporter", "jsonl", "--jsonl",
+                           str(harness.tmp / "b.jsonl"))
+    assert f"another agent (pid {first.pid})" in second.log_text()  # and it is told so
     go.touch()
     _wait_file(out, client)
     spans = receiver.wait_for(lambda ss: len(by_service(ss, "echo", SERVER)) >= 3
