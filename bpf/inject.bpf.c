@@ -62,7 +62,6 @@ BPF_PERCPU_ARRAY(inject_head, struct inj_head, 1);
 /* What the scans found and what the next tail call needs; one per CPU (a tail-call chain runs
  * on one CPU without sleeping). All counters are sums of 0/1 values computed without branches. */
 struct inj_scan {
-    __u64 len;        /* bytes of the message copied into inject_head */
     __u64 ptr;        /* the write's user buffer (names the write in inject_ids) */
     __u64 line_end;   /* index of the request line's '\n' */
     __u64 head_end;   /* index just past "\r\n\r\n"; 0: not in the copy */
@@ -232,7 +231,6 @@ int inject_msg(struct sk_msg_md *msg)
     if (bpf_probe_read_kernel(hb->b, mlen, data))
         return SK_PASS;
     __builtin_memset(sc, 0, sizeof(*sc));
-    sc->len = m;
     sc->ptr = ptr;
     /* Sliding windows of the last 16 bytes: r raw, w with letters lowered. */
     __u64 r1 = 0, r2 = 0, w1 = 0, w2 = 0;

@@ -27,7 +27,6 @@ from kernel_side.assembly import IdSource, SpanAssembler
 from kernel_side.config import AgentConfig, ConfigError
 from kernel_side.events import (
     EV_CHUNK,
-    EV_EXCHANGE,
     EV_EXCHANGE_PACKED,
     EV_PROC,
     PROC_EVENT,
@@ -715,9 +714,6 @@ class Agent:
             if kind == EV_EXCHANGE_PACKED:
                 assert self._layout is not None and self.assembler is not None
                 self.assembler.on_exchange(self._layout.decode_packed(raw))
-            elif kind == EV_EXCHANGE:
-                assert self._layout is not None and self.assembler is not None
-                self.assembler.on_exchange(self._layout.decode(raw))
             elif kind == EV_CHUNK:
                 assert self._chunk_layout is not None and self.assembler is not None
                 self.assembler.on_chunk(self._chunk_layout.decode(raw))

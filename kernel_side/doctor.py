@@ -126,7 +126,7 @@ def fs_magic(path: str) -> int | None:
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
-def _mounted_fstype(path: str, mounts: str = "/proc/mounts") -> str | None:
+def mounted_fstype(path: str, mounts: str = "/proc/mounts") -> str | None:
     """The filesystem type mounted exactly at ``path`` per /proc/mounts (last mount wins)."""
     found = None
     with contextlib.suppress(OSError), open(mounts) as f:
@@ -249,7 +249,7 @@ def check_bpffs(p: Probe) -> Outcome:
     magic = fs_magic(p.bpffs)
     if magic == BPF_FS_MAGIC:
         return Outcome(True, f"{p.bpffs} is bpffs (statfs magic {BPF_FS_MAGIC:#x})")
-    if magic is None and _mounted_fstype(p.bpffs) == "bpf":
+    if magic is None and mounted_fstype(p.bpffs) == "bpf":
         # statfs itself failed (odd libc?): /proc/mounts is the next best witness.
         return Outcome(True, f"{p.bpffs} is bpffs (per /proc/mounts)")
     if not os.path.exists(p.bpffs):

@@ -159,8 +159,8 @@ class ExchangeLayout:
     """Offsets of ``struct exchange`` and a decoder for it."""
 
     def __init__(self, header: struct.Struct, names: tuple[str, ...], req_off: int,
-                 resp_off: int, ctx_size: int, packed_header: struct.Struct | None = None,
-                 packed_off: int = 0) -> None:
+                 resp_off: int, ctx_size: int, packed_header: struct.Struct,
+                 packed_off: int) -> None:
         self._header = header
         self._names = names
         self.req_off = req_off
@@ -179,8 +179,6 @@ class ExchangeLayout:
 
     def decode_packed(self, data: bytes) -> Exchange:
         """Decode one ``EV_EXCHANGE_PACKED`` ring-buffer event."""
-        if self._packed_header is None:
-            raise RuntimeError("layout built without the packed event header")
         (
             _type, tgid, fd, role, family, _phase, has_ctx, peer_port, listen_fd, req_tid,
             resp_tid, req_cap, resp_cap, req_calls, resp_calls, peer_addr, conn_id,
@@ -201,7 +199,8 @@ class ExchangeLayout:
         )
 
     def decode(self, data: bytes) -> Exchange:
-        """Decode one exchange event (or a ``conns`` value read by user space)."""
+        """Decode a ``conns`` map value (an exchange as the kernel keeps it), read by user
+        space."""
         (
             _type, tgid, fd, role, family, _phase, has_ctx, peer_port, listen_fd, req_tid,
             resp_tid, req_cap, resp_cap, req_calls, resp_calls, peer_addr, conn_id,

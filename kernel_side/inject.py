@@ -38,35 +38,22 @@ CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 # enum bpf_attach_type (include/uapi/linux/bpf.h)
 _BPF_CGROUP_SOCK_OPS = 3
 _BPF_SK_MSG_VERDICT = 7
-_CGROUP2_SUPER_MAGIC = 0x63677270
 
 
 class InjectError(RuntimeError):
     """Injection cannot be set up here; the message names what was refused and the fix."""
 
 
-def _is_cgroup2(path: str) -> bool:
-    # statfs f_type, without a C extension: /proc/self/mountinfo names the filesystem type.
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                parts = left.split()
-                if len(parts) >= 5 and parts[4] == path and right.split()[:1] == ["cgroup2"]:
-                    return True
-    except OSError:
-        return False
-    return False
-
-
 def find_cgroup2_root() -> str:
     """The cgroup v2 mount whose root holds every process (sock_ops attaches there)."""
+    from kernel_side.doctor import mounted_fstype
+
     for path in CGROUP2_CANDIDATES:
-        if _is_cgroup2(path):
+        if mounted_fstype(path) == "cgroup2":
             return path
     raise InjectError(
         "traceparent injection needs the cgroup v2 hierarchy mounted, and none is: "
-        "`mount -t cgroup2 none /sys/fs/cgroup/unified` (scripts/setup.sh does it)"
+        "`mount -t cgroup2 none /sys/fs/cgroup/unified` (scripts/install.sh does it)"
     )
 
 

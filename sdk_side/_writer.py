@@ -493,14 +493,22 @@ def _count_failure(err: int, what: str) -> None:
         _P.next_check = 0.0
 
 
-def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool, port: int = 0) -> None:
-    """Create the entry for a new request with ``recs`` only (nothing of ours is in the map)."""
+def _within_limits(recs: dict[str, bytes]) -> tuple[dict[str, bytes], bytes, int]:
+    """``recs`` (cut down by ``_fit`` when over the entry's limits), their joined block, and
+    how many attributes were dropped."""
     data = b"".join(recs.values())
     if len(recs) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
         recs, dropped = _fit(recs)
+        return recs, b"".join(recs.values()), dropped
+    return recs, data, 0
+
+
+def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool, port: int = 0) -> None:
+    """Create the entry for a new request with ``recs`` only (nothing of ours is in the map)."""
+    recs, data, dropped = _within_limits(recs)
+    if dropped:
         _P.dropped_attrs += dropped
         trunc = True
-        data = b"".join(recs.values())
     st.fill(recs, data, trunc, port)
     p = _P
     if _syscall(_NR_BPF, _CMD_UPDATE, st.a_noexist, _ELEM_SIZE) == 0:
@@ -659,12 +667,7 @@ def _annotate_first(st: _Thread, attrs: dict[str, AttrValue]) -> None:
     p.calls += 1
     if cut:
         p.truncated_values += cut
-    data = b"".join(recs.values())
-    dropped = 0
-    kept = recs
-    if len(recs) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
-        kept, dropped = _fit(recs)
-        data = b"".join(kept.values())
+    kept, data, dropped = _within_limits(recs)
     trunc = cut > 0 or dropped > 0
     # A new request's entry holds no bound connection and no SDK span of the earlier one.
     sdk = st.sdk
@@ -688,12 +691,7 @@ def _annotate_first(st: _Thread, attrs: dict[str, AttrValue]) -> None:
     st.req_len = max(2 * st.req_len, st.req_calls + 1)
     st.req_calls += 1
     st.stale = False
-    merged = {**st.mirror, **recs}
-    data = b"".join(merged.values())
-    dropped = 0
-    if len(merged) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
-        merged, dropped = _fit(merged)
-        data = b"".join(merged.values())
+    merged, data, dropped = _within_limits({**st.mirror, **recs})
     trunc = st.trunc or cut > 0 or dropped > 0
     st.fill(merged, data, trunc, st.port)
     err = _update(st.a_exist)
