@@ -88,6 +88,8 @@ def name_programs(progs: dict[int, dict[str, object]]) -> None:
     k = 0
     for prog_id in sorted(progs):
         short = str(progs[prog_id]["name"])
+        if len(short) < 15:
+            continue  # the whole name (data_exit, tls_exit): not one of the TRACEPOINT_PROBEs
         while k < len(names) and names[k][:15] != short:
             k += 1
         if k < len(names):

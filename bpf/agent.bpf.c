@@ -222,7 +222,8 @@ struct u_msghdr {
 struct io_args {
     __u64 ptr;
     __u32 fd;
-    __u32 kind;
+    __u16 kind;
+    __u16 dir; /* DIR_IN or DIR_OUT, known at entry: one exit program serves every syscall */
     __u64 vlen;
 };
 
@@ -799,6 +800,8 @@ struct ssl_call {
     __u64 buf;
     __u64 nbytes_ptr; /* size_t *readbytes / *written of the _ex variants, else 0 */
     __u64 start_ns;
+    __u32 dir; /* DIR_IN for SSL_read*, DIR_OUT for SSL_write*: one return program for all */
+    __u32 _pad;
 };
 
 struct ssl_key {
@@ -880,7 +883,7 @@ static __always_inline int tls_socket_io(struct sock_info *si, struct sock_key *
     return 1;
 }
 
-static __always_inline int ssl_enter(struct pt_regs *ctx, int ex)
+static __always_inline int ssl_enter(struct pt_regs *ctx, int ex, int dir)
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 tgid = id >> 32;
@@ -892,12 +895,13 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, int ex)
     c.buf = PT_REGS_PARM2(ctx);
     c.nbytes_ptr = ex ? PT_REGS_PARM4(ctx) : 0;
     c.start_ns = bpf_ktime_get_ns();
+    c.dir = dir;
     if (ssl_calls.update(&tid, &c))
         stat_inc(ST_TRACK_FULL);
     return 0;
 }
 
-static __always_inline int ssl_exit(struct pt_regs *ctx, int dir)
+static __always_inline int ssl_exit(struct pt_regs *ctx)
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)id;
@@ -936,13 +940,17 @@ static __always_inline int ssl_exit(struct pt_regs *ctx, int dir)
     if (!si || !si->tls)
         return 0;
     struct io_args a = {.ptr = c.buf, .fd = fd, .kind = IO_BUF, .vlen = 0};
-    return conn_io(&k, si, dir, &a, (long)n, tid);
+    return conn_io(&k, si, c.dir, &a, (long)n, tid);
 }
 
-int tls_enter(struct pt_regs *ctx) { return ssl_enter(ctx, 0); }
-int tls_enter_ex(struct pt_regs *ctx) { return ssl_enter(ctx, 1); }
-int tls_exit_read(struct pt_regs *ctx) { return ssl_exit(ctx, DIR_IN); }
-int tls_exit_write(struct pt_regs *ctx) { return ssl_exit(ctx, DIR_OUT); }
+/* The entry programs record the direction, so ONE return program serves all four functions:
+ * BCC inlines everything, and each copy of the connection state machine costs compile time at
+ * every agent start (kernel_side/tls.py names these in PROBES). */
+int tls_enter_read(struct pt_regs *ctx) { return ssl_enter(ctx, 0, DIR_IN); }
+int tls_enter_read_ex(struct pt_regs *ctx) { return ssl_enter(ctx, 1, DIR_IN); }
+int tls_enter_write(struct pt_regs *ctx) { return ssl_enter(ctx, 0, DIR_OUT); }
+int tls_enter_write_ex(struct pt_regs *ctx) { return ssl_enter(ctx, 1, DIR_OUT); }
+int tls_exit(struct pt_regs *ctx) { return ssl_exit(ctx); }
 
 static __always_inline int switching_protocols(struct exchange *st)
 {
@@ -954,7 +962,7 @@ static __always_inline int switching_protocols(struct exchange *st)
            r[11] == '1';
 }
 
-static __always_inline int on_enter_io(__u32 fd, __u64 ptr, __u32 kind, __u64 vlen)
+static __always_inline int on_enter_io(int dir, __u32 fd, __u64 ptr, __u32 kind, __u64 vlen)
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct sock_key k = {.tgid = id >> 32, .fd = fd};
@@ -963,13 +971,13 @@ static __always_inline int on_enter_io(__u32 fd, __u64 ptr, __u32 kind, __u64 vl
         return 0;
     __u32 tid = (__u32)id;
     tls_learn_fd(si, &k, tid);
-    struct io_args a = {.ptr = ptr, .fd = fd, .kind = kind, .vlen = vlen};
+    struct io_args a = {.ptr = ptr, .fd = fd, .kind = kind, .dir = dir, .vlen = vlen};
     if (active_io.update(&tid, &a))
         stat_inc(ST_TRACK_FULL);
     return 0;
 }
 
-static __always_inline int on_enter_msg(__u32 fd, __u64 msg)
+static __always_inline int on_enter_msg(int dir, __u32 fd, __u64 msg)
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct sock_key k = {.tgid = id >> 32, .fd = fd};
@@ -981,7 +989,7 @@ static __always_inline int on_enter_msg(__u32 fd, __u64 msg)
     if (bpf_probe_read_user(&m, sizeof(m), (const void *)msg))
         return 0;
     __u32 tid = (__u32)id;
-    struct io_args a = {.ptr = m.iov, .fd = fd, .kind = IO_IOVEC, .vlen = m.iovlen};
+    struct io_args a = {.ptr = m.iov, .fd = fd, .kind = IO_IOVEC, .dir = dir, .vlen = m.iovlen};
     if (active_io.update(&tid, &a))
         stat_inc(ST_TRACK_FULL);
     return 0;
@@ -999,7 +1007,7 @@ static __always_inline int on_exit_io_sock(__u64 id, __u32 tid, int dir, struct 
     return conn_io(&k, si, dir, ap, ret, tid);
 }
 
-static __always_inline int on_exit_io(int dir, long ret)
+static __always_inline int on_exit_io(long ret)
 {
     __u64 id = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)id;
@@ -1008,6 +1016,7 @@ static __always_inline int on_exit_io(int dir, long ret)
         return 0;
     struct io_args a = *ap;
     active_io.delete(&tid);
+    int dir = a.dir;
     if (ret > 0)
         on_exit_io_sock(id, tid, dir, &a, ret);
 #ifdef INJECT_TRACEPARENT
@@ -1093,22 +1102,27 @@ static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, in
 
 /* --- data syscalls ------------------------------------------------------------------------ */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return on_enter_io(args->fd, (__u64)args->buf, IO_BUF, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return on_exit_io(DIR_IN, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_enter_io(args->fd, (__u64)args->buf, IO_BUF, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return on_exit_io(DIR_OUT, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return on_enter_io(args->fd, (__u64)args->ubuf, IO_BUF, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return on_exit_io(DIR_IN, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_enter_io(args->fd, (__u64)args->buff, IO_BUF, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return on_exit_io(DIR_OUT, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return on_enter_io(args->fd, (__u64)args->vec, IO_IOVEC, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return on_exit_io(DIR_IN, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_enter_io(args->fd, (__u64)args->vec, IO_IOVEC, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return on_exit_io(DIR_OUT, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return on_enter_msg(args->fd, (__u64)args->msg); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return on_exit_io(DIR_IN, args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_enter_msg(args->fd, (__u64)args->msg); }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return on_exit_io(DIR_OUT, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { return on_enter_io(DIR_IN, args->fd, (__u64)args->buf, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_enter_io(DIR_OUT, args->fd, (__u64)args->buf, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return on_enter_io(DIR_IN, args->fd, (__u64)args->ubuf, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_enter_io(DIR_OUT, args->fd, (__u64)args->buff, IO_BUF, 0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return on_enter_io(DIR_IN, args->fd, (__u64)args->vec, IO_IOVEC, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_enter_io(DIR_OUT, args->fd, (__u64)args->vec, IO_IOVEC, args->vlen); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return on_enter_msg(DIR_IN, args->fd, (__u64)args->msg); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_enter_msg(DIR_OUT, args->fd, (__u64)args->msg); }
+
+/* Every sys_exit_* tracepoint has the same record (syscall number, then the return value at
+ * offset 16; kernel_side/agent.py checks the tracefs formats), and the direction was recorded
+ * at entry: so ONE exit program serves the eight data syscalls. BCC inlines every helper, and
+ * eight copies of the connection state machine were 60% of the compile at each start. */
+struct sys_exit_record {
+    __u64 common;
+    int syscall_nr;
+    int _pad;
+    long ret;
+};
+
+int data_exit(struct sys_exit_record *args) { return on_exit_io(args->ret); }
 
 /* --- connection lifecycle ----------------------------------------------------------------- */
 

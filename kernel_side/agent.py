@@ -347,6 +347,32 @@ def claim_pin_dir(pin_dir: str, lock_dir: str = LOCK_DIR) -> tuple[int | None, i
     return fd, None
 
 
+DATA_SYSCALLS = ("read", "write", "recvfrom", "sendto", "readv", "writev", "recvmsg", "sendmsg")
+"""The syscalls whose exits the one ``data_exit`` program (bpf/agent.bpf.c) handles."""
+
+_TRACEFS = "/sys/kernel/tracing"
+_EXIT_RET_FIELD = "field:long ret;\toffset:16;\tsize:8;"
+
+
+def attach_data_exits(b: Any, tracefs: str = _TRACEFS) -> None:
+    """Attach ``data_exit`` to every data syscall's exit tracepoint.
+
+    BCC checks a TRACEPOINT_PROBE's record against the tracefs format; a program attached by
+    hand gets no such check, so the layout it reads (``ret`` at offset 16) is checked here.
+    """
+    for name in DATA_SYSCALLS:
+        event = f"sys_exit_{name}"
+        try:
+            fmt = Path(tracefs, "events/syscalls", event, "format").read_text()
+        except OSError as e:
+            raise AgentError(f"no tracefs format for syscalls:{event} ({e.strerror}): mount "
+                             "tracefs (mount -t tracefs tracefs /sys/kernel/tracing)") from None
+        if _EXIT_RET_FIELD not in fmt:
+            raise AgentError(f"syscalls:{event} has an unexpected record layout (ret is not a "
+                             "long at offset 16); this kernel is not supported")
+        b.attach_tracepoint(tp=f"syscalls:{event}", fn_name=b"data_exit")
+
+
 def _check_environment() -> None:
     if os.geteuid() != 0:
         raise AgentError(
@@ -516,6 +542,11 @@ class Agent:
                 f"loading the eBPF program failed: {e}. Run `ebpf-bridge doctor` to see which "
                 "requirement is missing (kernel headers, tracefs, permissions)."
             ) from None
+        try:
+            attach_data_exits(b)
+        except Exception as e:
+            b.cleanup()
+            raise AgentError(f"attaching the syscall exit tracepoints failed: {e}") from None
         self._secure_pin(pin)
         self._secure_pin(os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME))
         # Span ids are not secrets: the app group may read which exchange a thread serves.

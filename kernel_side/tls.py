@@ -32,10 +32,10 @@ log = logging.getLogger("ebpf_bridge.tls")
 
 # symbol -> (entry program, return program) in bpf/agent.bpf.c
 PROBES: dict[str, tuple[str, str]] = {
-    "SSL_read": ("tls_enter", "tls_exit_read"),
-    "SSL_read_ex": ("tls_enter_ex", "tls_exit_read"),
-    "SSL_write": ("tls_enter", "tls_exit_write"),
-    "SSL_write_ex": ("tls_enter_ex", "tls_exit_write"),
+    "SSL_read": ("tls_enter_read", "tls_exit"),
+    "SSL_read_ex": ("tls_enter_read_ex", "tls_exit"),
+    "SSL_write": ("tls_enter_write", "tls_exit"),
+    "SSL_write_ex": ("tls_enter_write_ex", "tls_exit"),
 }
 
 # --- ELF -------------------------------------------------------------------------------------
