@@ -175,6 +175,21 @@ def _pid(value: Any) -> int:
         raise ConfigError(f"pid {value!r} is not a process id: use a number") from None
 
 
+def env_endpoint(protocol: str) -> str | None:
+    """The traces endpoint the OTLP exporter environment variables name, as the specification
+    reads them: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` as is; ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    is a base URL, to which OTLP/HTTP appends ``/v1/traces`` (gRPC ignores the path)."""
+    traces = os.environ.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+    if traces:
+        return traces
+    base = os.environ.get(OTEL_EXPORTER_OTLP_ENDPOINT)
+    if not base:
+        return None
+    if protocol == "http/protobuf" and not base.rstrip("/").endswith("/v1/traces"):
+        return base.rstrip("/") + "/v1/traces"
+    return base
+
+
 def build(settings: dict[str, Any]) -> AgentConfig:
     """Make a validated config from merged settings (YAML first, then flags that were given)."""
     cfg = AgentConfig()
@@ -184,15 +199,10 @@ def build(settings: dict[str, Any]) -> AgentConfig:
     exporters = tuple(str(e) for e in _as_list(settings.pop("exporter", None)))
     if "jsonl" in settings:
         settings["jsonl_path"] = settings.pop("jsonl")
-    env_endpoint = os.environ.get(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) or os.environ.get(
-        OTEL_EXPORTER_OTLP_ENDPOINT
-    )
-    settings.setdefault("otlp_endpoint", env_endpoint or None)
-    if not settings.get("otlp_endpoint"):
-        settings["otlp_endpoint"] = env_endpoint or None
-    settings.setdefault("otlp_protocol", os.environ.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "grpc")
     if not settings.get("otlp_protocol"):
         settings["otlp_protocol"] = os.environ.get(OTEL_EXPORTER_OTLP_PROTOCOL) or "grpc"
+    if not settings.get("otlp_endpoint"):
+        settings["otlp_endpoint"] = env_endpoint(str(settings["otlp_protocol"]))
     settings.setdefault("pin_dir", os.environ.get(EBPF_BRIDGE_PIN_DIR) or _abi.PIN_DIR)
     clean = {k: _check_type(k, v) for k, v in settings.items() if k in _SCALARS and v is not None}
     cfg = replace(cfg, selector=Selector(pids, exes, ports), exporters=exporters, **clean)

@@ -12,7 +12,8 @@ echo "== mypy (strict for bridge/ and sdk_side/)"
 "$py/mypy" bridge sdk_side kernel_side bpf
 echo "== pytest"
 set +e
-"$py/python" -m pytest -q -p no:cacheprovider "$@"
+# Everything the suite needs was just installed: a skipped test is a failure here (tests/conftest.py).
+EBPF_BRIDGE_REQUIRE_ALL=1 "$py/python" -m pytest -q -p no:cacheprovider -rfE "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected nothing: a suite that ran no test is a failure here.

@@ -323,3 +323,26 @@ def test_pid_covers_children_started_before_the_agent(harness: Harness,
     traced = {s.resource["process.pid"] for s in spans
               if str(s.attributes.get("url.path", "")).startswith("/stock/sku-pre-")}
     assert parent.pid not in traced and len(traced) == 1
+
+
+# -- OTLP/HTTP chosen by the standard environment variables alone -----------------------------
+
+def test_otlp_http_protobuf_from_the_environment(harness: Harness,
+                                                 receiver: OtlpReceiver) -> None:
+    assert receiver.http_endpoint is not None
+    srv, port = harness.python_service("edge-http-otlp", EDGE)
+    env = {**_clean_env(), "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.http_endpoint,
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}
+    agent = harness.agent("--pid", str(srv.pid), env=env)
+    tag = secrets.token_hex(4)
+    for i in range(3):
+        _get(port, f"/h-{tag}/{i}")
+
+    def mine(ss: list[ReceivedSpan]) -> list[str]:
+        return sorted(p for p in _paths(ss, "edge-http-otlp") if p.startswith(f"/h-{tag}/"))
+
+    spans = receiver.wait_for(lambda ss: len(mine(ss)) >= 3)
+    assert mine(spans) == [f"/h-{tag}/{i}" for i in range(3)]
+    agent.popen.send_signal(signal.SIGTERM)
+    assert agent.popen.wait(timeout=30) == 0
+    assert f"otlp http/protobuf {receiver.http_endpoint}/v1/traces" in agent.log.read_text()

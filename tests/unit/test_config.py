@@ -73,6 +73,29 @@ def test_traces_endpoint_wins_over_generic(monkeypatch: pytest.MonkeyPatch) -> N
     assert build({}).otlp_endpoint == "http://traces:4317"
 
 
+@pytest.mark.parametrize(("base", "want"), [
+    ("http://collector:4318", "http://collector:4318/v1/traces"),
+    ("http://collector:4318/", "http://collector:4318/v1/traces"),
+    ("https://gw.example:443/otel", "https://gw.example:443/otel/v1/traces"),
+    ("http://collector:4318/v1/traces", "http://collector:4318/v1/traces"),
+])
+def test_generic_endpoint_is_a_base_url_for_otlp_http(monkeypatch: pytest.MonkeyPatch,
+                                                      base: str, want: str) -> None:
+    monkeypatch.setenv(OTEL_EXPORTER_OTLP_ENDPOINT, base)
+    monkeypatch.setenv(OTEL_EXPORTER_OTLP_PROTOCOL, "http/protobuf")
+    assert build({}).otlp_endpoint == want
+    # The traces-specific variable is the URL itself, path and all.
+    monkeypatch.setenv(OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "https://gw.example/otel/traces")
+    assert build({}).otlp_endpoint == "https://gw.example/otel/traces"
+
+
+def test_generic_endpoint_keeps_its_path_for_grpc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(OTEL_EXPORTER_OTLP_ENDPOINT, "http://collector:4317")
+    assert build({}).otlp_endpoint == "http://collector:4317"
+    assert build({"otlp_protocol": "http/protobuf"}).otlp_endpoint == (
+        "http://collector:4317/v1/traces")
+
+
 def test_flag_endpoint_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(OTEL_EXPORTER_OTLP_ENDPOINT, "http://env:4317")
     assert build({"otlp_endpoint": "http://flag:4317"}).otlp_endpoint == "http://flag:4317"

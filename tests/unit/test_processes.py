@@ -1,8 +1,10 @@
-"""Process discovery helpers that need no kernel: environment and resource parsing."""
+"""Process discovery helpers that need no kernel: environment and resource parsing, and
+selection by listening port (real sockets, read back from /proc/net/tcp)."""
 
 from __future__ import annotations
 
 import os
+import socket
 
 from kernel_side import processes
 from kernel_side.model import Resource
@@ -51,3 +53,16 @@ def test_selector_with_no_criteria_selects_all() -> None:
     assert processes.Selector().select_all
     assert not processes.Selector(pids=(1,)).select_all
     assert not processes.Selector(ports=((80, 80),)).select_all
+
+
+def test_port_ranges_select_the_process_listening_inside_one() -> None:
+    pids_listening_on = processes.pids_listening_on
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        me = os.getpid()
+        assert pids_listening_on([(port - 1, port + 1)], [me]) == {me}
+        assert pids_listening_on([(port, port)], [me]) == {me}
+        assert pids_listening_on([(port + 1, port + 10), (1, port - 1)], [me]) == set()
+    assert pids_listening_on([(port, port)], [me]) == set()  # closed: no longer listening
