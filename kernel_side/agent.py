@@ -428,6 +428,8 @@ class Agent:
         self.conns_deleted_user = 0
         self.socks_deleted_user = 0
         self.start_to_ready_s = 0.0
+        self.compile_s = 0.0
+        """Of the start: BCC's compile and load of bpf/agent.bpf.c (clang and LLVM in process)."""
         self.health_state = HealthState()
         self.health: HealthServer | None = None
 
@@ -535,6 +537,7 @@ class Agent:
         if cfg.inject_traceparent:
             # Appended, not #included: BCC makes programs only of the main file's functions.
             src += "\n" + (bpf.SOURCE_DIR / "inject.bpf.c").read_text()
+        t0 = time.monotonic()
         try:
             b = bcc.BPF(text=src, cflags=cflags)
         except Exception as e:
@@ -542,6 +545,7 @@ class Agent:
                 f"loading the eBPF program failed: {e}. Run `ebpf-bridge doctor` to see which "
                 "requirement is missing (kernel headers, tracefs, permissions)."
             ) from None
+        self.compile_s = time.monotonic() - t0
         try:
             attach_data_exits(b)
         except Exception as e:
@@ -632,9 +636,9 @@ class Agent:
         self.registry.scan()
         release_compiler_memory()
         self.start_to_ready_s = time.monotonic() - t0
-        log.info("attached %d tracepoints and %d uprobes in %.2f s; tracing %d processes; "
-                 "exporting to %s", b.num_open_tracepoints(), b.num_open_uprobes(),
-                 self.start_to_ready_s, len(self.registry.known),
+        log.info("attached %d tracepoints and %d uprobes in %.2f s (compile %.2f s); tracing %d "
+                 "processes; exporting to %s", b.num_open_tracepoints(), b.num_open_uprobes(),
+                 self.start_to_ready_s, self.compile_s, len(self.registry.known),
                  ", ".join(self._describe_exporters()))
         if self.cfg.ready_file:
             Path(self.cfg.ready_file).write_text(f"{os.getpid()}\n")
