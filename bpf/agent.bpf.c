@@ -222,8 +222,10 @@ struct u_msghdr {
 struct io_args {
     __u64 ptr;
     __u32 fd;
-    __u16 kind;
-    __u16 dir; /* DIR_IN or DIR_OUT, known at entry: one exit program serves every syscall */
+    __u8 kind;
+    __u8 dir; /* DIR_IN or DIR_OUT, known at entry: one exit program serves every syscall */
+    __u8 need_local; /* the socket's local address is still unknown: learn_local has work */
+    __u8 _pad;
     __u64 vlen;
 };
 
@@ -820,8 +822,14 @@ BPF_TABLE("lru_hash", __u32, __u32, tls_last_fd, SOCK_MAX);
 static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, int dir,
                                    struct io_args *ap, long ret, __u32 tid);
 
+#define TLS_CHECKS 2
+
 static __always_inline void tls_learn_fd(struct sock_info *si, struct sock_key *k, __u32 tid)
 {
+    /* A connection whose first request-direction I/Os carried no TLS record head is plaintext
+     * for good (tls_socket_io stops looking then too): skip the SSL-call look-up. */
+    if (!si->tls && si->tls_checks >= TLS_CHECKS)
+        return;
     struct ssl_call *c = ssl_calls.lookup(&tid);
     if (!c)
         return;
@@ -855,8 +863,6 @@ static __always_inline int tls_record_head(struct io_args *a, long ret)
         return 2;
     return head[1] == 3 && head[2] <= 4;
 }
-
-#define TLS_CHECKS 2
 
 /* Socket bytes of a TLS connection are ciphertext: never an exchange, a chunk or unknown
  * traffic. A connection is known to be TLS from a thread inside an SSL call touching it, or
@@ -971,7 +977,8 @@ static __always_inline int on_enter_io(int dir, __u32 fd, __u64 ptr, __u32 kind,
         return 0;
     __u32 tid = (__u32)id;
     tls_learn_fd(si, &k, tid);
-    struct io_args a = {.ptr = ptr, .fd = fd, .kind = kind, .dir = dir, .vlen = vlen};
+    struct io_args a = {.ptr = ptr, .fd = fd, .kind = kind, .dir = dir,
+                        .need_local = !si->local_known, .vlen = vlen};
     if (active_io.update(&tid, &a))
         stat_inc(ST_TRACK_FULL);
     return 0;
@@ -989,7 +996,8 @@ static __always_inline int on_enter_msg(int dir, __u32 fd, __u64 msg)
     if (bpf_probe_read_user(&m, sizeof(m), (const void *)msg))
         return 0;
     __u32 tid = (__u32)id;
-    struct io_args a = {.ptr = m.iov, .fd = fd, .kind = IO_IOVEC, .dir = dir, .vlen = m.iovlen};
+    struct io_args a = {.ptr = m.iov, .fd = fd, .kind = IO_IOVEC, .dir = dir,
+                        .need_local = !si->local_known, .vlen = m.iovlen};
     if (active_io.update(&tid, &a))
         stat_inc(ST_TRACK_FULL);
     return 0;
@@ -1309,8 +1317,10 @@ static __always_inline int learn_local(const void *skp)
     __u64 id = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)id;
     struct io_args *a = active_io.lookup(&tid);
-    if (!a)
+    /* Four of these fire per request; once the address is known they stop at the first map. */
+    if (!a || !a->need_local)
         return 0;
+    a->need_local = 0;
     struct sock_key k = {.tgid = id >> 32, .fd = a->fd};
     struct sock_info *si = socks.lookup(&k);
     if (!si || si->local_known)
