@@ -502,7 +502,7 @@ def test_libssl_inside_another_mount_namespace(harness: Harness, receiver: OtlpR
     inodes = {int(line.split()[4]) for line in Path(f"/proc/{app.pid}/maps").read_text()
               .splitlines() if line.endswith("libssl.so.3")}
     assert inodes and system.stat().st_ino not in inodes, inodes
-    harness.agent("--pid", str(app.pid), receiver=receiver)
+    agent = harness.agent("--pid", str(app.pid), receiver=receiver)
     paths = [f"/ns/{i}" for i in range(3)]
     with requests.Session() as s:
         for p in paths:
@@ -516,3 +516,31 @@ def test_libssl_inside_another_mount_namespace(harness: Harness, receiver: OtlpR
     mine = [x for x in spans if x.attributes.get("url.path") in paths]
     assert len(mine) == 3
     assert all(x.attributes["url.scheme"] == "https" for x in mine)
+    # The app exits: its uprobes must really go, though the path they were attached through
+    # (/proc/<pid>/root/...) went with it. Each uprobe is one perf event fd of the agent.
+    attached = [ln for ln in agent.log_text().splitlines()
+                if "TLS: uprobes on" in ln and "libssl.so.3" in ln]
+    assert len(attached) == 1, agent.log_text()[-2000:]
+    n_syms = len(attached[0].rsplit(" (", 1)[1].rstrip(")").split(", "))
+    before = _perf_event_fds(agent.pid)
+    app.stop()
+    deadline = time.monotonic() + 30
+    while "TLS: detached from /proc/" not in agent.log_text():
+        assert "could not detach" not in agent.log_text(), agent.log_text()[-2000:]
+        assert time.monotonic() < deadline, agent.log_text()[-2000:]
+        time.sleep(0.1)
+    assert before - _perf_event_fds(agent.pid) == 2 * n_syms
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["tls_uprobes"] == 0 and st["tls_detach_errors"] == 0, st
+
+
+def _perf_event_fds(pid: int) -> int:
+    """Open perf event fds of ``pid`` (BCC opens one per uprobe and per tracepoint)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+        except OSError:
+            pass
+    return n
