@@ -8,6 +8,7 @@ credentials (whose BoringSSL cannot be seen: the agent says so).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -539,8 +540,6 @@ def _perf_event_fds(pid: int) -> int:
     """Open perf event fds of ``pid`` (BCC opens one per uprobe and per tracepoint)."""
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):  # an fd closed while we look
             n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
-        except OSError:
-            pass
     return n
