@@ -120,8 +120,9 @@ class ProcessRegistry:
         # follows forks from now on; existing descendants of a selected process count too.
         return self.wanted_alone(pid, listening) or self.descends_from(pid, self.known)
 
-    def add(self, pid: int) -> bool:
-        """Select ``pid``: record its namespace and resource and tell the kernel."""
+    def add(self, pid: int, *, execed: bool = False) -> bool:
+        """Select ``pid``: record its namespace and resource and tell the kernel. ``execed``:
+        it just exec'd a new image."""
         ns = processes.pid_namespace(pid)
         resource = processes.build_resource(pid, self.host, self.sdk_version)
         if ns is None or resource is None:
@@ -142,7 +143,7 @@ class ProcessRegistry:
         if old is None:
             log.info("tracing pid %d (%s)", pid, resource.attributes.get("service.name"))
         if self.tls is not None:
-            self.tls.on_process(pid)
+            self.tls.on_process(pid, execed=execed)
         return True
 
     def scan(self) -> None:
@@ -199,12 +200,12 @@ class ProcessRegistry:
                 self.forget(pid)
         elif what == PROC_EXEC:
             if pid in self.known:
-                if not self.add(pid) and comm:
+                if not self.add(pid, execed=True) and comm:
                     # Gone before /proc could be read: the exec's name is what we know.
                     self.known[pid].resource = processes.renamed(self.known[pid].resource, comm)
             elif pid not in self.rejected or self.selector.exes or self.selector.select_all:
                 self.rejected.discard(pid)
-                if self._wanted(pid, set()) and self.add(pid):
+                if self._wanted(pid, set()) and self.add(pid, execed=True):
                     return
                 if pid not in self.known:
                     # The kernel may have selected it by its name (exec_names): undo that.
@@ -887,6 +888,10 @@ class Agent:
             parts.append(f"h2_conns_evicted={self.streams.evicted}")
         if self.registry is not None:
             parts.append(f"procs_full={self.registry.procs_full}")
+        if self.tls is not None:
+            parts += [f"tls_uprobes={self.tls.open_uprobes}",
+                      f"tls_attach_errors={self.tls.attach_errors}",
+                      f"tls_detach_errors={self.tls.detach_errors}"]
         if self.injector is not None:
             parts += [f"inject_{k}={v}" for k, v in self.injector.stats().items()]
         parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]

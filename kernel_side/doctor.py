@@ -692,7 +692,7 @@ def tls_report(pid: int, *, as_json: bool = False) -> int:
             print(f"TLS visible: pid {pid} ({exe}): OpenSSL symbols in {lib.shown} "
                   f"({', '.join(sorted(lib.symbols))})")
         if reason:
-            print(f"encrypted traffic not visible: pid {pid} ({exe}): {reason}")
+            print(tls.not_visible_message(pid, exe, reason))
         elif not libs:
             print(f"pid {pid} ({exe}): no TLS library loaded (plaintext traffic only, or a "
                   "library that loads later)")

@@ -16,7 +16,6 @@ filter by the ``procs`` map. A file is detached when no traced process uses it a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
@@ -27,8 +26,6 @@ from functools import lru_cache
 from typing import Any
 
 log = logging.getLogger("ebpf_bridge.tls")
-
-"""OpenTelemetry ``tls.protocol.name``: set to ``tls`` on every span of a TLS connection."""
 
 # symbol -> (entry program, return program) in bpf/agent.bpf.c
 PROBES: dict[str, tuple[str, str]] = {
@@ -50,13 +47,39 @@ _MAX_SCAN = 512 * 1024 * 1024
 class ElfInfo:
     """What the TLS logic needs to know of one ELF file."""
 
-    exported: frozenset[str]
-    """Defined dynamic symbols among the ones we probe (and a few markers)."""
+    defined: frozenset[str]
+    """Symbols among the ones we probe (and a few markers) that the file defines, in its
+    dynamic symbol table or in its ``.symtab`` (a static build that was not stripped): BCC
+    resolves names from either."""
     sections: frozenset[str]
     dynsym_count: int
 
 
 _INTERESTING = frozenset(PROBES) | {"SSL_new", "SSL_CTX_new"}
+
+
+def _defined_in(syms: bytes, strs: bytes, entsize: int) -> tuple[set[str], int]:
+    """The interesting names defined in one symbol table, and its entry count."""
+    count = len(syms) // entsize
+    # Most files define none of them: look for the names in the string table first, so a
+    # large .symtab is walked only when it can match. Linkers share string tails, so a name
+    # may start inside a longer string: every occurrence counts.
+    offsets: dict[int, str] = {}
+    for name in _INTERESTING:
+        needle = name.encode() + b"\0"
+        at = strs.find(needle)
+        while at >= 0:
+            offsets[at] = name
+            at = strs.find(needle, at + 1)
+    found: set[str] = set()
+    if not offsets:
+        return found, count
+    for off in range(0, count * entsize, entsize):
+        st_name, _info, _other, st_shndx = struct.unpack_from("<IBBH", syms, off)
+        hit = offsets.get(st_name)
+        if hit is not None and st_shndx != _SHN_UNDEF:
+            found.add(hit)
+    return found, count
 
 
 def _read_elf(path: str) -> ElfInfo | None:
@@ -84,24 +107,18 @@ def _read_elf(path: str) -> ElfInfo | None:
                 for h in shdrs:
                     end = strtab.find(b"\0", h[0])
                     names.add(strtab[h[0]:end].decode("ascii", "replace"))
-            exported: set[str] = set()
-            count = 0
-            for h in shdrs:
-                if h[1] != _SHT_DYNSYM:
+            defined: set[str] = set()
+            dynsym_count = 0
+            for i, h in enumerate(shdrs):
+                if h[1] not in (_SHT_DYNSYM, _SHT_SYMTAB):
                     continue
                 link, entsize = h[6], h[9] or 24
-                syms = section(shdrs.index(h))
                 strs = section(link) if link < shnum else b""
-                for off in range(0, len(syms) - entsize + 1, entsize):
-                    st_name, _info, _other, st_shndx = struct.unpack_from("<IBBH", syms, off)
-                    count += 1
-                    if st_shndx == _SHN_UNDEF or not st_name:
-                        continue
-                    end = strs.find(b"\0", st_name)
-                    name = strs[st_name:end].decode("ascii", "replace")
-                    if name in _INTERESTING:
-                        exported.add(name)
-            return ElfInfo(frozenset(exported), frozenset(names), count)
+                found, count = _defined_in(section(i), strs, entsize)
+                defined |= found
+                if h[1] == _SHT_DYNSYM:
+                    dynsym_count += count
+            return ElfInfo(frozenset(defined), frozenset(names), dynsym_count)
     except (OSError, struct.error, IndexError):
         return None
 
@@ -220,7 +237,7 @@ def ssl_libraries(pid: int) -> list[SslLibrary]:
         info = elf_info(path)
         if info is None:
             continue
-        syms = info.exported & frozenset(PROBES)
+        syms = info.defined & frozenset(PROBES)
         if {"SSL_read", "SSL_write"} <= syms or {"SSL_read_ex", "SSL_write_ex"} <= syms:
             out.append(SslLibrary(path, shown, syms))
     return out
@@ -262,10 +279,23 @@ def invisible_reason(pid: int, libs: Iterable[SslLibrary] | None = None) -> str 
 # --- attaching ---------------------------------------------------------------------------------
 
 
+def not_visible_message(pid: int, exe: str, reason: str) -> str:
+    """The one line the agent logs and ``doctor --pid`` prints for a process whose TLS stack
+    cannot be seen. The reason comes from the file alone (a Go binary that links crypto/tls,
+    any JVM), so it says "if": the process may well talk plaintext only."""
+    return (f"encrypted traffic not visible: pid {pid} ({exe}): if it uses TLS, its TLS is not "
+            f"visible: {reason}")
+
+
 @dataclass
 class _Attached:
     path: str
+    shown: str
     symbols: frozenset[str]
+    events: list[bytes]
+    """BCC's names of the perf events opened for this file ("p_..."/"r_..." per symbol).
+    Detaching by name needs no path or symbol lookup, which fails once the path went away
+    (``/proc/<pid>/root/...`` of a process that exited)."""
     users: set[int] = field(default_factory=set)
     pinned: bool = False
 
@@ -280,6 +310,8 @@ class TlsProbes:
         self._by_pid: dict[int, set[tuple[int, int]]] = {}
         self._reported: set[int] = set()
         self.attach_errors = 0
+        self.detach_errors = 0
+        """Uprobes that could not be closed (their perf event stays open until exit)."""
         self.invisible: dict[int, str] = {}
         self._next_rescan = 0.0
 
@@ -287,6 +319,11 @@ class TlsProbes:
     def attached_files(self) -> list[str]:
         """Paths of the files with uprobes attached."""
         return [a.path for a in self._files.values()]
+
+    @property
+    def open_uprobes(self) -> int:
+        """Uprobes (entry and return) this object holds open."""
+        return sum(len(a.events) for a in self._files.values())
 
     def preattach_system(self) -> None:
         """Attach to the host's libssl up front, for short-lived processes selected at exec
@@ -296,14 +333,21 @@ class TlsProbes:
             info = elf_info(cand)
             if info is None:
                 continue
-            syms = info.exported & frozenset(PROBES)
+            syms = info.defined & frozenset(PROBES)
             key = self._attach(SslLibrary(cand, cand, syms))
             if key is not None:
                 self._files[key].pinned = True
             return
 
-    def on_process(self, pid: int) -> None:
-        """A traced process appeared (or exec'd): attach to its SSL libraries."""
+    def on_process(self, pid: int, *, execed: bool = False) -> None:
+        """A traced process appeared, exec'd (``execed``: what was decided about its old image
+        no longer holds) or is looked at again: attach to its SSL libraries, and report it
+        when its TLS stack cannot be seen."""
+        if execed:
+            # The old image's libraries keep their uprobes until the pid exits: the new image
+            # often maps the same libssl, and ld.so maps it only after this exec event.
+            self._reported.discard(pid)
+            self.invisible.pop(pid, None)
         try:
             libs = ssl_libraries(pid)
         except Exception:
@@ -315,13 +359,15 @@ class TlsProbes:
             if key is not None:
                 keys.add(key)
                 self._files[key].users.add(pid)
-        if pid not in self._reported:
+        if pid in self._reported:
+            return
+        # Decided only once a reason shows: a library imported later (grpc) or an exec
+        # (sh -> java) changes the answer, and rescan() asks again.
+        reason = invisible_reason(pid, libs)
+        if reason:
             self._reported.add(pid)
-            reason = invisible_reason(pid, libs)
-            if reason:
-                self.invisible[pid] = reason
-                exe = _exe(pid) or "?"
-                log.warning("encrypted traffic not visible: pid %d (%s): %s", pid, exe, reason)
+            self.invisible[pid] = reason
+            log.warning("%s", not_visible_message(pid, _exe(pid) or "?", reason))
 
     def rescan(self, pids: Iterable[int], interval_s: float = 2.0) -> None:
         """Libraries loaded after a process was selected (a driver imported lazily, dlopen):
@@ -345,6 +391,28 @@ class TlsProbes:
             if not att.users and not att.pinned:
                 self._detach(key, att)
 
+    def _open(self, ret: bool, path: str, sym: str, fn_name: str) -> list[bytes]:
+        """Attach one uprobe (``ret``: a uretprobe); return the event names BCC opened."""
+        before = set(self._bpf.uprobe_fds)
+        attach = self._bpf.attach_uretprobe if ret else self._bpf.attach_uprobe
+        attach(name=path, sym=sym, fn_name=fn_name)
+        opened = [ev for ev in self._bpf.uprobe_fds if ev not in before]
+        if not opened:
+            # BCC names events by path and address: the name was taken (a file replaced at
+            # the same path), and BCC replaced that entry's fd, which nothing can close now.
+            raise RuntimeError(f"BCC reused the uprobe event of {sym} in {path}")
+        return opened
+
+    def _close(self, events: Iterable[bytes]) -> list[str]:
+        """Close uprobes by event name; the errors, one per event that would not close."""
+        errors = []
+        for ev in events:
+            try:
+                self._bpf.detach_uprobe_event(ev)
+            except Exception as e:  # BCC raises a bare Exception
+                errors.append(f"{ev.decode(errors='replace')}: {e}")
+        return errors
+
     def _attach(self, lib: SslLibrary) -> tuple[int, int] | None:
         try:
             st = os.stat(lib.path)
@@ -354,29 +422,37 @@ class TlsProbes:
         if key in self._files:
             return key
         done: list[str] = []
+        events: list[bytes] = []
         for sym in sorted(lib.symbols):
             enter, ret = PROBES[sym]
+            opened: list[bytes] = []
             try:
-                self._bpf.attach_uprobe(name=lib.path, sym=sym, fn_name=enter)
-                self._bpf.attach_uretprobe(name=lib.path, sym=sym, fn_name=ret)
-                done.append(sym)
-            except Exception as e:
+                opened += self._open(False, lib.path, sym, enter)
+                opened += self._open(True, lib.path, sym, ret)
+            except Exception as e:  # BCC raises a bare Exception
                 self.attach_errors += 1
                 log.warning("could not attach to %s in %s: %s", sym, lib.shown, e)
+                # An entry probe without its return probe would only fill ssl_calls.
+                self._count_detach_errors(self._close(opened), lib.shown)
+                continue
+            done.append(sym)
+            events += opened
         if not done:
             return None
-        self._files[key] = _Attached(lib.path, frozenset(done))
+        self._files[key] = _Attached(lib.path, lib.shown, frozenset(done), events)
         log.info("TLS: uprobes on %s (%s)", lib.shown, ", ".join(done))
         return key
 
+    def _count_detach_errors(self, errors: list[str], shown: str) -> None:
+        if errors:
+            self.detach_errors += len(errors)
+            log.warning("TLS: could not detach %d uprobes from %s: %s", len(errors), shown,
+                        "; ".join(errors))
+
     def _detach(self, key: tuple[int, int], att: _Attached) -> None:
-        for sym in att.symbols:
-            with contextlib.suppress(Exception):
-                self._bpf.detach_uprobe(name=att.path, sym=sym)
-            with contextlib.suppress(Exception):
-                self._bpf.detach_uretprobe(name=att.path, sym=sym)
+        errors = self._close(att.events)
         del self._files[key]
-        log.info("TLS: detached from %s", att.path)
-
-
-# --- spans ---------------------------------------------------------------------------------
+        if errors:
+            self._count_detach_errors(errors, att.path)
+        else:
+            log.info("TLS: detached from %s (%d uprobes)", att.path, len(att.events))

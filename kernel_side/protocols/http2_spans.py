@@ -55,6 +55,8 @@ class _Conn:
     local_address: str | None = None
     local_port: int = 0
     peer_traced: bool = False
+    tls: bool = False
+    """Plaintext from the SSL uprobes: the connection is TLS."""
 
 
 class StreamSpans:
@@ -93,6 +95,7 @@ class StreamSpans:
         if chunk.local_port and not conn.local_port:
             conn.local_address, conn.local_port = chunk.local_address, chunk.local_port
         conn.peer_traced = conn.peer_traced or chunk.peer_traced
+        conn.tls = conn.tls or chunk.tls
         if chunk.closed:
             del self._conns[key]
             done = conn.h2.close(chunk.ts_ns)
@@ -125,6 +128,8 @@ class StreamSpans:
         if not isinstance(meta, ChunkMeta):
             meta = None
         attrs: dict[str, AttrValue] = {}
+        if conn.tls:
+            attrs[semconv.TLS_PROTOCOL_NAME] = "tls"
         if conn.peer_address:
             attrs[semconv.NETWORK_PEER_ADDRESS] = conn.peer_address
             attrs[semconv.NETWORK_PEER_PORT] = conn.peer_port
@@ -138,7 +143,7 @@ class StreamSpans:
                 attrs[semconv.ERROR_TYPE] = (GRPC_CODES[code] if 0 <= code < len(GRPC_CODES)
                                              else str(code))
         else:
-            name = self._http_attrs(attrs, s, server)
+            name = self._http_attrs(attrs, s, server, conn.tls)
             if s.status is not None and (s.status >= 500 or (not server and s.status >= 400)):
                 status = StatusCode.ERROR
                 attrs[semconv.ERROR_TYPE] = str(s.status)
@@ -215,7 +220,8 @@ class StreamSpans:
         # Headers lost to a capture gap: say what is known, never a guess.
         return "grpc"
 
-    def _http_attrs(self, attrs: dict[str, AttrValue], s: H2Stream, server: bool) -> str:
+    def _http_attrs(self, attrs: dict[str, AttrValue], s: H2Stream, server: bool,
+                    tls: bool) -> str:
         attrs[semconv.NETWORK_PROTOCOL_NAME] = "http"
         attrs[semconv.NETWORK_PROTOCOL_VERSION] = "2"
         if s.method:
@@ -225,14 +231,15 @@ class StreamSpans:
         if s.user_agent:
             attrs[semconv.USER_AGENT_ORIGINAL] = s.user_agent
         path, _, query = (s.path or "").partition("?")
+        # Over TLS the bytes say https whatever :scheme claims; else trust :scheme.
+        scheme = "https" if tls else s.scheme or "http"
         if server:
             if path:
                 attrs[semconv.URL_PATH] = path
             if query:
                 attrs[semconv.URL_QUERY] = query
-            attrs[semconv.URL_SCHEME] = s.scheme or "http"
+            attrs[semconv.URL_SCHEME] = scheme
         elif s.path is not None:
-            scheme = s.scheme or "http"
             attrs[semconv.URL_FULL] = f"{scheme}://{s.authority or ''}{s.path}"
         name = s.method or "HTTP"
         if server and self._route_heuristic and path:

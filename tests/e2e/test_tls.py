@@ -8,6 +8,7 @@ credentials (whose BoringSSL cannot be seen: the agent says so).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -502,7 +503,7 @@ def test_libssl_inside_another_mount_namespace(harness: Harness, receiver: OtlpR
     inodes = {int(line.split()[4]) for line in Path(f"/proc/{app.pid}/maps").read_text()
               .splitlines() if line.endswith("libssl.so.3")}
     assert inodes and system.stat().st_ino not in inodes, inodes
-    harness.agent("--pid", str(app.pid), receiver=receiver)
+    agent = harness.agent("--pid", str(app.pid), receiver=receiver)
     paths = [f"/ns/{i}" for i in range(3)]
     with requests.Session() as s:
         for p in paths:
@@ -516,3 +517,72 @@ def test_libssl_inside_another_mount_namespace(harness: Harness, receiver: OtlpR
     mine = [x for x in spans if x.attributes.get("url.path") in paths]
     assert len(mine) == 3
     assert all(x.attributes["url.scheme"] == "https" for x in mine)
+    # The app exits: its uprobes must really go, though the path they were attached through
+    # (/proc/<pid>/root/...) went with it. Each uprobe is one perf event fd of the agent.
+    attached = [ln for ln in agent.log_text().splitlines()
+                if "TLS: uprobes on" in ln and "libssl.so.3" in ln]
+    assert len(attached) == 1, agent.log_text()[-2000:]
+    n_syms = len(attached[0].rsplit(" (", 1)[1].rstrip(")").split(", "))
+    before = _perf_event_fds(agent.pid)
+    app.stop()
+    deadline = time.monotonic() + 30
+    while "TLS: detached from /proc/" not in agent.log_text():
+        assert "could not detach" not in agent.log_text(), agent.log_text()[-2000:]
+        assert time.monotonic() < deadline, agent.log_text()[-2000:]
+        time.sleep(0.1)
+    assert before - _perf_event_fds(agent.pid) == 2 * n_syms
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["tls_uprobes"] == 0 and st["tls_detach_errors"] == 0, st
+
+
+def _perf_event_fds(pid: int) -> int:
+    """Open perf event fds of ``pid`` (BCC opens one per uprobe and per tracepoint)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # an fd closed while we look
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+    return n
+
+
+# --- HTTP/2 over TLS: hypercorn and httpx (Python ssl, so the system libssl) ---------------
+
+
+def test_http2_over_tls_hypercorn_and_httpx(harness: Harness, receiver: OtlpReceiver,
+                                            cert: tuple[Path, Path]) -> None:
+    """HTTP/2 negotiated by ALPN: the stream-mode spans say TLS like the HTTP/1.1 ones."""
+    app = str(APPS / "h2_app.py")
+    ready, go = harness.tmp / "h2s.ready", harness.tmp / "h2s.go"
+    server = harness.start("h2s-web", [PYTHON, app, "h2c-server", "--ready-file", str(ready),
+                                       "--cert", str(cert[0]), "--key", str(cert[1])],
+                           env={"OTEL_SERVICE_NAME": "h2s-web"}, ready_file=ready, timeout=60)
+    port = int(ready.read_text())
+    client = harness.start("h2s-caller", [PYTHON, app, "h2c-client", "--port", str(port),
+                                          "--go-file", str(go), "--cafile", str(cert[0])],
+                           env={"OTEL_SERVICE_NAME": "h2s-caller"})
+    agent = harness.agent("--pid", str(server.pid), "--pid", str(client.pid),
+                          receiver=receiver)
+    go.write_text("")
+    assert client.popen.wait(60) == 0, client.log_text()
+
+    def done(ss: list[ReceivedSpan]) -> bool:
+        return (len(by_service(ss, "h2s-web", SERVER)) >= 2
+                and len(by_service(ss, "h2s-caller", CLIENT)) >= 2)
+
+    spans = receiver.wait_for(done, timeout_s=30)
+    servers = {s.attributes["url.path"]: s for s in by_service(spans, "h2s-web", SERVER)}
+    assert set(servers) == {"/hello", "/missing"}
+    for s in servers.values():
+        assert s.attributes["network.protocol.version"] == "2"
+        assert s.attributes["url.scheme"] == "https"
+        assert s.attributes["tls.protocol.name"] == "tls"
+    assert servers["/hello"].attributes["http.response.status_code"] == 200
+    assert servers["/missing"].attributes["http.response.status_code"] == 404
+    clients = sorted(by_service(spans, "h2s-caller", CLIENT), key=lambda s: s.start_ns)
+    assert [c.attributes["url.full"] for c in clients] == [
+        f"https://127.0.0.1:{port}/hello", f"https://127.0.0.1:{port}/missing"]
+    assert all(c.attributes["tls.protocol.name"] == "tls" for c in clients)
+    assert not _garbage(spans), [s.attributes for s in _garbage(spans)]
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st

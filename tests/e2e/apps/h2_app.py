@@ -4,6 +4,8 @@
     h2_app.py grpc-client --port P --go-file G    # waits for G, then runs the calls
     h2_app.py h2c-server --ready-file F           # hypercorn ASGI app over h2c
     h2_app.py h2c-client --port P --go-file G     # httpx with prior-knowledge HTTP/2
+    h2_app.py h2c-server ... --cert C --key K     # the same over TLS instead (ALPN h2)
+    h2_app.py h2c-client ... --cafile C           # the same over TLS instead (ALPN h2)
     h2_app.py annotated --grpc-port P --ready-file F
         # threaded HTTP/1.1 service: bridge.annotate(tenant_id=<X-Tenant-ID>), then a gRPC call
 
@@ -113,7 +115,7 @@ async def _asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": out})
 
 
-def h2c_server(ready: str) -> None:
+def h2c_server(ready: str, cert: str | None = None, key: str | None = None) -> None:
     import socket
 
     from hypercorn.asyncio import serve
@@ -125,6 +127,8 @@ def h2c_server(ready: str) -> None:
     cfg = Config()
     cfg.bind = [f"127.0.0.1:{port}"]
     cfg.accesslog = None
+    if cert:
+        cfg.certfile, cfg.keyfile = cert, key
 
     async def main() -> None:
         task = asyncio.ensure_future(serve(_asgi, cfg))  # type: ignore[arg-type]
@@ -141,11 +145,16 @@ def h2c_server(ready: str) -> None:
     asyncio.run(main())
 
 
-def h2c_client(port: int, go: str) -> None:
+def h2c_client(port: int, go: str, cafile: str | None = None) -> None:
+    import ssl
+
     import httpx
 
     _wait_go(go)
-    with httpx.Client(http1=False, http2=True, base_url=f"http://127.0.0.1:{port}") as c:
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+    scheme = "https" if cafile else "http"
+    with httpx.Client(http1=False, http2=True, verify=verify,
+                      base_url=f"{scheme}://127.0.0.1:{port}") as c:
         assert c.get("/hello", headers={"traceparent": TRACEPARENT}).status_code == 200
         assert c.get("/missing").status_code == 404
     print("h2c-client done", flush=True)
@@ -185,15 +194,18 @@ def main() -> None:
     ap.add_argument("--grpc-port", type=int)
     ap.add_argument("--ready-file")
     ap.add_argument("--go-file")
+    ap.add_argument("--cert")
+    ap.add_argument("--key")
+    ap.add_argument("--cafile")
     a = ap.parse_args()
     if a.mode == "grpc-server":
         grpc_server(a.ready_file)
     elif a.mode == "grpc-client":
         grpc_client(a.port, a.go_file)
     elif a.mode == "h2c-server":
-        h2c_server(a.ready_file)
+        h2c_server(a.ready_file, a.cert, a.key)
     elif a.mode == "h2c-client":
-        h2c_client(a.port, a.go_file)
+        h2c_client(a.port, a.go_file, a.cafile)
     elif a.mode == "annotated":
         annotated(a.grpc_port, a.ready_file)
     else:
