@@ -207,6 +207,45 @@ def test_compose_agent_is_privileged_with_host_pids_and_mounts() -> None:
         "http://otel-collector:")
 
 
+def _volumes(svc: dict[str, Any]) -> dict[str, list[str]]:
+    """Container path -> [host path, options...] of a service's short-syntax volumes."""
+    out = {}
+    for v in svc.get("volumes", []):
+        host, target, *opts = str(v).split(":")
+        out[target] = [host, *opts]
+    return out
+
+
+def test_compose_annotating_service_reaches_the_pinned_context_map() -> None:
+    """orders calls bridge.annotate: it opens /sys/fs/bpf/ebpf_bridge/... on the host's bpffs
+    (bridge/_env.py) and calls bpf(), which Docker's default seccomp profile allows only with
+    CAP_BPF or CAP_SYS_ADMIN. The zero-code services need neither."""
+    from bridge import _abi
+
+    services = _compose()["services"]
+    orders = services["orders"]
+    assert _abi.PIN_DIR.startswith("/sys/fs/bpf/")
+    assert _volumes(orders)["/sys/fs/bpf"][0] == "/sys/fs/bpf"
+    caps = {c.removeprefix("CAP_") for c in orders.get("cap_add", [])}
+    assert "BPF" in caps or "SYS_ADMIN" in caps, orders.get("cap_add")
+    assert not orders.get("privileged")
+    for name in ("storefront", "pricing", "inventory"):
+        assert "/sys/fs/bpf" not in _volumes(services[name]), name
+        assert not services[name].get("cap_add"), name
+
+
+def test_compose_waits_for_health_where_there_is_a_healthcheck() -> None:
+    services = _compose()["services"]
+    for name, svc in services.items():
+        deps = svc.get("depends_on", {})
+        assert isinstance(deps, dict), f"{name}: use the long depends_on syntax with conditions"
+        for dep, spec in deps.items():
+            want = "service_healthy" if "healthcheck" in services[dep] else "service_started"
+            assert spec["condition"] == want, (name, dep)
+    assert {"agent", "postgres", "redis"} <= {n for n, s in services.items()
+                                              if "healthcheck" in s}
+
+
 def test_compose_builds_have_dockerfiles_and_ports_are_unique() -> None:
     services = _compose()["services"]
     published: list[str] = []
