@@ -14,7 +14,8 @@ _AGENT_HELP = """\
 Trace the selected processes' HTTP/1.1, HTTP/2, gRPC, PostgreSQL, MySQL/MariaDB and Redis
 traffic (plaintext, and OpenSSL TLS through uprobes) with syscall tracepoints, and export one
 OpenTelemetry span per request or query, server side and client side, carrying the business
-context applications set with bridge.annotate(). Runs until SIGINT/SIGTERM, then flushes and exits 0.
+context applications set with bridge.annotate(). Runs until SIGINT/SIGTERM, then flushes and
+exits 0.
 
 Process selection (repeatable; with none, every process but the agent is traced; processes
 that start later and match are picked up too):
