@@ -318,6 +318,18 @@ def test_each_service_image_copies_its_own_source() -> None:
         copied = [s for word, rest in ins if word == "COPY" for s in rest.split()[:-1]]
         assert src in copied, (name, copied)
 
+def test_go_pricing_is_a_module_requiring_the_x_net_it_is_built_against() -> None:
+    mod = (REPO / "examples" / "go" / "pricing" / "go.mod").read_text()
+    assert re.search(r"^module \S+/pricing$", mod, re.M)
+    assert re.search(r"^go 1\.\d+$", mod, re.M)
+    (net,) = re.findall(r"^require golang\.org/x/net (v\S+)$", mod, re.M)
+    imports = (REPO / "examples" / "go" / "pricing" / "main.go").read_text()
+    assert '"golang.org/x/net/http2/h2c"' in imports
+    assert net == "v0.7.0"  # Debian bookworm's golang-golang-x-net-dev, which build.sh uses
+    ins = _instructions(REPO / "examples" / "docker" / "pricing.Dockerfile")
+    copied = [s for word, rest in ins if word == "COPY" for s in rest.split()[:-1]]
+    assert "examples/go/pricing/go.mod" in copied
+
 
 # -- Dockerfiles ----------------------------------------------------------------------------
 
