@@ -2,6 +2,7 @@
 # Builds the compiled example services into examples/build/ (git-ignored), idempotently: a
 # step runs only when its output is missing or older than its sources.
 #   Go pricing:     GOPATH mode against Debian's golang-golang-x-net-dev (h2c), no module proxy
+#                   (go.mod is for module-mode builds elsewhere; GO111MODULE=off ignores it)
 #   Java inventory: plain javac, no Maven; JDBC comes from Debian's libpostgresql-jdbc-java
 #   Node storefront: nothing to build (Node's http module only, no npm dependencies)
 set -euo pipefail
@@ -18,7 +19,7 @@ stale() {
   return 1
 }
 
-pricing_src=("$here"/go/pricing/*.go)
+pricing_src=("$here"/go/pricing/*.go "$here/go/pricing/go.mod")
 if stale "$out/pricing" "${pricing_src[@]}"; then
   log "go build examples/go/pricing -> $out/pricing"
   (cd "$here/go/pricing" && GO111MODULE=off GOPATH="/usr/share/gocode" \

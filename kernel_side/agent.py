@@ -389,6 +389,19 @@ def _check_environment() -> None:
             raise AgentError("bpffs is not mounted: mount -t bpf bpf /sys/fs/bpf")
 
 
+_CAP_SYS_ADMIN = 21
+
+
+def _has_effective_cap(bit: int, status: str = "/proc/self/status") -> bool:
+    """Whether this process holds capability ``bit`` (CapEff; uid 0 alone says nothing in a
+    container)."""
+    with open(status) as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
 def _load_bcc() -> Any:
     try:
         import bcc
@@ -512,11 +525,38 @@ class Agent:
         log.info("health endpoint on http://%s:%d (/healthz /readyz /metrics)",
                  self.cfg.health_address, self.health.port)
 
-    def _compile(self) -> Any:
+    def _replace_pins_without_sys_admin(self, shared: bool) -> None:
+        """BCC reopens a map that is already pinned with BPF_MAP_GET_FD_BY_ID, which the kernel
+        allows only with CAP_SYS_ADMIN. Without it (the capability DaemonSet), the pins an
+        earlier run left are removed so BCC creates and pins fresh maps: applications reopen
+        them within a second (the SDK watches the pin's identity), and only context set before
+        the restart is lost. With CAP_SYS_ADMIN the maps are reused and keep that context."""
+        pins = [os.path.join(self.cfg.pin_dir, name) for name in (
+            _abi.CTX_BY_TID_NAME, _abi.CTX_BY_CONN_NAME, _abi.SERVER_BY_TID_NAME,
+            _abi.ID_SALT_NAME)]
+        left = [pin for pin in pins if os.path.exists(pin)]
+        if not left or _has_effective_cap(_CAP_SYS_ADMIN):
+            return
+        if shared:
+            raise AgentError(
+                f"another agent uses the maps pinned in {self.cfg.pin_dir}, and without "
+                "CAP_SYS_ADMIN this one cannot open them (BCC reopens pinned maps with "
+                "BPF_MAP_GET_FD_BY_ID): give this agent its own pin_dir, or CAP_SYS_ADMIN"
+            )
+        log.warning(
+            "replacing the maps an earlier agent pinned in %s (without CAP_SYS_ADMIN BCC "
+            "cannot reopen them): applications switch to the new ones within a second; "
+            "context they set before this start is dropped", self.cfg.pin_dir)
+        for pin in left:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pin)
+
+    def _compile(self, shared_pins: bool = False) -> Any:
         bcc = _load_bcc()
         cfg = self.cfg
         pin = os.path.join(cfg.pin_dir, _abi.CTX_BY_TID_NAME)
         os.makedirs(cfg.pin_dir, exist_ok=True)
+        self._replace_pins_without_sys_admin(shared_pins)
         pages = cfg.ringbuf_mb * 1024 * 1024 // _PAGE
         cflags = [
             f"-I{bpf.SOURCE_DIR}",
@@ -610,7 +650,7 @@ class Agent:
                 holder or "?", self.cfg.pin_dir)
         self._start_health()
         self.fanout = self._make_fanout()
-        b = self._bpf = self._compile()
+        b = self._bpf = self._compile(shared_pins=holder is not None)
         self._layout = ExchangeLayout.from_ctypes(b["conns"].Leaf)
         self._chunk_layout = ChunkLayout(b["chunk_scratch"].sLeaf)
         self.registry = ProcessRegistry(self.cfg.selector, b["procs"], os.getpid())

@@ -53,6 +53,8 @@ LANG = {"storefront": "Node", "orders": "Python", "pricing": "Go", "inventory": 
 SERVER, CLIENT = 2, 3
 PACE_S = 0.1
 """Pause between two checkouts of one tenant, so the live view has something to show."""
+FAIL_EVERY = 7
+"""Every 7th checkout of a tenant asks for a sku inventory fails on: error spans to show."""
 _BOLD = "\033[1m"
 _DIM = "\033[2m"
 _RED = "\033[31m"
@@ -209,11 +211,23 @@ class Stack:
 
 # -- preflight ------------------------------------------------------------------------------
 
-def preflight(port: int) -> None:
-    """Fail early, with the fix, on what would otherwise fail late and obscurely."""
-    if os.geteuid() != 0:
-        raise DemoError("the demo runs the eBPF agent, which needs root: "
+def check_root(euid: int) -> None:
+    """The agent loads eBPF programs: refuse to start the stack without root."""
+    if euid != 0:
+        raise DemoError(f"the demo runs the eBPF agent, which needs root (this is uid {euid}): "
                         "sudo bash scripts/demo.sh")
+
+
+def check_port(port: int) -> None:
+    """A fixed ``--port`` must be free on loopback (0 picks a free one)."""
+    if port and _port_in_use(port):
+        raise DemoError(f"port {port} is in use (choose another with --port, or 0 for any "
+                        f"free port); see who holds it: ss -ltnp 'sport = :{port}'")
+
+
+def preflight(port: int, euid: int | None = None) -> None:
+    """Fail early, with the fix, on what would otherwise fail late and obscurely."""
+    check_root(os.geteuid() if euid is None else euid)
     try:
         import bcc  # noqa: F401
     except ImportError as e:
@@ -239,9 +253,7 @@ def preflight(port: int) -> None:
             missing.append(f"the Python package {module}")
     if missing:
         raise DemoError("missing: " + ", ".join(missing) + ". Run sudo bash scripts/install.sh")
-    if port and _port_in_use(port):
-        raise DemoError(f"port {port} is in use (choose another with --port, or 0 for any "
-                        f"free port); see who holds it: ss -ltnp 'sport = :{port}'")
+    check_port(port)
 
 
 # -- databases ------------------------------------------------------------------------------
@@ -371,12 +383,19 @@ def _warm_up(port: int, spans: SpanFile, timeout_s: float = 60.0) -> None:
                     "see orders.log and agent.log")
 
 
+def order_id(tenant_no: int, i: int) -> str:
+    """The id of checkout ``i`` of tenant number ``tenant_no`` (from 1): unique per request,
+    and every ``FAIL_EVERY``-th one names a sku inventory answers 500 for."""
+    return f"fail-{tenant_no}{i:03d}" if i % FAIL_EVERY == FAIL_EVERY - 1 \
+        else f"{tenant_no}{i:03d}"
+
+
 def _drive(port: int, per_tenant: int, progress: Progress) -> None:
     """Checkouts from every tenant at once; every 7th order of a tenant fails in inventory."""
 
     def worker(k: int, tenant: str) -> None:
         for i in range(per_tenant):
-            order = f"fail-{k}{i:03d}" if i % 7 == 6 else f"{k}{i:03d}"
+            order = order_id(k, i)
             headers = {"X-Tenant-ID": tenant, "X-User-ID": f"{tenant[:2]}-user-{i % 3}"}
             status = _get(f"http://127.0.0.1:{port}/checkout/{order}", headers)
             time.sleep(PACE_S)
@@ -663,8 +682,8 @@ def tenant_summary(spans: list[ReceivedSpan]) -> dict[str, dict[str, float]]:
 
 
 def format_summary(summary: dict[str, dict[str, float]], color: bool = True) -> str:
-    """The per-tenant table."""
-    bold, red, reset = (_BOLD, _RED, _RESET) if color else ("", "", "")
+    """The per-tenant table, with a caption saying what the latency measures."""
+    bold, dim, red, reset = (_BOLD, _DIM, _RED, _RESET) if color else ("", "", "", "")
     out = [f"{bold}{'tenant':<10} {'requests':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
            f"  {'client spans with the tenant (of which DB/Redis)'}{reset}"]
     for tenant, r in summary.items():
@@ -673,6 +692,10 @@ def format_summary(summary: dict[str, dict[str, float]], color: bool = True) -> 
                    f"{r['p99_ms']:>8.2f} {red if r['errors'] else ''}{err}"
                    f"{reset if r['errors'] else ''}  {int(r['client_spans'])} "
                    f"({int(r['db_spans'])})")
+    out.append(f"{dim}latency: the orders service's server span per checkout (request bytes in "
+               f"to response bytes out, as the\nkernel saw them), so it includes inventory, "
+               f"pricing, PostgreSQL and Redis but not the storefront hop;\nerrors: orders "
+               f"answered 5xx.{reset}")
     return "\n".join(out)
 
 
@@ -788,7 +811,13 @@ def run(args: argparse.Namespace) -> int:
             }, indent=2))
         return 0
     finally:
-        stack.close()
+        # A second Ctrl-C must not cut the cleanup short: hold the signals until it is done
+        # (they are delivered afterwards).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            stack.close()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

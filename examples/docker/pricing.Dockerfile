@@ -8,7 +8,7 @@ RUN apt-get update \
       golang-go golang-golang-x-net-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src/pricing
-COPY examples/go/pricing/main.go ./
+COPY examples/go/pricing/go.mod examples/go/pricing/main.go ./
 RUN GO111MODULE=off GOPATH=/usr/share/gocode CGO_ENABLED=0 go build -o /out/pricing .
 
 FROM debian:bookworm-slim

@@ -346,3 +346,69 @@ def test_otlp_http_protobuf_from_the_environment(harness: Harness,
     agent.popen.send_signal(signal.SIGTERM)
     assert agent.popen.wait(timeout=30) == 0
     assert f"otlp http/protobuf {receiver.http_endpoint}/v1/traces" in agent.log.read_text()
+
+
+# The capability DaemonSet's set (examples/k8s/agent-daemonset.yaml) minus SYS_RESOURCE when
+# this machine's bounding set lacks it (it is only used for RLIMIT_MEMLOCK on kernels < 5.11).
+_DAEMONSET_CAPS = ("bpf", "perfmon", "sys_ptrace", "dac_read_search", "sys_resource")
+_CAP_SYS_RESOURCE, _CAP_SYS_ADMIN = 24, 21
+
+
+def _cap_eff(pid: int | str = "self", field: str = "CapEff") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_agent_restarts_with_the_daemonset_capabilities_and_no_sys_admin(
+        harness: Harness, receiver: OtlpReceiver) -> None:
+    """Root uid with only the DaemonSet's capabilities (setpriv limits the bounding and
+    inheritable sets, so the exec'd agent has exactly these): the first start pins the maps,
+    and a restart over the pins it left (which BCC would reopen with BPF_MAP_GET_FD_BY_ID, a
+    CAP_SYS_ADMIN call) starts too, with an annotating app's tenant on spans again after it."""
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    caps = [c for c in _DAEMONSET_CAPS
+            if c != "sys_resource" or _cap_eff("self", "CapBnd") >> _CAP_SYS_RESOURCE & 1]
+    spec = "-all," + ",".join(f"+{c}" for c in caps)
+    prefix = ["setpriv", f"--bounding-set={spec}", f"--inh-caps={spec}"]
+    inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
+    orders, port = harness.python_service("orders", EXAMPLES / "python/orders.py",
+                                          "--inventory", f"http://127.0.0.1:{inv_port}")
+
+    def start_agent(n: int) -> Proc:
+        ready = harness.tmp / f"capagent-{n}.ready"
+        agent = harness.start(f"agent-{n}", [*prefix, *CLI, "--ready-file", str(ready),
+                                             "--stats-interval", "0", "--pid", str(orders.pid),
+                                             "--exporter", "otlp", "--otlp-endpoint",
+                                             receiver.grpc_endpoint],
+                              ready_file=ready, timeout=120)
+        assert not _cap_eff(agent.pid) >> _CAP_SYS_ADMIN & 1
+        return agent
+
+    def tenant_arrives(tenant: str) -> None:
+        # The app re-checks the pin at most once a second: retry until its write lands.
+        for attempt in range(30):
+            requests.get(f"http://127.0.0.1:{port}/orders/{tenant}-{attempt}",
+                         headers={"X-Tenant-ID": f"{tenant}-{attempt}"}, timeout=20)
+            try:
+                receiver.wait_for(lambda ss, t=f"{tenant}-{attempt}": any(  # type: ignore[misc]
+                    s.attributes.get("tenant_id") == t for s in ss), timeout_s=2)
+                return
+            except AssertionError:
+                continue
+        raise AssertionError(f"no span with tenant {tenant}-*")
+
+    first = start_agent(1)
+    tenant_arrives("before")
+    assert first.stop(signal.SIGINT) == 0
+    pinned = {n: os.stat(f"{harness.pin_dir}/{n}").st_ino for n in os.listdir(harness.pin_dir)}
+    assert "ctx_by_tid" in pinned
+    second = start_agent(2)
+    assert "replacing the maps an earlier agent pinned" in second.log_text()
+    assert os.stat(f"{harness.pin_dir}/ctx_by_tid").st_ino != pinned["ctx_by_tid"]
+    tenant_arrives("after")
+    assert inv.popen.poll() is None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -373,3 +376,37 @@ def test_traceparent_injection_is_off_by_default_and_set_from_yaml(tmp_path: Pat
     path.write_text("inject_traceparent: sometimes\n")
     with pytest.raises(ConfigError, match="inject_traceparent must be true or false"):
         build(load_yaml(path))
+
+
+def _readme_settings_table() -> list[list[str]]:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## The agent\n", 1)[1].split("\n## ", 1)[0]
+    head = "| flag | YAML key | default | meaning |"
+    rows = section.split(head, 1)[1].split("\n\n", 1)[0].strip().splitlines()[1:]
+    # Split on cell bars, not on the escaped ones inside `otlp\|jsonl`.
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows]
+
+
+def test_readme_lists_every_flag_and_yaml_key_with_its_default() -> None:
+    """The README's one table of agent settings names every flag of ``agent --help`` and every
+    key the YAML loader accepts, and its numeric defaults are AgentConfig's."""
+    from kernel_side import config as config_mod
+
+    rows = _readme_settings_table()
+    assert all(len(r) == 4 for r in rows), rows
+    helptext = subprocess.run([sys.executable, "-m", "kernel_side.cli", "agent", "--help"],
+                              capture_output=True, text=True, check=True).stdout
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", helptext)) - {"--help"}
+    documented = {f for r in rows for f in re.findall(r"`(--[a-z][a-z-]+)", r[0])}
+    assert flags == documented, (flags ^ documented)
+    keys = {k for r in rows for k in re.findall(r"`([a-z_]+)`", r[1])}
+    assert keys == config_mod._YAML_KEYS, (keys ^ config_mod._YAML_KEYS)
+    defaults = AgentConfig()
+    for r in rows:
+        names = re.findall(r"`([a-z_]+)`", r[1])
+        value = getattr(defaults, names[0], None) if names else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert re.match(rf"{value:g}\b", r[2].replace(",", "")), (names, r[2])
+        if isinstance(value, bool):
+            assert r[2].startswith("false"), (names, r[2])
+    assert any(_abi.PIN_DIR in r[2] for r in rows)
