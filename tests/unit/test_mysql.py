@@ -19,6 +19,7 @@ from kernel_side.assembly import IdSource, SpanAssembler
 from kernel_side.events import ROLE_CLIENT, ROLE_SERVER, Exchange
 from kernel_side.model import Resource, SpanKind, SpanRecord, StatusCode
 from kernel_side.protocols import mysql, mysql_spans
+from tests.unit._work import assert_linear
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mysql"
 
@@ -308,18 +309,11 @@ def test_random_packet_streams_never_raise(parts: list[tuple[int, int, bytes]]) 
 
 
 def test_parse_is_linear() -> None:
-    small = pkt(b"\x19\x01\x00\x00\x00") * 100
-    big = small * 50
+    def parse(data: bytes) -> None:
+        mysql.parse_request(data)
+        mysql.split_replies(data)
 
-    def t(data: bytes) -> float:
-        t0 = time.perf_counter()
-        for _ in range(5):
-            mysql.parse_request(data)
-            mysql.split_replies(data)
-        return time.perf_counter() - t0
-
-    t(small)
-    assert t(big) < t(small) * 50 * 4 + 0.05
+    assert_linear(parse, lambda k: pkt(b"\x19\x01\x00\x00\x00") * k, 100)
 
 
 def test_microseconds_per_query(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from kernel_side.events import ROLE_CLIENT, ROLE_SERVER, Exchange
 from kernel_side.model import Resource, SpanKind, SpanRecord, StatusCode
 from kernel_side.protocols import postgres as pg
 from kernel_side.protocols import postgres_spans
+from tests.unit._work import assert_linear
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "postgres"
 T0 = 5_000_000_000
@@ -265,12 +265,12 @@ def test_captured_messages_cut_anywhere(exchanges: list[tuple[bytes, bytes]], cu
 
 
 def test_linear_in_input_size() -> None:
-    def cost(n: int) -> float:
+    def make(n: int) -> tuple[bytes, bytes]:
         req = b"B\x00\x00\x00\x0c\x00\x00\x00\x00\x00\x00\x00\x00" * n + b"S\x00\x00\x00\x04"
         resp = b"2\x00\x00\x00\x04" * n + b"Z\x00\x00\x00\x05I"
-        t = time.perf_counter()
-        fe = pg.parse_frontend(req, len(req))
-        pg.match_results(fe, resp)
-        return time.perf_counter() - t
+        return req, resp
 
-    assert cost(40_000) < cost(5_000) * 8 * 4 + 0.05
+    def parse(req: bytes, resp: bytes) -> None:
+        pg.match_results(pg.parse_frontend(req, len(req)), resp)
+
+    assert_linear(parse, make, 200)
