@@ -119,6 +119,15 @@ class ProcessLookup(Protocol):
         ...
 
 
+class PeerLookup(Protocol):
+    """What assembly may learn about the server at the other end of a client connection."""
+
+    def server_executable(self, tgid: int, fd: int, address: str, port: int) -> str | None:
+        """Executable name of the local process serving ``address:port`` to socket ``fd`` of
+        ``tgid``; None when the server is remote or unknown."""
+        ...
+
+
 @dataclass
 class AssemblyStats:
     """Counters of span assembly."""
@@ -163,8 +172,10 @@ class SpanAssembler:
         stitch_wait_s: float = 10.0,
         max_pending: int = 50_000,
         ids: IdSource | None = None,
+        peers: PeerLookup | None = None,
     ) -> None:
         self._procs = procs
+        self._peers = peers
         self._sink = sink
         self._route_heuristic = route_heuristic
         self._parent_wait_ns = int(parent_wait_s * 1e9)
@@ -421,6 +432,14 @@ class SpanAssembler:
     def listen_port(self, tgid: int, fd: int) -> int | None:
         """Local port of listening socket ``fd`` in ``tgid``."""
         return self._procs.listen_port(tgid, fd)
+
+    def server_executable(self, ex: Exchange) -> str | None:
+        """Executable name of the local server process a client exchange went to (None: remote,
+        unknown, or no peer lookup configured). Scans /proc on a miss: call it once per
+        connection, not per exchange."""
+        if self._peers is None or not ex.peer_address:
+            return None
+        return self._peers.server_executable(ex.tgid, ex.fd, ex.peer_address, ex.peer_port)
 
     def business(self, ctx: bytes | None) -> tuple[dict[str, AttrValue], bool]:
         """Business attributes (and whether they were truncated) from a context snapshot."""
