@@ -30,7 +30,9 @@ GRPC_CODES = (
     "UNAUTHENTICATED",
 )
 # Per the gRPC semantic conventions, a server only treats these as its own errors; every
-# non-OK code is an error on the client.
+# non-OK code is an error on the client. error.type goes with the error status (set "if and
+# only if the operation failed"), so a server's NOT_FOUND has neither: its code stays on
+# rpc.grpc.status_code.
 _GRPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})
 
 

@@ -67,6 +67,7 @@ def test_grpc_unary_streaming_and_error_both_sides(harness: Harness,
     assert nf_client.attributes["rpc.grpc.status_code"] == 5
     assert nf_client.status_code == 2 and nf_client.attributes["error.type"] == "NOT_FOUND"
     assert nf_server.attributes["rpc.grpc.status_code"] == 5 and nf_server.status_code == 0
+    assert "error.type" not in nf_server.attributes  # not the server's failure (README: Spans)
     # Same-node stitching: calls that carried no traceparent join the caller's trace, with the
     # caller's CLIENT span as parent (stream n of the connection is stream n at both ends).
     for m in methods[1:]:

@@ -582,3 +582,30 @@ def test_h2c_upgrade_one_span_with_the_http11_request_line(role: int,
         assert s.trace_id.hex() == TP.split("-")[1]  # the upgrading request's traceparent
     else:
         assert s.kind.name == "CLIENT" and attrs["url.full"].endswith("/hello")
+
+
+@pytest.mark.parametrize("role", [1, 2])  # ROLE_SERVER, ROLE_CLIENT
+def test_grpc_not_found_is_the_callers_error_only(role: int) -> None:
+    # Semantic conventions: a server span fails only on the codes it is to blame for; the
+    # code itself is on rpc.grpc.status_code either way (README: Spans).
+    from kernel_side.assembly import IdSource, SpanAssembler
+    from kernel_side.events import Chunk
+    from kernel_side.model import StatusCode
+    from kernel_side.protocols.http2_spans import StreamSpans
+
+    spans: list[Any] = []
+    asm = SpanAssembler(_Procs(), spans.append, ids=IdSource(bytes(24)))
+    streams = StreamSpans(asm)
+    for i, (from_client, data) in enumerate(load("grpc_error")):
+        streams(Chunk(tgid=7, fd=5, role=role, from_client=from_client, closed=False,
+                      peer_address="127.0.0.1", peer_port=40000, listen_fd=3, tid=7,
+                      total_len=len(data), conn_id=5, ts_ns=1_000 + i, parent_exchange_id=0,
+                      data=data, ctx=None))
+    streams.flush(10**9)
+    asm.flush()
+    (s,) = spans
+    assert s.name == "demo.Greeter/Lookup" and s.attributes["rpc.grpc.status_code"] == 5
+    if role == 1:
+        assert s.status == StatusCode.UNSET and "error.type" not in s.attributes
+    else:
+        assert s.status == StatusCode.ERROR and s.attributes["error.type"] == "NOT_FOUND"
