@@ -661,7 +661,7 @@ class Agent:
         self.assembler = SpanAssembler(
             self.registry, self.fanout.submit, route_heuristic=self.cfg.route_heuristic,
             parent_wait_s=self.cfg.parent_wait_s, stitch_wait_s=self.cfg.stitch_wait_s,
-            ids=self.ids,
+            ids=self.ids, peers=processes.PeerServers(),
         )
         register_all(self.assembler, raw_query_text=self.cfg.raw_query_text)
         self.streams = StreamSpans(self.assembler, max_connections=self.cfg.max_connections,

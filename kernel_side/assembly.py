@@ -119,6 +119,24 @@ class ProcessLookup(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """An HTTP/1.1 request that upgraded its connection to HTTP/2 (``Upgrade: h2c``), and the
+    exchange that carried it: HTTP/2 stream 1 is its answer."""
+
+    request: http1.HttpRequest
+    exchange: Exchange
+
+
+class PeerLookup(Protocol):
+    """What assembly may learn about the server at the other end of a client connection."""
+
+    def server_executable(self, tgid: int, fd: int, address: str, port: int) -> str | None:
+        """Executable name of the local process serving ``address:port`` to socket ``fd`` of
+        ``tgid``; None when the server is remote or unknown."""
+        ...
+
+
 @dataclass
 class AssemblyStats:
     """Counters of span assembly."""
@@ -163,8 +181,10 @@ class SpanAssembler:
         stitch_wait_s: float = 10.0,
         max_pending: int = 50_000,
         ids: IdSource | None = None,
+        peers: PeerLookup | None = None,
     ) -> None:
         self._procs = procs
+        self._peers = peers
         self._sink = sink
         self._route_heuristic = route_heuristic
         self._parent_wait_ns = int(parent_wait_s * 1e9)
@@ -185,7 +205,7 @@ class SpanAssembler:
         self._client_keys: dict[bytes, _StitchKey] = {}
         self._stream_handler: Callable[[Chunk], None] | None = None
         self._ctx_cache: dict[bytes, tuple[dict[str, AttrValue], bool]] = {}
-        self._upgrades: dict[tuple[int, int], http1.HttpRequest] = {}
+        self._upgrades: dict[tuple[int, int], Upgrade] = {}
         self._conn_states: OrderedDict[tuple[int, int, str], dict[str, object]] = OrderedDict()
         self._max_conn_states = 65_536
         self._protocols: list[tuple[Callable[[Exchange], bool],
@@ -283,9 +303,10 @@ class SpanAssembler:
                 # Upgrade: h2c. The answer to this request comes on HTTP/2 stream 1 (the
                 # kernel switched the connection to stream mode): that stream's span is this
                 # operation's one span, and it takes the request line from here.
-                self._upgrades[(ex.tgid, ex.conn_id)] = req
+                self._upgrades[(ex.tgid, ex.conn_id)] = Upgrade(req, ex)
                 if len(self._upgrades) > 4096:
                     self._upgrades.pop(next(iter(self._upgrades)))
+                self._upgrade_tail(ex, resp)
                 continue
             attrs: dict[str, AttrValue] = {
                 HTTP_REQUEST_METHOD: req.method,
@@ -410,9 +431,27 @@ class SpanAssembler:
         return SpanRecord(b"", self.ids.span_id(ex.exchange_id, index), None, name, kind, start,
                           end, self._procs.resource_for(ex.tgid), attrs)
 
-    def take_upgrade(self, tgid: int, conn_id: int) -> http1.HttpRequest | None:
+    def take_upgrade(self, tgid: int, conn_id: int) -> Upgrade | None:
         """The HTTP/1.1 request that upgraded connection ``conn_id`` to HTTP/2, once."""
         return self._upgrades.pop((tgid, conn_id), None)
+
+    def _upgrade_tail(self, ex: Exchange, resp: http1.HttpResponse) -> None:
+        """Hand on, as the first server chunk of the HTTP/2 connection, the bytes that came in
+        the same read or write as the ``101``: the kernel switched to stream mode only after
+        that call, and a server that writes its SETTINGS and the answer on stream 1 right
+        behind the 101 (or a client that reads them in one go) puts them here."""
+        if resp.length is None or self._stream_handler is None:
+            return
+        at = resp.offset + resp.length
+        if at >= ex.resp_bytes:
+            return
+        self.on_chunk(Chunk(
+            tgid=ex.tgid, fd=ex.fd, role=ex.role, from_client=False, closed=False,
+            peer_address=ex.peer_address, peer_port=ex.peer_port, listen_fd=ex.listen_fd,
+            tid=ex.resp_tid, total_len=ex.resp_bytes - at, conn_id=ex.conn_id,
+            ts_ns=ex.resp_end_ns, parent_exchange_id=ex.parent_exchange_id,
+            data=ex.response[at:], ctx=ex.ctx, local_address=ex.local_address,
+            local_port=ex.local_port, peer_traced=ex.peer_traced, tls=ex.tls))
 
     def resource_for(self, tgid: int) -> Resource:
         """The resource of process ``tgid``."""
@@ -421,6 +460,14 @@ class SpanAssembler:
     def listen_port(self, tgid: int, fd: int) -> int | None:
         """Local port of listening socket ``fd`` in ``tgid``."""
         return self._procs.listen_port(tgid, fd)
+
+    def server_executable(self, ex: Exchange) -> str | None:
+        """Executable name of the local server process a client exchange went to (None: remote,
+        unknown, or no peer lookup configured). Scans /proc on a miss: call it once per
+        connection, not per exchange."""
+        if self._peers is None or not ex.peer_address:
+            return None
+        return self._peers.server_executable(ex.tgid, ex.fd, ex.peer_address, ex.peer_port)
 
     def business(self, ctx: bytes | None) -> tuple[dict[str, AttrValue], bool]:
         """Business attributes (and whether they were truncated) from a context snapshot."""

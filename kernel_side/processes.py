@@ -8,9 +8,11 @@ per-process facts span assembly needs: resource attributes and listening ports.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +219,144 @@ def pids_listening_on(ports: Iterable[tuple[int, int]], candidates: Iterable[int
         if wanted and wanted & _socket_inodes(pid).keys():
             found.add(pid)
     return found
+
+
+def _proc_addr(field: bytes) -> tuple[str, int]:
+    """An ``ADDR:PORT`` column of /proc/net/tcp{,6} (the address in host-order 32-bit words)."""
+    addr, port = field.rsplit(b":", 1)
+    raw = bytes.fromhex(addr.decode())
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if len(words) == 4:
+        ip = ipaddress.IPv4Address(words)
+    else:
+        v6 = ipaddress.IPv6Address(words)
+        ip = v6.ipv4_mapped or v6
+    return str(ip), int(port, 16)
+
+
+_Endpoint = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSocket:
+    """One line of /proc/net/tcp{,6}."""
+
+    local: _Endpoint
+    remote: _Endpoint
+    listening: bool
+
+
+def tcp_sockets(pid: int) -> dict[int, TcpSocket]:
+    """Every TCP socket of ``pid``'s network namespace, by inode."""
+    out: dict[int, TcpSocket] = {}
+    for name in ("tcp", "tcp6"):
+        for line in (_read(_PROC / str(pid) / "net" / name) or b"").splitlines()[1:]:
+            cols = line.split()
+            if len(cols) > 9 and cols[9] != b"0":
+                try:
+                    out[int(cols[9])] = TcpSocket(_proc_addr(cols[1]), _proc_addr(cols[2]),
+                                                  cols[3] == _TCP_LISTEN.encode())
+                except ValueError:
+                    continue
+    return out
+
+
+def _holder(inode: int, netns: int) -> int | None:
+    """The process of network namespace ``netns`` that holds socket ``inode``."""
+    wanted = f"socket:[{inode}]"
+    for cand in all_pids():
+        try:
+            if os.stat(f"/proc/{cand}/ns/net").st_ino != netns:
+                continue
+            fds = os.listdir(f"/proc/{cand}/fd")
+        except OSError:
+            continue
+        for name in fds:
+            try:
+                if os.readlink(f"/proc/{cand}/fd/{name}") == wanted:
+                    return cand
+            except OSError:
+                continue
+    return None
+
+
+def _server_socket(socks: dict[int, TcpSocket], mine: TcpSocket | None,
+                   peer: _Endpoint) -> int | None:
+    """The inode of the local socket serving ``peer``: the other end of ``mine`` (the client's
+    socket, when it still exists), else a listener on ``peer`` that is surely local (bound to
+    that very address, or a wildcard listener when ``peer`` is a loopback address)."""
+    if mine is not None:
+        return next((ino for ino, s in socks.items()
+                     if s.local == mine.remote and s.remote == mine.local), None)
+    loopback = ipaddress.ip_address(peer[0]).is_loopback
+    for ino, s in socks.items():
+        if not s.listening or s.local[1] != peer[1]:
+            continue
+        if s.local[0] == peer[0] or (loopback and ipaddress.ip_address(s.local[0]).is_unspecified):
+            return ino
+    return None
+
+
+def local_peer_executable(pid: int, fd: int, peer: _Endpoint) -> str | None:
+    """The executable name of the process serving ``peer`` to TCP socket ``fd`` of ``pid``,
+    when that server runs on this host in the same network namespace; None when it is remote
+    or not found.
+
+    While the connection is open the server is the holder of the socket whose endpoints are
+    this one's swapped, so a remote server on a port a local process also listens on is never
+    mistaken for it. Once the client closed it (the agent looks a little later than the kernel
+    saw the bytes), a listener on ``peer`` that is surely local stands in.
+    """
+    try:
+        netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        target = ""
+    socks = tcp_sockets(pid)
+    mine = socks.get(int(target[8:-1])) if target.startswith("socket:[") else None
+    if mine is not None and mine.remote != peer:
+        mine = None  # the fd now names another connection
+    try:
+        inode = _server_socket(socks, mine, peer)
+    except ValueError:
+        return None
+    holder = _holder(inode, netns) if inode is not None else None
+    exe = exe_path(holder) if holder is not None else None
+    return os.path.basename(exe.removesuffix(" (deleted)")) if exe else None
+
+
+class PeerServers:
+    """Executable names of local servers that traced clients talk to, cached per (client
+    network namespace, server address, port), so /proc is scanned once per server."""
+
+    def __init__(self, ttl_s: float = 300.0, miss_ttl_s: float = 30.0,
+                 max_entries: int = 4096) -> None:
+        self._ttl_s = ttl_s
+        self._miss_ttl_s = miss_ttl_s
+        self._max = max_entries
+        self._cache: dict[tuple[int, str, int], tuple[float, str | None]] = {}
+
+    def server_executable(self, tgid: int, fd: int, address: str, port: int) -> str | None:
+        """The executable of the local process serving ``address:port`` to ``tgid``'s socket
+        ``fd``; None for a remote or unknown server (asked again after a shorter TTL)."""
+        try:
+            netns = os.stat(f"/proc/{tgid}/ns/net").st_ino
+        except OSError:
+            return None
+        key = (netns, address, port)
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and now - hit[0] < (self._ttl_s if hit[1] else self._miss_ttl_s):
+            return hit[1]
+        exe = local_peer_executable(tgid, fd, (address, port))
+        if len(self._cache) >= self._max:
+            self._cache.clear()
+        self._cache[key] = (now, exe)
+        return exe
 
 
 def matches_exe(pid: int, globs: Iterable[str]) -> bool:

@@ -358,6 +358,17 @@ class H2Connection:
         self._out = []
         return out
 
+    def upgraded(self, ts_ns: int, meta: object = None) -> None:
+        """The connection was upgraded from HTTP/1.1 (``Upgrade: h2c``): stream 1 is that
+        request, already sent and half-closed from the client (RFC 9113 section 3.1 of its
+        predecessor, RFC 7540 3.2), so its answer is a response to a known request."""
+        if 1 in self._streams or self._max_client_sid >= 1:
+            return
+        self._max_client_sid = 1
+        st = self._new_stream(1, ts_ns)
+        st.rec.request_meta = meta
+        st.req_ended = True
+
     def close(self, ts_ns: int) -> list[H2Stream]:
         """The connection closed: return the streams still open (``complete=False``)."""
         out = []

@@ -30,7 +30,9 @@ GRPC_CODES = (
     "UNAUTHENTICATED",
 )
 # Per the gRPC semantic conventions, a server only treats these as its own errors; every
-# non-OK code is an error on the client.
+# non-OK code is an error on the client. error.type goes with the error status (set "if and
+# only if the operation failed"), so a server's NOT_FOUND has neither: its code stays on
+# rpc.grpc.status_code.
 _GRPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})
 
 
@@ -57,6 +59,8 @@ class _Conn:
     peer_traced: bool = False
     tls: bool = False
     """Plaintext from the SSL uprobes: the connection is TLS."""
+    upgrade: http1.HttpRequest | None = None
+    """The HTTP/1.1 request that upgraded this connection: stream 1 answers it."""
 
 
 class StreamSpans:
@@ -83,6 +87,14 @@ class StreamSpans:
                 return
             conn = _Conn(H2Connection(), chunk.role, chunk.tgid, chunk.conn_id, chunk.listen_fd,
                          chunk.peer_address, chunk.peer_port)
+            up = self._asm.take_upgrade(chunk.tgid, chunk.conn_id)
+            if up is not None:
+                # The operation began with the HTTP/1.1 request, on the thread (and in the
+                # context) that wrote or read it.
+                ex = up.exchange
+                conn.upgrade = up.request
+                conn.h2.upgraded(ex.req_start_ns, ChunkMeta(ex.req_tid, ex.ctx,
+                                                            ex.parent_exchange_id))
             self._conns[key] = conn
             if len(self._conns) > self._max:
                 # The oldest connection's open streams are reported as they stand.
@@ -115,14 +127,13 @@ class StreamSpans:
     def _span(self, conn: _Conn, s: H2Stream) -> None:
         asm = self._asm
         server = conn.role == ROLE_SERVER
-        if s.stream_id == 1 and s.method is None:
+        up = conn.upgrade
+        if s.stream_id == 1 and up is not None:
             # Stream 1 of an upgraded connection answers the HTTP/1.1 request that upgraded it.
-            up = asm.take_upgrade(conn.tgid, conn.conn_id)
-            if up is not None:
-                s.method, s.authority, s.scheme = up.method, up.host, "http"
-                s.path = up.target if up.target.startswith("/") else up.path
-                s.traceparent = s.traceparent or up.traceparent
-                s.user_agent = s.user_agent or up.user_agent
+            s.method, s.authority, s.scheme = up.method, up.host, "http"
+            s.path = up.target if up.target.startswith("/") else up.path
+            s.traceparent = s.traceparent or up.traceparent
+            s.user_agent = s.user_agent or up.user_agent
         # Context rides on what the application wrote: a client's request, a server's response.
         meta = s.request_meta if not server else s.response_meta
         if not isinstance(meta, ChunkMeta):

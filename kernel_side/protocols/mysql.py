@@ -45,6 +45,7 @@ __all__ = [
     "parse_request",
     "split_packets",
     "split_replies",
+    "vendor_of_server_executable",
 ]
 
 COM_QUIT: Final = 0x01
@@ -400,3 +401,10 @@ def parse_reply(packets: list[Packet], command: int = COM_QUERY) -> Reply:
     if command == COM_CHANGE_USER and head in (0x01, 0xFE):
         return Reply("auth")
     return Reply("unknown")
+
+
+def vendor_of_server_executable(name: str) -> str | None:
+    """``"mariadb"`` when a server's executable name proves MariaDB (``mariadbd``, and
+    ``mariadb-*`` wrappers), else None: ``mysqld`` is MySQL's name but also MariaDB's before
+    10.5, so it proves nothing."""
+    return "mariadb" if name.startswith("mariadb") else None

@@ -17,14 +17,21 @@ Choices:
   execute will ever show that failure.
 * ``COM_INIT_DB``, ``COM_PING``, ``COM_QUIT``, ``COM_STMT_CLOSE`` and the handshake make no
   spans; they only update the connection's memory.
-* ``db.system.name`` is ``"mysql"`` unless something captured proves MariaDB. The server's
-  version string is in its greeting, which the kernel does not capture (the server speaks
-  first, and response bytes before any request are dropped). What is captured is the client's
-  HandshakeResponse: a MariaDB-aware client (libmariadb, so the ``mariadb`` CLI and
-  Connector/C based drivers) talking to a MariaDB server clears ``CLIENT_MYSQL`` and echoes
-  MariaDB's extended capabilities, which proves MariaDB. Other clients (PyMySQL, JDBC for
-  MySQL) send the same handshake to both servers, so their spans say ``"mysql"``, which is
-  also the protocol's name. A kernel change that captured the greeting would make this exact.
+* ``db.system.name`` is ``"mysql"`` unless something proves MariaDB. The server's version
+  string is in its greeting, which the kernel does not capture (the server speaks first, and
+  response bytes before any request are dropped). Two things do prove it:
+
+  - the client's HandshakeResponse: a MariaDB-aware client (libmariadb, so the ``mariadb`` CLI
+    and Connector/C based drivers) talking to a MariaDB server clears ``CLIENT_MYSQL`` and
+    echoes MariaDB's extended capabilities;
+  - the server's executable, when the server is a process on this host: the agent finds the
+    other end of the client's socket in /proc (once per connection, cached per server address)
+    and ``mariadbd`` means MariaDB.
+
+  Other clients of a remote server (PyMySQL, mysql-connector-python, JDBC) send the same
+  handshake to both servers, so their spans say ``"mysql"``, which is also the protocol's name.
+  A kernel change that kept the greeting (the first server bytes of a client connection, as
+  the response of an exchange with an empty request) would make this exact everywhere.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
     if state.get("opaque"):
         return
     req = ex.request
+    if "system" not in state:
+        _learn_server(asm, ex, state)
     if mysql.looks_like_handshake_response(req, ex.response):
         _handshake(state, req)
         return
@@ -118,6 +127,11 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
                 state["db"] = cmd.text or None
         elif code in (mysql.COM_RESET_CONNECTION, mysql.COM_CHANGE_USER):
             stmts.clear()
+
+
+def _learn_server(asm: SpanAssembler, ex: Exchange, state: dict[str, object]) -> None:
+    exe = asm.server_executable(ex)
+    state["system"] = (mysql.vendor_of_server_executable(exe) if exe else None) or "mysql"
 
 
 def _handshake(state: dict[str, object], req: bytes) -> None:

@@ -12,6 +12,7 @@ Linear in the input and never raises: the bytes are untrusted.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -129,15 +130,22 @@ def _plausible(m: Message) -> bool:
 
 # -- client side ---------------------------------------------------------------------------------
 
+Statement = tuple[str, bool]
+"""A prepared statement's SQL text and whether the capture cut it."""
+
+Portal = tuple[str | None, bool]
+"""What a bound portal runs: its statement's SQL text (None: the statement was prepared before
+the capture started) and whether the capture cut it."""
+
+
 @dataclass(slots=True)
 class Command:
     """A message that runs SQL: a simple Query or an Execute."""
 
     simple: bool
     query: str | None
-    """The SQL text if it was in this exchange (Query, or Parse before the Execute)."""
-    statement: str | None
-    """For an Execute: the prepared statement's name (``""`` is the unnamed statement)."""
+    """The SQL text when known: a Query's own text, or for an Execute the text of the statement
+    its portal was bound to (in this exchange or, through ``portals``, an earlier one)."""
     truncated: bool = False
     group: int = 0
 
@@ -148,10 +156,12 @@ class Frontend:
 
     startup: Startup | None = None
     commands: list[Command] = field(default_factory=list)
-    parses: list[tuple[str, str, bool]] = field(default_factory=list)
-    """(statement name, query, truncated) of every Parse, in order."""
-    closed: list[str] = field(default_factory=list)
-    """Names of prepared statements closed."""
+    defined: list[tuple[str, Statement | None]] = field(default_factory=list)
+    """Prepared statements defined by Parse (name, (text, truncated)) or dropped by Close
+    (name, None), in the order sent."""
+    portals: dict[str, Portal] = field(default_factory=dict)
+    """The connection's open portals after this exchange: the ones passed in, plus those bound
+    here, minus those closed here and the unnamed portal when a Sync followed its use."""
     groups: int = 0
     """Number of result groups: each Query and each Sync ends one (a trailing unsynced
     extended batch is one more)."""
@@ -166,17 +176,35 @@ def _cstr(body: bytes, pos: int) -> tuple[str, int, bool]:
     return body[pos:end].decode("utf-8", "replace"), end + 1, True
 
 
-def parse_frontend(data: bytes, total: int) -> Frontend:
-    """Parse the client's bytes of one exchange (``total`` bytes were sent in all)."""
-    fe = Frontend(truncated=len(data) < total)
+_NO_STATEMENTS: Final[Mapping[str, Statement]] = {}
+_NO_PORTALS: Final[Mapping[str, Portal]] = {}
+
+
+def parse_frontend(data: bytes, total: int,
+                   statements: Mapping[str, Statement] = _NO_STATEMENTS,
+                   portals: Mapping[str, Portal] = _NO_PORTALS) -> Frontend:
+    """Parse the client's bytes of one exchange (``total`` bytes were sent in all).
+
+    ``statements`` and ``portals`` are what earlier exchanges of the connection prepared and
+    bound (neither is modified): an Execute of a portal bound in an earlier round trip (a JDBC
+    fetch-size cursor repeats ``Execute(portal, limit)`` after each PortalSuspended) gets its
+    text from there, and a portal that is in neither gets no text rather than another
+    statement's.
+    """
+    fe = Frontend(truncated=len(data) < total, portals=dict(portals))
     if data[:1] == b"\0":
         fe.startup = parse_startup(data)
         return fe
     msgs, _ok = split_messages(data, FRONTEND_TYPES)
-    parsed: dict[str, tuple[str | None, bool]] = {}
-    portals: dict[str, str] = {}
-    pending: str | None = None  # statement of a Parse/Bind not yet executed
+    parsed: dict[str, Statement | None] = {}  # this exchange's Parse and Close, over statements
+    open_portals = fe.portals
+    pending: Portal | None = None  # what a Bind not yet executed would run
     extended_open = False
+
+    def statement(name: str) -> Portal:
+        known = parsed[name] if name in parsed else statements.get(name)
+        return known if known is not None else (None, False)
+
     for m in msgs:
         t, body = m.type, m.body
         if not m.complete:
@@ -186,41 +214,45 @@ def parse_frontend(data: bytes, total: int) -> Frontend:
                 fe.groups += 1
                 extended_open = False
             text, _, _ = _cstr(body, 0)
-            fe.commands.append(Command(True, text, None, not m.complete, fe.groups))
+            fe.commands.append(Command(True, text, not m.complete, fe.groups))
             fe.groups += 1
         elif t == "P":
             extended_open = True
             name, pos, _ = _cstr(body, 0)
             text, _, done = _cstr(body, pos)
-            trunc = not (m.complete and done)
-            parsed[name] = (text, trunc)
-            fe.parses.append((name, text, trunc))
-            pending = name
+            stmt = (text, not (m.complete and done))
+            parsed[name] = stmt
+            fe.defined.append((name, stmt))
+            pending = stmt
         elif t == "B":
             extended_open = True
             portal, pos, _ = _cstr(body, 0)
-            stmt, _, _ = _cstr(body, pos)
-            portals[portal] = stmt
-            pending = stmt
+            name, _, _ = _cstr(body, pos)
+            pending = open_portals[portal] = statement(name)
         elif t == "E":
             extended_open = True
             portal, _, _ = _cstr(body, 0)
-            stmt = portals.get(portal, "")
-            known, trunc = parsed.get(stmt, (None, False))
-            fe.commands.append(Command(False, known, stmt, trunc, fe.groups))
+            known, trunc = open_portals.get(portal, (None, False))
+            fe.commands.append(Command(False, known, trunc, fe.groups))
             pending = None
         elif t == "S":
             fe.groups += 1
             extended_open = False
-        elif t == "C" and body[:1] == b"S":
+            # The unnamed portal lasts at most to the end of its transaction; dropping it at
+            # Sync can lose a text, never attach a wrong one.
+            open_portals.pop("", None)
+        elif t == "C" and body[:1] in b"SP":
             name, _, _ = _cstr(body, 1)
-            fe.closed.append(name)
+            if body[:1] == b"S":
+                parsed[name] = None
+                fe.defined.append((name, None))
+            else:
+                open_portals.pop(name, None)
         elif t in "DCH":
             extended_open = True
     if fe.truncated and pending is not None:
         # The Execute is past the capture: the statement still ran.
-        known, _ = parsed.get(pending, (None, False))
-        fe.commands.append(Command(False, known, pending, True, fe.groups))
+        fe.commands.append(Command(False, pending[0], True, fe.groups))
     if extended_open:
         fe.groups += 1
     return fe
@@ -250,6 +282,16 @@ def error_fields(body: bytes) -> dict[str, str]:
         text, pos, _ = _cstr(body, pos + 1)
         out[code] = text
     return out
+
+
+def last_ready_status(response: bytes) -> str | None:
+    """Transaction status of the last complete ReadyForQuery in ``response`` (``I`` idle,
+    ``T`` in a transaction, ``E`` in a failed one), None when none was captured."""
+    msgs, _ok = split_messages(response, BACKEND_TYPES)
+    for m in reversed(msgs):
+        if m.type == "Z" and m.complete and len(m.body) == 1:
+            return chr(m.body[0])
+    return None
 
 
 def match_results(fe: Frontend, response: bytes) -> list[Result | None]:

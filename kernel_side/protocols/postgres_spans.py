@@ -1,7 +1,8 @@
 """Spans for PostgreSQL client exchanges: one CLIENT span per simple Query and per Execute.
 
 Connection memory (``asm.conn_state``) holds the database named in the StartupMessage, the
-prepared statements' SQL (so a later Bind/Execute of a named statement knows its text) and
+prepared statements' SQL (so a later Bind/Execute of a named statement knows its text), the open
+portals' SQL (so an Execute of a portal bound in an earlier round trip knows it) and
 whether the connection switched to TLS (then nothing more on it is readable).
 """
 
@@ -23,6 +24,7 @@ RAW_QUERY_TEXT = False
 
 _PROTO: Final = "postgres"
 _MAX_STATEMENTS: Final = 512
+_MAX_PORTALS: Final = 64
 _MAX_TLS_CONNS: Final = 4096
 # Connections that switched to TLS (or GSS encryption): their later exchanges are encrypted
 # bytes that no detector could read; claim them so they count as postgres, not as unknown.
@@ -50,21 +52,27 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
     state = asm.conn_state(ex, _PROTO)
     if state.get("encrypted"):
         return
-    fe = pg.parse_frontend(ex.request, ex.req_bytes)
-    if fe.startup is not None:
-        _startup(state, fe.startup, ex)
-        return
     stmts = state.get("statements")
     if not isinstance(stmts, OrderedDict):
         stmts = state["statements"] = OrderedDict()
-    for name, text, truncated in fe.parses:
-        stmts[name] = (text, truncated)
+    portals = state.get("portals")
+    fe = pg.parse_frontend(ex.request, ex.req_bytes, stmts,
+                           portals if isinstance(portals, dict) else {})
+    if fe.startup is not None:
+        _startup(state, fe.startup, ex)
+        return
+    for name, stmt in fe.defined:
+        if stmt is None:
+            stmts.pop(name, None)
+            continue
+        stmts[name] = stmt
         stmts.move_to_end(name)
         if len(stmts) > _MAX_STATEMENTS:
             stmts.popitem(last=False)
+    # Named portals end with their transaction: back to idle, none is left on the server.
+    open_portals = {} if pg.last_ready_status(ex.response) == "I" else fe.portals
+    state["portals"] = open_portals if len(open_portals) <= _MAX_PORTALS else {}
     if not fe.commands:
-        for name in fe.closed:
-            stmts.pop(name, None)
         return
     results = pg.match_results(fe, ex.response)
     db = state.get("db")
@@ -73,10 +81,6 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
         if res is not None and res.skipped:
             continue
         query, truncated = cmd.query, cmd.truncated
-        if query is None and cmd.statement is not None:
-            known = stmts.get(cmd.statement)
-            if isinstance(known, tuple):
-                query, truncated = known[0], known[1] or truncated
         attrs: dict[str, AttrValue] = {semconv.DB_SYSTEM_NAME: "postgresql"}
         name = "postgresql"
         if isinstance(db, str) and db:
@@ -104,8 +108,6 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
                 span.status_message = res.message  # may quote data: only with raw text on
         asm.finish(span, ex, index)
         index += 1
-    for name in fe.closed:
-        stmts.pop(name, None)
 
 
 def _startup(state: dict[str, object], startup: pg.Startup, ex: Exchange) -> None:

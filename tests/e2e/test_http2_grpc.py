@@ -5,6 +5,7 @@ from __future__ import annotations
 import requests
 
 from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.e2e.apps.h2_app import STREAM_PAUSE_S
 from tests.e2e.conftest import APPS, CLIENT, PYTHON, SERVER, Harness, by_service
 from tests.e2e.test_annotate_http import warm_up
 
@@ -66,12 +67,55 @@ def test_grpc_unary_streaming_and_error_both_sides(harness: Harness,
     assert nf_client.attributes["rpc.grpc.status_code"] == 5
     assert nf_client.status_code == 2 and nf_client.attributes["error.type"] == "NOT_FOUND"
     assert nf_server.attributes["rpc.grpc.status_code"] == 5 and nf_server.status_code == 0
+    assert "error.type" not in nf_server.attributes  # not the server's failure (README: Spans)
     # Same-node stitching: calls that carried no traceparent join the caller's trace, with the
     # caller's CLIENT span as parent (stream n of the connection is stream n at both ends).
     for m in methods[1:]:
         cli = _named(spans, "shopper", CLIENT, m)[0]
         srv = _named(spans, "catalog", SERVER, m)[0]
         assert srv.parent_span_id == cli.span_id and srv.trace_id == cli.trace_id, m
+
+
+def test_grpc_client_and_bidirectional_streaming_both_sides(harness: Harness,
+                                                            receiver: OtlpReceiver) -> None:
+    """A client-streaming and two bidirectional calls (one aborted by the server): one span
+    per call on each side, from the first frame to the end of the stream."""
+    srv_pid, port = _server(harness, "catalog", "grpc-server")
+    cli_pid, go = _client(harness, "shopper", "grpc-client", port)
+    harness.agent("--pid", str(srv_pid), "--pid", str(cli_pid), receiver=receiver)
+    open(go, "w").close()
+    # method -> (gRPC status, pauses between its first frame and the end of its stream)
+    calls = {"RecordItems": (0, 2), "Chat": (0, 2), "ChatAbort": (13, 1)}
+
+    def done(ss: list[ReceivedSpan]) -> bool:
+        return all(_named(ss, svc, kind, f"shop.v1.Catalog/{m}") for m in calls
+                   for svc, kind in (("catalog", SERVER), ("shopper", CLIENT)))
+
+    spans = receiver.wait_for(done, timeout_s=30)
+    # The client pauses between its messages: a span that began at the first frame and ended
+    # with the stream lasts at least the pauses in between (ChatAbort ends at the second).
+    for method, (code, pauses) in calls.items():
+        min_ns = int(pauses * STREAM_PAUSE_S * 1e9)
+        full = f"shop.v1.Catalog/{method}"
+        cli = _named(spans, "shopper", CLIENT, full)
+        srv = _named(spans, "catalog", SERVER, full)
+        assert len(cli) == 1 and len(srv) == 1, (method, len(cli), len(srv))
+        for s in cli + srv:
+            assert s.attributes["rpc.system"] == "grpc"
+            assert s.attributes["rpc.service"] == "shop.v1.Catalog"
+            assert s.attributes["rpc.method"] == method
+            assert s.attributes["rpc.grpc.status_code"] == code
+            assert s.end_ns - s.start_ns >= min_ns, (method, s.kind, s.end_ns - s.start_ns)
+        assert srv[0].parent_span_id == cli[0].span_id and srv[0].trace_id == cli[0].trace_id
+        assert cli[0].attributes["server.port"] == port
+        assert srv[0].attributes["server.port"] == port
+        if code:
+            # INTERNAL is an error on both sides (gRPC semantic conventions).
+            for s in cli + srv:
+                assert s.status_code == 2 and s.attributes["error.type"] == "INTERNAL"
+        else:
+            for s in cli + srv:
+                assert s.status_code == 0 and "error.type" not in s.attributes
 
 
 def test_h2c_prior_knowledge_httpx_against_hypercorn(harness: Harness,

@@ -75,7 +75,8 @@ def test_pymysql_text_and_binary_protocol(harness: Harness, receiver: OtlpReceiv
         assert want in names, names
     by = {s.name: s for s in text}
     ins = by["INSERT orders"]
-    assert ins.attributes["db.system.name"] == "mysql"  # PyMySQL does not reveal MariaDB
+    # PyMySQL's handshake does not reveal MariaDB; the local server's executable does.
+    assert ins.attributes["db.system.name"] == "mariadb"
     assert ins.attributes["db.namespace"] == "shop"
     assert ins.attributes["db.operation.name"] == "INSERT"
     assert ins.attributes["db.collection.name"] == "orders"
@@ -109,6 +110,42 @@ def test_pymysql_text_and_binary_protocol(harness: Harness, receiver: OtlpReceiv
         assert parent is not None, s.name
         assert parent.trace_id == s.trace_id
         assert parent.attributes["tenant_id"] == s.attributes["tenant_id"]
+
+
+def test_connector_python_prepared_cursor(harness: Harness, receiver: OtlpReceiver,
+                                          db_port: int) -> None:
+    # mysql-connector-python's cursor(prepared=True): a real driver doing server-side
+    # prepares, with NULL and typed parameters, re-executed statements and refused ones.
+    port = _start_app(harness, receiver, db_port)
+    r = requests.get(f"http://127.0.0.1:{port}/scenario/connector",
+                     headers={"X-Tenant-ID": "scn-connector"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+    def mine(ss: list[ReceivedSpan]) -> list[ReceivedSpan]:
+        return [s for s in _db(ss) if s.attributes.get("tenant_id") == "scn-connector"]
+
+    spans = sorted(mine(receiver.wait_for(lambda ss: any(s.name == "SELECT nope"
+                                                         for s in mine(ss)), timeout_s=30)),
+                   key=lambda s: s.start_ns)
+    insert = "INSERT INTO typed (id, n, f, d, t, b, s) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    select = "SELECT id, n, s FROM typed WHERE id >= ? AND (s = ? OR s IS NULL)"
+    inserts = [s for s in spans if s.name == "INSERT typed"]
+    selects = [s for s in spans if s.name == "SELECT typed"]
+    assert len(inserts) == 4 and len(selects) == 3, [s.name for s in spans]
+    assert {s.attributes["db.query.text"] for s in inserts} == {insert}
+    assert {s.attributes["db.query.text"] for s in selects} == {select}
+    assert [s.status_code for s in inserts] == [0, 0, 0, 2]  # the last one: duplicate key
+    assert inserts[-1].attributes["error.type"] == "1062"
+    assert all(s.status_code == 0 for s in selects)
+    (refused,) = [s for s in spans if s.name == "SELECT nope"]
+    assert refused.status_code == 2 and refused.attributes["error.type"] == "1146"
+    for s in inserts + selects:
+        assert s.attributes["db.system.name"] == "mariadb"  # from the local mariadbd process
+        assert s.attributes["db.namespace"] == "shop"
+        assert s.attributes["server.port"] == db_port
+    servers = {s.span_id: s for s in by_service(receiver.spans(), APP, SERVER)}
+    for s in spans:
+        assert servers[s.parent_span_id or ""].attributes["tenant_id"] == "scn-connector"
 
 
 def test_tenant_lands_on_db_span_under_http_span(harness: Harness, receiver: OtlpReceiver,

@@ -225,3 +225,45 @@ def test_annotated_http_service_query_joins_request_trace(harness: Harness,
         assert db.attributes["db.query.text"] == "SELECT $1::text AS tenant_echo"
         assert db.attributes["db.namespace"] == "postgres"
         assert srv.start_ns <= db.start_ns <= db.end_ns <= srv.end_ns
+
+
+PG_JDBC = Path("/usr/share/java/postgresql.jar")
+
+
+@pytest.mark.skipif(shutil.which("javac") is None or not PG_JDBC.exists(),
+                    reason="needs javac and the PostgreSQL JDBC driver (libpostgresql-jdbc-java)")
+def test_jdbc_fetch_size_cursor_named_portal_across_round_trips(
+        harness: Harness, receiver: OtlpReceiver, pg_port: int) -> None:
+    classes = harness.tmp / "classes"
+    subprocess.run(["javac", "-d", str(classes), str(APPS / "PgPortalClient.java")],
+                   check=True, capture_output=True)
+    go, done = harness.tmp / "go", harness.tmp / "done"
+    client = harness.start("pgjava", ["java", "-cp", f"{PG_JDBC}:{classes}", "PgPortalClient",
+                                      str(go), str(done), str(pg_port)],
+                           env={"OTEL_SERVICE_NAME": "pgjava"},
+                           ready_file=harness.tmp / "go.waiting", timeout=60)
+    harness.agent("--pid", str(client.pid), receiver=receiver)
+    go.write_text("")
+    assert client.popen.wait(60) == 0, client.log_text()
+    assert done.read_text() == "23"
+
+    def marked(ss: list[ReceivedSpan], marker: str) -> list[ReceivedSpan]:
+        return [s for s in by_service(_db(ss), "pgjava", CLIENT)
+                if marker in str(s.attributes.get("db.query.text"))]
+
+    spans = receiver.wait_for(lambda ss: len(marked(ss, "portal_marker")) >= 5
+                              and len(marked(ss, "other_marker")) >= 5
+                              and any(s.name == "COMMIT" for s in ss), timeout_s=30)
+    # 23 rows in batches of 5: the first Execute and four more of the same portal, each after
+    # a round trip that ran the other query on the unnamed statement.
+    cursor = marked(spans, "portal_marker")
+    assert len(cursor) == 5
+    assert {s.attributes["db.query.text"] for s in cursor} == {
+        "SELECT g AS portal_marker FROM generate_series(?, $1) g"}
+    assert {s.name for s in cursor} == {"SELECT"}
+    other = marked(spans, "other_marker")
+    assert len(other) == 5
+    assert {s.attributes["db.query.text"] for s in other} == {"SELECT $1 AS other_marker"}
+    # Nothing ran without a known text.
+    assert [s for s in by_service(_db(spans), "pgjava", CLIENT)
+            if "db.query.text" not in s.attributes] == []

@@ -9,6 +9,9 @@ Scenarios:
   serving a tiny ASGI app: GET, POST with a body, a 404, all on one connection.
 - ``h2c_curl``: ``curl --http2-prior-knowledge`` (nghttp2's HPACK encoder) against the same app:
   POST /echo with 7 bytes.
+- ``h2c_upgrade``: ``curl --http2`` against the same app: GET /hello as HTTP/1.1 with
+  ``Upgrade: h2c``, the server's ``101 Switching Protocols``, then HTTP/2 on the same connection
+  (the answer on stream 1).
 - ``grpc_unary``, ``grpc_server_stream``, ``grpc_error``: grpcio client and server (generic
   handlers with bytes in and out, so no protoc), one channel (one connection) per scenario.
 - ``grpc_mixed``: the three calls above on one channel.
@@ -16,7 +19,9 @@ Scenarios:
 Each fixture is JSON: ``{"scenario", "description", "chunks": [["c"|"s", hex, ts_ns], ...]}``
 where ``"c"`` is client to server. Run with the dev extra installed:
 
-    .venv/bin/python tests/fixtures_capture/capture_http2.py [--out DIR]
+    .venv/bin/python tests/fixtures_capture/capture_http2.py [--out DIR] [--only NAME ...]
+
+``--only`` rewrites just the named fixtures (e.g. ``--only h2c_upgrade``).
 """
 
 from __future__ import annotations
@@ -209,6 +214,18 @@ def run_curl(port: int) -> None:
                    check=True)
 
 
+def run_curl_upgrade(port: int) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        raise RuntimeError("curl not found")
+    out = subprocess.run([curl, "-sS", "--http2", "--noproxy", "*",
+                          "-H", f"traceparent: {TRACEPARENT}", "-o", "/dev/null",
+                          "-w", "%{http_version}", f"http://127.0.0.1:{port}/hello"],
+                         check=True, capture_output=True, text=True).stdout
+    if out != "2":
+        raise RuntimeError(f"curl --http2 did not upgrade (HTTP/{out})")
+
+
 # ---------------------------------------------------------------------------------------------
 # gRPC: generic handlers, bytes in and out
 
@@ -315,25 +332,41 @@ def save(out: Path, name: str, description: str, chunks: list[Chunk]) -> None:
     print(f"{name}: {len(chunks)} chunks, {c} client bytes, {s} server bytes")
 
 
+H2C: tuple[tuple[str, Callable[[int], None], str], ...] = (
+    ("h2c_httpx", run_httpx, "httpx h2c prior knowledge vs hypercorn: GET /hello, "
+     "POST /echo (3000 bytes), GET /missing?q=1 (404)"),
+    ("h2c_curl", run_curl, "curl --http2-prior-knowledge vs hypercorn: POST /echo (7 bytes)"),
+    ("h2c_upgrade", run_curl_upgrade, "curl --http2 vs hypercorn: GET /hello as HTTP/1.1 with "
+     "Upgrade: h2c, 101, then the answer on HTTP/2 stream 1"),
+)
+GRPC: tuple[tuple[str, list[str], str], ...] = (
+    ("grpc_unary", ["unary"], "SayHello(alice) -> hello alice"),
+    ("grpc_server_stream", ["stream"], "ListItems(bob) -> 5 messages"),
+    ("grpc_error", ["error"], "Lookup(carol) -> NOT_FOUND 'no such user: carol'"),
+    ("grpc_mixed", ["unary", "stream", "error"], "the three calls on one channel"),
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=OUT)
+    names = [n for n, _, _ in H2C] + [n for n, _, _ in GRPC]
+    ap.add_argument("--only", action="append", choices=names, metavar="NAME",
+                    help=f"rewrite only this fixture (repeatable): {', '.join(names)}")
     args = ap.parse_args()
+    wanted = set(args.only or names)
     args.out.mkdir(parents=True, exist_ok=True)
-    with hypercorn_server() as port:
-        save(args.out, "h2c_httpx", "httpx h2c prior knowledge vs hypercorn: GET /hello, "
-             "POST /echo (3000 bytes), GET /missing?q=1 (404)", record(port, run_httpx))
-        save(args.out, "h2c_curl", "curl --http2-prior-knowledge vs hypercorn: "
-             "POST /echo (7 bytes)", record(port, run_curl))
-    with grpc_server() as port:
-        for name, calls, desc in (
-            ("grpc_unary", ["unary"], "SayHello(alice) -> hello alice"),
-            ("grpc_server_stream", ["stream"], "ListItems(bob) -> 5 messages"),
-            ("grpc_error", ["error"], "Lookup(carol) -> NOT_FOUND 'no such user: carol'"),
-            ("grpc_mixed", ["unary", "stream", "error"], "the three calls on one channel"),
-        ):
-            save(args.out, name, f"grpcio {desc}",
-                 record(port, lambda p, calls=calls: run_grpc(p, calls)))  # type: ignore[misc]
+    if wanted & {n for n, _, _ in H2C}:
+        with hypercorn_server() as port:
+            for name, client, desc in H2C:
+                if name in wanted:
+                    save(args.out, name, desc, record(port, client))
+    if wanted & {n for n, _, _ in GRPC}:
+        with grpc_server() as port:
+            for name, calls, desc in GRPC:
+                if name in wanted:
+                    save(args.out, name, f"grpcio {desc}",
+                         record(port, lambda p, calls=calls: run_grpc(p, calls)))  # type: ignore[misc]
 
 
 if __name__ == "__main__":

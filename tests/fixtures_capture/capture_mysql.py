@@ -1,14 +1,17 @@
 """Regenerate tests/unit/fixtures/mysql/*.json from a real MariaDB server.
 
 A throwaway mariadbd (temporary datadir, loopback, --skip-grant-tables) is driven by PyMySQL,
-by raw binary-protocol packets (COM_STMT_PREPARE / EXECUTE / CLOSE) and by the ``mariadb`` CLI,
+by raw binary-protocol packets (COM_STMT_PREPARE / EXECUTE / CLOSE), by mysql-connector-python's
+server-side prepared statements and by the ``mariadb`` CLI,
 through a tiny TCP proxy that records every chunk each side sent. The recording is then paired
 the way bpf/agent.bpf.c pairs a client connection (bytes the server sends before any request
 are dropped, request bytes run until the server answers, the next request ends the exchange,
 the first REQ_CAP / RESP_CAP bytes of each side are kept) and written as one JSON file per
 scenario: a list of connections, each a list of exchanges with hex bytes and total counts.
 
-    sudo .venv/bin/python tests/fixtures_capture/capture_mysql.py   # root: mariadbd --user=root
+    sudo .venv/bin/python tests/fixtures_capture/capture_mysql.py [SCENARIO...]  # root: mariadbd
+
+With scenario names (pymysql, binary, cli, connector), only those fixtures are rewritten.
 
 The start/stop helpers and the raw-packet client are also used by tests/e2e/test_mysql.py.
 """
@@ -22,6 +25,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -286,6 +290,40 @@ def scenario_binary(port: int) -> None:
     conn.close()
 
 
+def scenario_connector(port: int) -> None:
+    """mysql-connector-python's server-side prepared statements (``cursor(prepared=True)``):
+    several parameter types, NULLs, re-execution of one statement, a statement replaced by the
+    next on the same cursor, an execute the server refuses, and a refused prepare."""
+    import datetime
+    import decimal
+
+    import mysql.connector
+
+    conn = mysql.connector.connect(host="127.0.0.1", port=port, user="root", password="",
+                                   database="shop", autocommit=True, use_pure=True)
+    plain = conn.cursor()
+    plain.execute("CREATE TABLE IF NOT EXISTS typed (id INT PRIMARY KEY, n INT, f DOUBLE,"
+                  " d DECIMAL(10,2), t DATETIME, b VARBINARY(16), s VARCHAR(40))")
+    plain.execute("DELETE FROM typed")
+    cur = conn.cursor(prepared=True)
+    insert = "INSERT INTO typed (id, n, f, d, t, b, s) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+    cur.execute(insert, (1, 10, 1.5, decimal.Decimal("2.25"),
+                         datetime.datetime(2024, 5, 6, 7, 8, 9), b"\x00\x01", "acme"))
+    cur.execute(insert, (2, None, None, None, None, None, None))
+    cur.execute(insert, (3, -7, 0.0, decimal.Decimal("-1.00"), None, b"", "o'brien"))
+    select = "SELECT id, n, s FROM typed WHERE id >= ? AND (s = ? OR s IS NULL)"
+    for first, tenant in ((1, "acme"), (2, None), (3, "nobody")):
+        cur.execute(select, (first, tenant))
+        cur.fetchall()
+    with contextlib.suppress(mysql.connector.Error):
+        cur.execute(insert, (1, 0, 0.0, decimal.Decimal(0), None, None, "dup"))
+    with contextlib.suppress(mysql.connector.Error):
+        cur.execute("SELECT * FROM nope WHERE id = ?", (1,))
+    cur.close()
+    plain.close()
+    conn.close()
+
+
 def scenario_cli(port: int) -> None:
     """The mariadb CLI, as an unmodified client, with SQL-level PREPARE / EXECUTE."""
     sql = ("USE shop; SELECT tenant FROM orders WHERE id = 1; "
@@ -300,14 +338,22 @@ SCENARIOS: dict[str, Callable[[int], None]] = {
     "pymysql": scenario_pymysql,
     "binary": scenario_binary,
     "cli": scenario_cli,
+    "connector": scenario_connector,
 }
 
 
-def main() -> None:
-    """Capture every scenario into OUT."""
+def main(names: list[str]) -> None:
+    """Capture the named scenarios (all when none is named) into OUT."""
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"unknown scenario {', '.join(unknown)}: pick from {', '.join(SCENARIOS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, mariadbd(Path(tmp)) as port:
+        if names and "pymysql" not in names:
+            record(port, scenario_pymysql)  # creates the shop database the others use
         for name, fn in SCENARIOS.items():
+            if names and name not in names:
+                continue
             conns = record(port, fn)
             path = OUT / f"{name}.json"
             path.write_text(json.dumps({"scenario": name, "connections": conns}, indent=1) + "\n")
@@ -316,4 +362,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.umask(0o022)
-    main()
+    main(sys.argv[1:])

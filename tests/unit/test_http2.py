@@ -10,6 +10,7 @@ import json
 import random
 import timeit
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hpack import Encoder
@@ -503,3 +504,108 @@ def test_speed_grpc_unary(capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(f"\nhttp2: grpc unary connection (1 stream, {len(chunks)} chunks): "
               f"{per * 1e6:.1f} us")
+
+
+# -- Upgrade: h2c, through span assembly as the kernel hands it over ---------------------------
+
+
+class _Procs:
+    def resource_for(self, tgid: int) -> Any:
+        from kernel_side.model import Resource
+
+        return Resource((tgid, 1), {"service.name": f"svc-{tgid}"})
+
+    def listen_port(self, tgid: int, fd: int) -> int | None:
+        return 8080 if fd == 3 else None
+
+
+def _upgrade_spans(role: int, split_response: bool) -> tuple[list[Any], Any]:
+    """Feed the h2c_upgrade capture the way the kernel reports it for one side: the HTTP/1.1
+    request and the first response read/write (the ``101``) as one exchange, every later read
+    and write as a stream-mode chunk. ``split_response``: the 101 came alone (a server that
+    wrote it by itself), else with the first HTTP/2 frames in the same read, as captured."""
+    from kernel_side.assembly import IdSource, SpanAssembler
+    from kernel_side.events import Chunk, Exchange
+    from kernel_side.protocols.http2_spans import StreamSpans
+    from kernel_side.protocols.registry import register_all
+
+    spans: list[Any] = []
+    asm = SpanAssembler(_Procs(), spans.append, ids=IdSource(bytes(24)))
+    register_all(asm)
+    asm.set_stream_handler(StreamSpans(asm))
+    chunks = load("h2c_upgrade")
+    (c0, request), (s0, response) = chunks[0], chunks[1]
+    assert c0 and not s0 and request.startswith(b"GET /hello HTTP/1.1\r\n")
+    rest = chunks[2:]
+    if split_response:
+        head = response.index(b"\r\n\r\n") + 4
+        response, rest = response[:head], [(False, response[head:]), *rest]
+    listen_fd = 3 if role == 1 else 0
+    asm.on_exchange(Exchange(
+        tgid=7, fd=5, role=role, peer_address="127.0.0.1", peer_port=40000, listen_fd=listen_fd,
+        req_tid=7, resp_tid=7, conn_id=99, exchange_id=1, parent_exchange_id=0,
+        req_start_ns=1_000, req_end_ns=2_000, resp_start_ns=3_000, resp_end_ns=4_000,
+        req_bytes=len(request), resp_bytes=len(response), req_calls=1, resp_calls=1,
+        request=request, response=response, ctx=None))
+    if split_response:
+        assert spans == []  # no span of its own: the upgraded request's span is stream 1's
+    for i, (from_client, data) in enumerate(rest):
+        asm.on_chunk(Chunk(tgid=7, fd=5, role=role, from_client=from_client, closed=False,
+                           peer_address="127.0.0.1", peer_port=40000, listen_fd=listen_fd,
+                           tid=7, total_len=len(data), conn_id=99, ts_ns=5_000 + i,
+                           parent_exchange_id=0, data=data, ctx=None))
+    asm.on_chunk(Chunk(tgid=7, fd=5, role=role, from_client=False, closed=True,
+                       peer_address="127.0.0.1", peer_port=40000, listen_fd=listen_fd, tid=7,
+                       total_len=0, conn_id=99, ts_ns=9_000, parent_exchange_id=0, data=b"",
+                       ctx=None))
+    asm.flush()
+    assert asm.stats.parse_errors == 0 and asm.stats.unknown_protocol == 0
+    return spans, asm
+
+
+@pytest.mark.parametrize("split_response", [False, True])
+@pytest.mark.parametrize("role", [1, 2])  # ROLE_SERVER (hypercorn), ROLE_CLIENT (curl)
+def test_h2c_upgrade_one_span_with_the_http11_request_line(role: int,
+                                                           split_response: bool) -> None:
+    spans, asm = _upgrade_spans(role, split_response)
+    assert len(spans) == 1
+    s = spans[0]
+    assert s.start_ns == asm.epoch_ns(1_000)  # the operation began with the HTTP/1.1 request
+    attrs = s.attributes
+    assert attrs["http.request.method"] == "GET"
+    assert attrs["network.protocol.version"] == "2"
+    assert attrs["http.response.status_code"] == 200
+    assert "ebpf_bridge.capture.truncated" not in attrs
+    if role == 1:
+        assert s.kind.name == "SERVER" and attrs["url.path"] == "/hello"
+        assert attrs["server.port"] == 8080
+        assert s.trace_id.hex() == TP.split("-")[1]  # the upgrading request's traceparent
+    else:
+        assert s.kind.name == "CLIENT" and attrs["url.full"].endswith("/hello")
+
+
+@pytest.mark.parametrize("role", [1, 2])  # ROLE_SERVER, ROLE_CLIENT
+def test_grpc_not_found_is_the_callers_error_only(role: int) -> None:
+    # Semantic conventions: a server span fails only on the codes it is to blame for; the
+    # code itself is on rpc.grpc.status_code either way (README: Spans).
+    from kernel_side.assembly import IdSource, SpanAssembler
+    from kernel_side.events import Chunk
+    from kernel_side.model import StatusCode
+    from kernel_side.protocols.http2_spans import StreamSpans
+
+    spans: list[Any] = []
+    asm = SpanAssembler(_Procs(), spans.append, ids=IdSource(bytes(24)))
+    streams = StreamSpans(asm)
+    for i, (from_client, data) in enumerate(load("grpc_error")):
+        streams(Chunk(tgid=7, fd=5, role=role, from_client=from_client, closed=False,
+                      peer_address="127.0.0.1", peer_port=40000, listen_fd=3, tid=7,
+                      total_len=len(data), conn_id=5, ts_ns=1_000 + i, parent_exchange_id=0,
+                      data=data, ctx=None))
+    streams.flush(10**9)
+    asm.flush()
+    (s,) = spans
+    assert s.name == "demo.Greeter/Lookup" and s.attributes["rpc.grpc.status_code"] == 5
+    if role == 1:
+        assert s.status == StatusCode.UNSET and "error.type" not in s.attributes
+    else:
+        assert s.status == StatusCode.ERROR and s.attributes["error.type"] == "NOT_FOUND"

@@ -143,6 +143,56 @@ def test_binary_protocol_prepared_statements() -> None:
     assert len({s.span_id for s in spans}) == len(spans)
 
 
+CONNECTOR_INSERT = "INSERT INTO typed (id, n, f, d, t, b, s) VALUES (?, ?, ?, ?, ?, ?, ?)"
+CONNECTOR_SELECT = "SELECT id, n, s FROM typed WHERE id >= ? AND (s = ? OR s IS NULL)"
+
+
+def test_connector_python_server_side_prepared_statements() -> None:
+    # mysql-connector-python, cursor(prepared=True): COM_STMT_RESET before every execute,
+    # COM_STMT_CLOSE riding along with the next prepare, NULL bitmaps and typed parameters.
+    _, spans = run("connector")
+    names = [s.name for s in spans]
+    assert names == ["SET", "SET", "CREATE typed", "DELETE typed"] + ["INSERT typed"] * 3 + [
+        "SELECT typed"] * 3 + ["INSERT typed", "SELECT nope"]
+    texts = [s.attributes.get(semconv.DB_QUERY_TEXT) for s in spans[4:10]]
+    assert texts == [CONNECTOR_INSERT] * 3 + [CONNECTOR_SELECT] * 3
+    for s in spans[4:10]:
+        assert s.status == StatusCode.UNSET
+        assert s.attributes[semconv.DB_NAMESPACE] == "shop"  # from the handshake
+        assert s.attributes[semconv.DB_OPERATION_NAME] in ("INSERT", "SELECT")
+        assert semconv.BRIDGE_TRUNCATED not in s.attributes
+    dup, refused = spans[10], spans[11]
+    assert dup.attributes[semconv.DB_QUERY_TEXT] == CONNECTOR_INSERT  # refused at execute
+    assert dup.status == StatusCode.ERROR and dup.attributes[semconv.ERROR_TYPE] == "1062"
+    assert refused.status == StatusCode.ERROR and refused.attributes[semconv.ERROR_TYPE] == "1146"
+    assert {s.attributes[semconv.DB_SYSTEM_NAME] for s in spans} == {"mysql"}
+
+
+class FakePeers:
+    def __init__(self, exe: str | None) -> None:
+        self.exe = exe
+        self.calls: list[tuple[int, int, str, int]] = []
+
+    def server_executable(self, tgid: int, fd: int, address: str, port: int) -> str | None:
+        self.calls.append((tgid, fd, address, port))
+        return self.exe
+
+
+@pytest.mark.parametrize(("exe", "system"), [
+    ("mariadbd", "mariadb"), ("mysqld", "mysql"), (None, "mysql"), ("proxysql", "mysql")])
+def test_local_server_executable_names_the_vendor(exe: str | None, system: str) -> None:
+    # mysql-connector-python's handshake does not tell MariaDB; the local server process does.
+    peers = FakePeers(exe)
+    out: list[SpanRecord] = []
+    asm = SpanAssembler(FakeProcs(), out.append, ids=IdSource(bytes(24)), peers=peers)
+    asm.add_protocol(mysql_spans.detect, mysql_spans.build)
+    for e in exchanges("connector"):
+        asm.on_exchange(e)
+    assert len(out) == 12
+    assert {s.attributes[semconv.DB_SYSTEM_NAME] for s in out} == {system}
+    assert peers.calls == [(10, 5, "127.0.0.1", 3306)]  # once per connection
+
+
 def test_mariadb_cli_is_recognised_as_mariadb() -> None:
     _, spans = run("cli")
     assert {s.attributes[semconv.DB_SYSTEM_NAME] for s in spans} == {"mariadb"}

@@ -211,6 +211,95 @@ def test_error_in_batch_skips_later_executes() -> None:
     assert spans[1].attributes[semconv.ERROR_TYPE] == "42P01"
 
 
+def _msg(t: bytes, body: bytes) -> bytes:
+    return t + struct.pack(">i", len(body) + 4) + body
+
+
+def _parse(name: bytes, q: bytes) -> bytes:
+    return _msg(b"P", name + b"\0" + q + b"\0\0\0")
+
+
+def _bind(portal: bytes, stmt: bytes) -> bytes:
+    return _msg(b"B", portal + b"\0" + stmt + b"\0" + b"\0\0\0\0\0\0")
+
+
+def _execute(portal: bytes, limit: int = 0) -> bytes:
+    return _msg(b"E", portal + b"\0" + struct.pack(">i", limit))
+
+
+SYNC = _msg(b"S", b"")
+ROW = _msg(b"D", b"\x00\x01" + struct.pack(">i", 1) + b"7")
+SUSPENDED = _msg(b"s", b"")
+
+
+def _ready(status: bytes) -> bytes:
+    return _msg(b"Z", status)
+
+
+def test_named_portal_executed_in_later_round_trips() -> None:
+    # A JDBC fetch-size cursor: Bind to a named portal, Execute with a row limit, then one more
+    # Execute(portal, limit) per round trip after each PortalSuspended. An unnamed statement
+    # parsed meanwhile must not lend the portal its text.
+    first = (_parse(b"", b"SELECT id FROM big_t WHERE k = $1") + _bind(b"C_1", b"")
+             + _execute(b"C_1", 2) + SYNC)
+    first_resp = (b"1\x00\x00\x00\x042\x00\x00\x00\x04" + ROW * 2 + SUSPENDED
+                  + _ready(b"T"))
+    other = _parse(b"", b"UPDATE other_t SET v = 1") + _bind(b"", b"") + _execute(b"") + SYNC
+    other_resp = (b"1\x00\x00\x00\x042\x00\x00\x00\x04"
+                  + _msg(b"C", b"UPDATE 1\0") + _ready(b"T"))
+    fetch = _execute(b"C_1", 2) + SYNC
+    last_resp = ROW + _msg(b"C", b"SELECT 5\0") + _ready(b"T")
+    spans, _ = run([(first, first_resp), (other, other_resp), (fetch, ROW * 2 + SUSPENDED
+                                                                + _ready(b"T")),
+                    (fetch, last_resp)])
+    assert [s.name for s in spans] == ["SELECT big_t", "UPDATE other_t", "SELECT big_t",
+                                       "SELECT big_t"]
+    assert spans[3].attributes[semconv.DB_QUERY_TEXT] == "SELECT id FROM big_t WHERE k = $1"
+
+
+def test_unknown_portal_has_no_text() -> None:
+    # The Bind happened before the capture started; the unnamed statement is known, yet the
+    # portal's statement is not: missing, not wrong.
+    prep = _parse(b"", b"SELECT 1 FROM t1") + _bind(b"", b"") + _execute(b"") + SYNC
+    resp = b"1\x00\x00\x00\x042\x00\x00\x00\x04" + _msg(b"C", b"SELECT 1\0") + _ready(b"T")
+    spans, _ = run([(prep, resp), (_execute(b"C_9", 10) + SYNC,
+                                   ROW + _msg(b"C", b"SELECT 1\0") + _ready(b"T"))])
+    assert [s.name for s in spans] == ["SELECT t1", "postgresql"]
+    assert semconv.DB_QUERY_TEXT not in spans[1].attributes
+
+
+def test_portal_dropped_on_close_sync_and_transaction_end() -> None:
+    q = b"SELECT a FROM t2"
+    closed = (_parse(b"s1", q) + _bind(b"C_1", b"s1") + _execute(b"C_1", 1) + SYNC
+              + _msg(b"C", b"PC_1\0") + SYNC)
+    fe = pg.parse_frontend(closed, len(closed))
+    assert fe.commands[0].query == q.decode() and fe.portals == {}
+    # Flush-separated round trips keep the unnamed portal until the Sync.
+    bound = _parse(b"", q) + _bind(b"", b"") + _msg(b"H", b"")
+    fe = pg.parse_frontend(bound, len(bound))
+    assert fe.portals == {"": (q.decode(), False)}
+    later = _execute(b"") + SYNC
+    fe2 = pg.parse_frontend(later, len(later), {}, fe.portals)
+    assert fe2.commands[0].query == q.decode() and fe2.portals == {}
+    # Back to idle (commit): named portals are gone on the server, and from the agent's memory.
+    open_ = _parse(b"", q) + _bind(b"C_2", b"") + _execute(b"C_2", 1) + SYNC
+    spans, _ = run([(open_, ROW + SUSPENDED + _ready(b"T")),
+                    (_msg(b"Q", b"COMMIT\0"), _msg(b"C", b"COMMIT\0") + _ready(b"I")),
+                    (_execute(b"C_2", 1) + SYNC, _ready(b"I"))])
+    assert [s.name for s in spans] == ["SELECT t2", "COMMIT", "postgresql"]
+
+
+def test_statement_closed_and_reprepared_in_one_exchange() -> None:
+    first = _parse(b"s1", b"SELECT 1 FROM old_t") + SYNC
+    again = (_msg(b"C", b"Ss1\0") + _parse(b"s1", b"SELECT 2 FROM new_t") + _bind(b"", b"s1")
+             + _execute(b"") + SYNC)
+    resp = (b"3\x00\x00\x00\x041\x00\x00\x00\x042\x00\x00\x00\x04"
+            + _msg(b"C", b"SELECT 1\0") + _ready(b"I"))
+    spans, _ = run([(first, b"1\x00\x00\x00\x04" + _ready(b"I")), (again, resp),
+                    (_bind(b"", b"s1") + _execute(b"") + SYNC, resp[10:])])
+    assert [s.name for s in spans] == ["SELECT new_t", "SELECT new_t"]
+
+
 def test_parent_and_business_context_flow_like_http() -> None:
     q, resp = load("simple")[4]
     spans: list[SpanRecord] = []

@@ -66,3 +66,60 @@ def test_port_ranges_select_the_process_listening_inside_one() -> None:
         assert pids_listening_on([(port, port)], [me]) == {me}
         assert pids_listening_on([(port + 1, port + 10), (1, port - 1)], [me]) == set()
     assert pids_listening_on([(port, port)], [me]) == set()  # closed: no longer listening
+
+
+def _own_exe() -> str:
+    return os.path.basename(os.readlink("/proc/self/exe"))
+
+
+def _pair(family: int, host: str) -> tuple[socket.socket, socket.socket, int]:
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.bind((host, 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    client = socket.create_connection((host, port))
+    accepted, _ = srv.accept()
+    srv.close()
+    return client, accepted, port
+
+
+def test_local_peer_executable_finds_the_server_end_of_a_connection() -> None:
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        client, accepted, port = _pair(family, host)
+        with client, accepted:
+            fd = client.fileno()
+            assert processes.local_peer_executable(os.getpid(), fd, (host, port)) == _own_exe()
+            # The fd names another connection than the exchange's: never guess.
+            assert processes.local_peer_executable(os.getpid(), fd, (host, port + 1)) is None
+            # The server end of a connection is the client's "peer" the other way round.
+            cport = client.getsockname()[1]
+            assert processes.local_peer_executable(
+                os.getpid(), accepted.fileno(), (host, cport)) == _own_exe()
+
+
+def test_local_peer_executable_after_close_falls_back_to_a_local_listener() -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = srv.accept()
+    fd = client.fileno()
+    client.close()
+    accepted.close()
+    with srv:  # still listening: the loopback listener stands in for the closed connection
+        assert processes.local_peer_executable(os.getpid(), fd, ("127.0.0.1", port)) == (
+            _own_exe())
+    # No listener any more, and a port nobody listens on: unknown, not guessed.
+    assert processes.local_peer_executable(os.getpid(), fd, ("127.0.0.1", port)) is None
+    with open(os.devnull) as f:
+        assert processes.local_peer_executable(os.getpid(), f.fileno(), ("10.9.8.7", 1)) is None
+
+
+def test_peer_servers_caches_per_server() -> None:
+    peers = processes.PeerServers()
+    client, accepted, port = _pair(socket.AF_INET, "127.0.0.1")
+    with client, accepted:
+        got = peers.server_executable(os.getpid(), client.fileno(), "127.0.0.1", port)
+        assert got == _own_exe()
+    # Connection and listener gone: the cached answer stands for the same server.
+    assert peers.server_executable(os.getpid(), 9999, "127.0.0.1", port) == _own_exe()
+    assert peers.server_executable(os.getpid(), 9999, "127.0.0.1", 1) is None

@@ -59,10 +59,25 @@ def grpc_server(ready: str) -> None:
     def lookup(request: bytes, context: Any) -> bytes:
         context.abort(grpc.StatusCode.NOT_FOUND, "no such item")
 
+    def record_items(requests: Iterator[bytes], context: Any) -> bytes:
+        return b"recorded:%d" % sum(1 for _ in requests)
+
+    def chat(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        for r in requests:
+            yield b"echo:" + r
+
+    def chat_abort(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        yield b"echo:" + next(requests)
+        next(requests)  # the second message breaks it
+        context.abort(grpc.StatusCode.INTERNAL, "chat broke")
+
     handlers = {
         "GetItem": grpc.unary_unary_rpc_method_handler(get_item, _ident, _ident),
         "ListItems": grpc.unary_stream_rpc_method_handler(list_items, _ident, _ident),
         "Lookup": grpc.unary_unary_rpc_method_handler(lookup, _ident, _ident),
+        "RecordItems": grpc.stream_unary_rpc_method_handler(record_items, _ident, _ident),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat, _ident, _ident),
+        "ChatAbort": grpc.stream_stream_rpc_method_handler(chat_abort, _ident, _ident),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
@@ -95,7 +110,41 @@ def grpc_client(port: int, go: str) -> None:
             lookup(b"nope")
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.NOT_FOUND
+        _streaming_calls(ch)
     print("grpc-client done", flush=True)
+
+
+STREAM_PAUSE_S = 0.05
+"""Gap between the messages a streaming call sends, so each call spans several round trips."""
+
+
+def _paced(messages: list[bytes]) -> Iterator[bytes]:
+    for i, m in enumerate(messages):
+        if i:
+            time.sleep(STREAM_PAUSE_S)
+        yield m
+
+
+def _streaming_calls(ch: Any) -> None:
+    """A client-streaming call, a bidirectional one, and a bidirectional one the server aborts
+    midway, each sending three messages with a pause between them."""
+    import grpc
+
+    record = ch.stream_unary(f"/{SERVICE}/RecordItems", request_serializer=_ident,
+                             response_deserializer=_ident)
+    chat = ch.stream_stream(f"/{SERVICE}/Chat", request_serializer=_ident,
+                            response_deserializer=_ident)
+    chat_abort = ch.stream_stream(f"/{SERVICE}/ChatAbort", request_serializer=_ident,
+                                  response_deserializer=_ident)
+    assert record(_paced([b"a", b"b", b"c"])) == b"recorded:3"
+    assert list(chat(_paced([b"x", b"y", b"z"]))) == [b"echo:x", b"echo:y", b"echo:z"]
+    got: list[bytes] = []
+    try:
+        for reply in chat_abort(_paced([b"p", b"q", b"r"])):
+            got.append(reply)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INTERNAL
+    assert got == [b"echo:p"]
 
 
 async def _asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
