@@ -214,6 +214,12 @@ class Agent:
         """The agent's CPU seconds so far."""
         return cpu_seconds(self.pid)
 
+    def runqueue_wait(self) -> float:
+        """Seconds the agent's main thread (the ring-buffer consumer) has spent runnable but
+        waiting for a CPU (/proc schedstat): on a shared machine, time others took from it."""
+        fields = Path(f"/proc/{self.pid}/task/{self.pid}/schedstat").read_text().split()
+        return int(fields[1]) / 1e9
+
     def idle_cpu_per_s(self, seconds: float) -> float:
         """The agent's CPU seconds per second with no traffic, over ``seconds``."""
         c0, t0 = self.cpu(), time.monotonic()

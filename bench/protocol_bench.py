@@ -15,7 +15,9 @@
    by server port or method), events the kernel lost (ring buffer full) from the agent's final
    stats, and agent CPU per span net of its idle cost (utime+stime from /proc, minus the idle
    rate measured over an equal window before the load). When no event was lost, the load
-   tool was the limit, and the agent's CPU share says how far from its own limit it was.
+   tool was the limit, and the agent's CPU share says how far from its own limit it was. The
+   share of the window the agent's consumer thread spent runnable but without a CPU
+   (/proc schedstat) says how much of any loss is the machine being busy.
 
 Prints tables (median [min-max] of --repeat runs) and writes JSON; never pass/fail. Part 2
 needs root, PostgreSQL 15, MariaDB, redis, nginx and wrk (a missing one is skipped and said).
@@ -385,10 +387,10 @@ def one_live_run(tmp: Path, load: Load, seconds: int) -> dict[str, float]:
     try:
         agent.start()
         idle = agent.idle_cpu_per_s(seconds)
-        c0, t0 = agent.cpu(), time.monotonic()
+        c0, w0, t0 = agent.cpu(), agent.runqueue_wait(), time.monotonic()
         ops = load.run(seconds)
         window = time.monotonic() - t0
-        during = agent.cpu() - c0
+        during, waited = agent.cpu() - c0, agent.runqueue_wait() - w0
         agent.wait_drained()
         busy = agent.cpu() - c0
         drained = time.monotonic() - t0
@@ -401,7 +403,8 @@ def one_live_run(tmp: Path, load: Load, seconds: int) -> dict[str, float]:
         "window_s": window, "tool_ops": ops, "spans": spans, "spans_per_s": spans / window,
         "events_lost": stats.get("events_lost", 0),
         "export_dropped": stats.get("export_dropped_queue_full", 0),
-        "agent_core_busy": during / window, "idle_cpu_per_s": idle,
+        "agent_core_busy": during / window, "agent_runqueue_wait": waited / window,
+        "idle_cpu_per_s": idle,
         "agent_us_per_span": net / max(spans, 1) * 1e6,
     }
 
@@ -466,6 +469,7 @@ def main() -> int:
         cols = [("spans_per_s", "spans/s out", ",.0f"), ("tool_ops", "tool ops", ",.0f"),
                 ("spans", "spans (JSONL)", ",.0f"), ("events_lost", "events lost", ",.0f"),
                 ("agent_core_busy", "agent CPU share", ".2f"),
+                ("agent_runqueue_wait", "agent waited CPU", ".2f"),
                 ("agent_us_per_span", "agent us/span", ".1f")]
         for name, res in live.items():
             print(f"\n{name}")
