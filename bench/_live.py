@@ -125,6 +125,22 @@ def self_signed_cert(tmp: Path) -> tuple[Path, Path]:
     return crt, key
 
 
+def other_agents(mine: int | None = None) -> int:
+    """ebpf-bridge agents running that are not ``mine``: their tracepoints and libssl uprobes
+    also tax every process, ours and the bare baselines included."""
+    n = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == mine:
+            continue
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kernel_side.cli" in argv and b"agent" in argv:
+            n += 1
+    return n
+
+
 def parse_stats(log: str) -> dict[str, int]:
     """The counters of the agent's ``final stats`` line."""
     lines = [ln for ln in log.splitlines() if "final stats" in ln]

@@ -53,6 +53,7 @@ from _live import (  # noqa: E402
     attr_is,
     count_spans,
     free_port,
+    other_agents,
     start_nginx,
     stop_group,
     wait_file,
@@ -387,6 +388,7 @@ def one_live_run(tmp: Path, load: Load, seconds: int) -> dict[str, float]:
     try:
         agent.start()
         idle = agent.idle_cpu_per_s(seconds)
+        others = other_agents(agent.pid)
         c0, w0, t0 = agent.cpu(), agent.runqueue_wait(), time.monotonic()
         ops = load.run(seconds)
         window = time.monotonic() - t0
@@ -404,7 +406,7 @@ def one_live_run(tmp: Path, load: Load, seconds: int) -> dict[str, float]:
         "events_lost": stats.get("events_lost", 0),
         "export_dropped": stats.get("export_dropped_queue_full", 0),
         "agent_core_busy": during / window, "agent_runqueue_wait": waited / window,
-        "idle_cpu_per_s": idle,
+        "idle_cpu_per_s": idle, "other_agents": max(others, other_agents(agent.pid)),
         "agent_us_per_span": net / max(spans, 1) * 1e6,
     }
 

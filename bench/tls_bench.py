@@ -13,6 +13,8 @@ and tracepoint programs run in its system calls, so the kernel-side cost lands h
 of that nginx counted in the agent's JSONL output (by server port and url.scheme), events
 lost, and agent CPU per span: its CPU from the start of the load until the output stopped
 growing, minus its idle CPU rate (measured over an equal window just before) times that time.
+Other ebpf-bridge agents running at the time (someone else's tests) are counted per phase:
+their libssl uprobes trap in every process that uses the same libssl, bare nginx included.
 With --bpf-stats the kernel's BPF run-time statistics (sysctl kernel.bpf_stats_enabled, restored
 afterwards, as bench/kernel_cost.py does) give each agent program's ns per request.
 
@@ -44,6 +46,7 @@ from _live import (  # noqa: E402
     count_spans,
     cpu_seconds,
     free_port,
+    other_agents,
     self_signed_cert,
     start_nginx,
     stop_group,
@@ -83,8 +86,10 @@ def phase(tmp: Path, scheme: str, port: int, worker: int, agent: Agent | None,
         before_spans = count_spans(agent.jsonl, _match(port, scheme))
         progs0 = agent_programs(agent.pid) if args.bpf_stats else {}
         c0, t0 = agent.cpu(), time.monotonic()
+    others = other_agents(agent.pid if agent else None)
     app0 = cpu_seconds(worker)
     w = run_wrk(url, args.seconds, args.connections, args.rate, tmp)
+    out["other_agents"] = max(others, other_agents(agent.pid if agent else None))
     out.update({"rps": w["rps"], "requests": w["requests"], "p50_ms": w["p50_ms"],
                 "p99_ms": w["p99_ms"],
                 "app_cpu_us_per_req": (cpu_seconds(worker) - app0) / w["requests"] * 1e6})
@@ -193,7 +198,7 @@ def main() -> int:
           f"{args.seconds} s per phase, keep-alive; nginx + wrk on CPU 1, agent on CPU 0; "
           f"median [min-max] of {args.repeat} rounds")
     keys = ["rps", "p50_ms", "p99_ms", "app_cpu_us_per_req", "spans", "agent_us_per_span",
-            "events_lost_round", "bpf_ns_per_req_total"]
+            "events_lost_round", "bpf_ns_per_req_total", "other_agents"]
     print(f"{'metric':<22}" + "".join(f" {m:>26}" for m in modes))
     for k in keys:
         if any(k in r for m in modes for r in runs[m]):
