@@ -1,11 +1,13 @@
-"""Every benchmark in one command, with short defaults (about 10 minutes on 2 cores).
+"""Every benchmark in one command, with short defaults (about 20 minutes on 2 cores).
 
 Runs, in order: annotate_vs_sdk (annotate() vs an OpenTelemetry SDK span), otel_processor
-(what BridgeSpanProcessor adds to an SDK span), pipeline_bench
-(agent user-space cost per span by stage), agent_bench at max rate and paced (nginx worst
-case), and flask_bench (bare vs OpenTelemetry auto-instrumentation vs agent + annotate, at max
-rate and paced). Each writes its own JSON under bench/results/; this prints every table and
-writes bench/results/all.json with all of them. Never decides pass/fail.
+(what BridgeSpanProcessor adds to an SDK span), pipeline_bench (agent user-space cost per span
+by stage), agent_bench at max rate and paced (nginx worst case), flask_bench (bare vs
+OpenTelemetry auto-instrumentation vs agent + annotate, at max rate and paced), kernel_cost
+(per BPF program), inject and stitch, protocol_bench (parser cost per protocol, and live
+capacity under redis-benchmark, pgbench, mariadb-slap, grpcio and wrk) and tls_bench (HTTPS vs
+HTTP at a fixed rate). Each writes its own JSON under bench/results/; this prints every table
+and writes bench/results/all.json with all of them. Never decides pass/fail.
 
     sudo .venv/bin/python bench/run_all.py [--quick] [--only flask,annotate]
 """
@@ -68,6 +70,9 @@ def benches(quick: bool) -> dict[str, list[str]]:
         "kernel_cost": ["bench/kernel_cost.py", "--duration", d],
         "inject": ["bench/inject_bench.py", "--duration", d, "--repeat", "2"],
         "stitch": ["bench/stitch_bench.py", "--duration", "4" if quick else "8", "--repeat", "2"],
+        "protocols": ["bench/protocol_bench.py", "--seconds", "3" if quick else "6",
+                      "--repeat", rep],
+        "tls": ["bench/tls_bench.py", "--seconds", "3" if quick else "6", "--repeat", rep],
     }
 
 
