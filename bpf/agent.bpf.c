@@ -110,7 +110,9 @@ struct sk_tuple {
     __u8 saddr[16];
     __u16 sport;
     __u16 family;
-    __u32 _pad;
+    __u16 dport;
+    __u16 _pad;
+    __u8 daddr[16]; /* the peer: servers that accept with a NULL sockaddr (libuv) learn it here */
 };
 
 /* An endpoint (address, port) of a traced client socket on this node. */
@@ -818,6 +820,29 @@ BPF_HASH(ssl_calls, __u32, struct ssl_call, THREAD_MAX);
  * socket the thread last moved bytes on. */
 BPF_TABLE("lru_hash", struct ssl_key, __u32, ssl_fd, SOCK_MAX);
 BPF_TABLE("lru_hash", __u32, __u32, tls_last_fd, SOCK_MAX);
+/* The way back, so closing a socket forgets its SSL object: SSL objects are freed with their
+ * connection and their addresses reused for the next one, which must not inherit the old fd. */
+BPF_TABLE("lru_hash", struct sock_key, __u64, ssl_by_fd, SOCK_MAX);
+
+static __always_inline void remember_ssl_fd(struct ssl_key *sk, __u32 fd)
+{
+    ssl_fd.update(sk, &fd);
+    struct sock_key k = {.tgid = sk->tgid, .fd = fd};
+    __u64 ssl = sk->ssl;
+    ssl_by_fd.update(&k, &ssl);
+}
+
+static __always_inline void forget_ssl_fd(struct sock_key *k)
+{
+    __u64 *sslp = ssl_by_fd.lookup(k);
+    if (!sslp)
+        return;
+    struct ssl_key sk = {.tgid = k->tgid, .ssl = *sslp};
+    __u32 *fdp = ssl_fd.lookup(&sk);
+    if (fdp && *fdp == k->fd)
+        ssl_fd.delete(&sk);
+    ssl_by_fd.delete(k);
+}
 
 static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, int dir,
                                    struct io_args *ap, long ret, __u32 tid);
@@ -834,8 +859,7 @@ static __always_inline void tls_learn_fd(struct sock_info *si, struct sock_key *
     if (!c)
         return;
     struct ssl_key sk = {.tgid = k->tgid, .ssl = c->ssl};
-    __u32 fd = k->fd;
-    ssl_fd.update(&sk, &fd);
+    remember_ssl_fd(&sk, k->fd);
     if (!si->tls) {
         si->tls = 1;
         forget_conn_state(k);
@@ -939,7 +963,7 @@ static __always_inline int ssl_exit(struct pt_regs *ctx)
         if (!last)
             return 0;
         fd = *last;
-        ssl_fd.update(&sk, &fd);
+        remember_ssl_fd(&sk, fd);
     }
     struct sock_key k = {.tgid = tgid, .fd = fd};
     struct sock_info *si = socks.lookup(&k);
@@ -1056,6 +1080,11 @@ static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, in
     if (!st->local_port && si->local_known) {
         __builtin_memcpy(st->local_addr, si->local_addr, sizeof(st->local_addr));
         st->local_port = si->local_port;
+    }
+    if (!st->peer_port && si->peer_port) {
+        __builtin_memcpy(st->peer_addr, si->peer_addr, sizeof(st->peer_addr));
+        st->peer_port = si->peer_port;
+        st->family = si->family;
     }
     __u64 now = bpf_ktime_get_ns();
     int req_dir = (st->role == ROLE_SERVER) == (dir == DIR_IN);
@@ -1270,6 +1299,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
         if (pfd && *pfd == k.fd)
             server_by_peer.delete(&pk);
     }
+    if (si->tls)
+        forget_ssl_fd(&k);
     struct exchange *st = conns.lookup(&k);
     if (st && st->phase != PHASE_IDLE)
         emit(st);
@@ -1303,10 +1334,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     struct sk_tuple t = {};
     t.sport = args->sport;
     t.family = args->family;
-    if (args->family == AF_INET_)
+    t.dport = args->dport;
+    if (args->family == AF_INET_) {
         __builtin_memcpy(t.saddr, args->saddr, 4);
-    else
+        __builtin_memcpy(t.daddr, args->daddr, 4);
+    } else {
         __builtin_memcpy(t.saddr, args->saddr_v6, 16);
+        __builtin_memcpy(t.daddr, args->daddr_v6, 16);
+    }
     sk_ports.update(&sk, &t);
     return 0;
 }
@@ -1332,6 +1367,18 @@ static __always_inline int learn_local(const void *skp)
     __builtin_memcpy(si->local_addr, t->saddr, sizeof(si->local_addr));
     si->local_port = t->sport;
     si->local_known = 1;
+    if (!si->peer_port && t->dport) {
+        /* accept4(fd, NULL, NULL): the syscall named no peer, the socket does. */
+        __builtin_memcpy(si->peer_addr, t->daddr, sizeof(si->peer_addr));
+        si->peer_port = t->dport;
+        if (!si->family)
+            si->family = t->family;
+        if (si->role == ROLE_SERVER) {
+            struct peer_key pk = {.tgid = k.tgid, .port = si->peer_port};
+            __u32 fd = k.fd;
+            server_by_peer.update(&pk, &fd);
+        }
+    }
     if (si->role == ROLE_CLIENT) {
         struct addr_port ap;
         addr_key(&ap, si->local_addr, si->local_port);

@@ -282,6 +282,75 @@ def test_node_https_server_and_client(harness: Harness, receiver: OtlpReceiver,
     assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
 
 
+_NODE_CONCURRENT_CLIENT = """
+const https = require('https'), fs = require('fs');
+const [ca, port, go, n, width] = process.argv.slice(1);
+const opts = {host: '127.0.0.1', port: Number(port), agent: false, ca: fs.readFileSync(ca)};
+let next = 0, done = 0;
+function one() {
+  if (next >= Number(n)) return;
+  const i = next++;
+  https.get({...opts, path: '/conc/' + i, headers: {Connection: 'close'}}, (res) => {
+    res.resume();
+    res.on('end', () => { if (++done === Number(n)) process.exit(0); one(); });
+  }).on('error', (e) => { console.error(e); process.exit(1); });
+}
+function wait() {
+  if (!fs.existsSync(go)) return setTimeout(wait, 20);
+  for (let k = 0; k < Number(width); k++) one();
+}
+wait();
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="needs node")
+def test_node_https_concurrent_connections_each_get_their_own_spans(
+        harness: Harness, receiver: OtlpReceiver, cert: tuple[Path, Path]) -> None:
+    """Node's OpenSSL works on memory buffers, so the agent learns an SSL object's socket from
+    the thread's last TLS socket; SSL objects are freed and their addresses reused as
+    connections come and go. 64 requests, each on its own connection, 16 at a time: every one
+    gets one server and one client span, and each server span is the child of its own
+    request's client span (same-node stitching by connection)."""
+    assert NODE is not None
+    n = 64
+    ready = harness.tmp / "node-server.ready"
+    server = harness.start("node-server", [NODE, "-e", _NODE_SERVER, str(cert[0]),
+                                           str(cert[1]), str(ready)],
+                           env={"OTEL_SERVICE_NAME": "node-server"}, ready_file=ready)
+    port = int(ready.read_text())
+    go = harness.tmp / "node-client.go"
+    client = harness.start("node-client", [NODE, "-e", _NODE_CONCURRENT_CLIENT, str(cert[0]),
+                                           str(port), str(go), str(n), "16"],
+                           env={"OTEL_SERVICE_NAME": "node-client"})
+    agent = harness.agent("--pid", str(server.pid), "--pid", str(client.pid),
+                          receiver=receiver)
+    go.write_text("")
+    assert client.popen.wait(60) == 0
+    paths = [f"/conc/{i}" for i in range(n)]
+
+    def done(ss: list[ReceivedSpan]) -> bool:
+        return len(by_service(ss, "node-server", SERVER)) >= n and \
+            len(by_service(ss, "node-client", CLIENT)) >= n
+
+    with contextlib.suppress(AssertionError):  # what is missing is reported below
+        receiver.wait_for(done, timeout_s=60)
+    spans = receiver.spans()
+    servers = {s.attributes["url.path"]: s for s in by_service(spans, "node-server", SERVER)}
+    clients = {str(c.attributes["url.full"]).split(str(port), 1)[1]: c
+               for c in by_service(spans, "node-client", CLIENT)}
+    assert sorted(set(paths) - set(servers)) == [], "requests without a server span"
+    assert sorted(set(paths) - set(clients)) == [], "requests without a client span"
+    assert len(by_service(spans, "node-server", SERVER)) == n
+    assert len(by_service(spans, "node-client", CLIENT)) == n
+    for path in paths:
+        assert servers[path].parent_span_id == clients[path].span_id, path
+        assert servers[path].trace_id == clients[path].trace_id, path
+    assert not _garbage(spans)
+    agent.stop()
+    st = _stats(agent.log_text())
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
+
+
 # --- PostgreSQL with sslmode=require -------------------------------------------------------
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
