@@ -1418,6 +1418,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             /* Wake user space now: it must read /proc/<pid> (resource, namespace) while a
              * short-lived process is still there. */
             struct proc_event ev = {.type = EV_PROC, .what = PROC_EXEC, .pid = tgid};
+            /* With its name: a process quicker than user space (curl) is gone from /proc
+             * before it is read, and its spans still need a service name. */
+            __builtin_memcpy(ev.comm, name.comm, sizeof(ev.comm));
             if (events.ringbuf_output(&ev, sizeof(ev), BPF_RB_FORCE_WAKEUP))
                 stat_inc(ST_PROC_LOST);
             return 0;
