@@ -23,20 +23,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TICK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(REPO / "bench"))
 
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its reaped children, in seconds."""
-    raw = Path(f"/proc/{pid}/stat").read_bytes()
-    f = raw[raw.rfind(b")") + 2 :].split()
-    return (int(f[11]) + int(f[12])) / TICK
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from _live import cpu_seconds, free_port  # noqa: E402  (re-exported for the other benches)
 
 
 def start_nginx(tmp: Path, port: int) -> subprocess.Popen[bytes]:

@@ -246,15 +246,21 @@ wait();
 """
 
 
-@pytest.mark.skipif(NODE is None, reason="needs node")
-def test_node_https_server_and_client(harness: Harness, receiver: OtlpReceiver,
-                                      cert: tuple[Path, Path]) -> None:
+def _node_server(harness: Harness, cert: tuple[Path, Path]) -> tuple[Proc, int]:
+    """The Node https server (its OpenSSL is linked into node), started and ready."""
     assert NODE is not None
     ready = harness.tmp / "node-server.ready"
     server = harness.start("node-server", [NODE, "-e", _NODE_SERVER, str(cert[0]),
                                            str(cert[1]), str(ready)],
                            env={"OTEL_SERVICE_NAME": "node-server"}, ready_file=ready)
-    port = int(ready.read_text())
+    return server, int(ready.read_text())
+
+
+@pytest.mark.skipif(NODE is None, reason="needs node")
+def test_node_https_server_and_client(harness: Harness, receiver: OtlpReceiver,
+                                      cert: tuple[Path, Path]) -> None:
+    assert NODE is not None
+    server, port = _node_server(harness, cert)
     go = harness.tmp / "node-client.go"
     client = harness.start("node-client", [NODE, "-e", _NODE_CLIENT, str(cert[0]), str(port),
                                            str(go), "5"],
@@ -313,11 +319,7 @@ def test_node_https_concurrent_connections_each_get_their_own_spans(
     request's client span (same-node stitching by connection)."""
     assert NODE is not None
     n = 64
-    ready = harness.tmp / "node-server.ready"
-    server = harness.start("node-server", [NODE, "-e", _NODE_SERVER, str(cert[0]),
-                                           str(cert[1]), str(ready)],
-                           env={"OTEL_SERVICE_NAME": "node-server"}, ready_file=ready)
-    port = int(ready.read_text())
+    server, port = _node_server(harness, cert)
     go = harness.tmp / "node-client.go"
     client = harness.start("node-client", [NODE, "-e", _NODE_CONCURRENT_CLIENT, str(cert[0]),
                                            str(port), str(go), str(n), "16"],
