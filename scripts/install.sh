@@ -16,7 +16,7 @@ APT_PACKAGES=(
   python3-bpfcc bpfcc-tools libbpfcc linux-headers-amd64 python3-venv python3-dev
   nginx-light curl wrk redis-server postgresql mariadb-server
   golang-go default-jdk-headless nodejs iproute2 util-linux
-  golang-golang-x-net-dev libpostgresql-jdbc-java
+  golang-golang-x-net-dev libpostgresql-jdbc-java gcc libc6-dev openssl
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
