@@ -1107,9 +1107,15 @@ static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, in
         st->req_end_ns = now;
     } else {
         if (st->phase == PHASE_IDLE) {
-            /* Response bytes with no request seen: the capture began mid-exchange. */
-            stat_inc(ST_UNMATCHED_RESPONSE);
-            return 0;
+            if (st->role != ROLE_CLIENT || st->exchange_id || st->resp_calls) {
+                /* Response bytes with no request seen: the capture began mid-exchange. */
+                stat_inc(ST_UNMATCHED_RESPONSE);
+                return 0;
+            }
+            /* The server speaks first on a fresh client connection (MySQL's greeting names
+             * the server and its version): an exchange with no request, so user space sees
+             * those bytes instead of their being dropped. */
+            start_exchange(st, &k, tid);
         }
         if (st->phase == PHASE_REQ) {
             st->phase = PHASE_RESP;

@@ -403,6 +403,33 @@ def parse_reply(packets: list[Packet], command: int = COM_QUERY) -> Reply:
     return Reply("unknown")
 
 
+GREETING_PROTOCOL: Final = 10
+"""HandshakeV10, the first packet a MySQL or MariaDB server sends on a new connection."""
+
+
+def parse_greeting(response: bytes) -> str | None:
+    """The server version a server's greeting announces (``8.0.36``,
+    ``5.5.5-10.11.6-MariaDB-0+deb12u1``), or None when ``response`` is not a greeting: sequence
+    id 0, protocol 10, then the version as a NUL-terminated printable string inside the
+    packet."""
+    if len(response) < 7 or response[3] != 0 or response[4] != GREETING_PROTOCOL:
+        return None
+    length = int.from_bytes(response[:3], "little")
+    end = response.find(b"\0", 5, 4 + length)
+    if end <= 5:
+        return None
+    version = response[5:end]
+    if not version.isascii() or not version.decode("ascii").isprintable():
+        return None
+    return version.decode("ascii")
+
+
+def vendor_of_server_version(version: str) -> str:
+    """``"mariadb"`` when a greeting's version says MariaDB (MariaDB prefixes its own version
+    with ``5.5.5-`` for old clients, but always names itself), else ``"mysql"``."""
+    return "mariadb" if "mariadb" in version.lower() else "mysql"
+
+
 def vendor_of_server_executable(name: str) -> str | None:
     """``"mariadb"`` when a server's executable name proves MariaDB (``mariadbd``, and
     ``mariadb-*`` wrappers), else None: ``mysqld`` is MySQL's name but also MariaDB's before

@@ -17,9 +17,10 @@ Choices:
   execute will ever show that failure.
 * ``COM_INIT_DB``, ``COM_PING``, ``COM_QUIT``, ``COM_STMT_CLOSE`` and the handshake make no
   spans; they only update the connection's memory.
-* ``db.system.name`` is ``"mysql"`` unless something proves MariaDB. The server's version
-  string is in its greeting, which the kernel does not capture (the server speaks first, and
-  response bytes before any request are dropped). Two things do prove it:
+* ``db.system.name`` comes from the server's greeting: the kernel hands the first server bytes
+  of a fresh client connection over as an exchange with no request, and a version naming
+  MariaDB means ``"mariadb"``, anything else ``"mysql"``. Without a greeting (a connection
+  opened before the agent started) two things can still prove MariaDB, else it is ``"mysql"``:
 
   - the client's HandshakeResponse: a MariaDB-aware client (libmariadb, so the ``mariadb`` CLI
     and Connector/C based drivers) talking to a MariaDB server clears ``CLIENT_MYSQL`` and
@@ -27,11 +28,6 @@ Choices:
   - the server's executable, when the server is a process on this host: the agent finds the
     other end of the client's socket in /proc (once per connection, cached per server address)
     and ``mariadbd`` means MariaDB.
-
-  Other clients of a remote server (PyMySQL, mysql-connector-python, JDBC) send the same
-  handshake to both servers, so their spans say ``"mysql"``, which is also the protocol's name.
-  A kernel change that kept the greeting (the first server bytes of a client connection, as
-  the response of an exchange with an empty request) would make this exact everywhere.
 """
 
 from __future__ import annotations
@@ -57,6 +53,9 @@ def detect(ex: Exchange) -> bool:
     """Whether ``ex`` is MySQL traffic: a command packet (sequence id 0, a known command byte,
     a length that fits) or a handshake response (sequence id 1) or auth continuation."""
     req = ex.request
+    if ex.req_bytes == 0:
+        # The server spoke first: the kernel hands over its greeting as a request-less exchange.
+        return mysql.parse_greeting(ex.response) is not None
     return (
         mysql.looks_like_command(req, ex.req_bytes, ex.response)
         or mysql.looks_like_handshake_response(req, ex.response)
@@ -72,7 +71,13 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
     if state.get("opaque"):
         return
     req = ex.request
+    if ex.req_bytes == 0:
+        version = mysql.parse_greeting(ex.response)
+        if version is not None:
+            state["system"] = mysql.vendor_of_server_version(version)
+        return
     if "system" not in state:
+        # No greeting seen (the connection predates the agent, or its exchange was lost).
         _learn_server(asm, ex, state)
     if mysql.looks_like_handshake_response(req, ex.response):
         _handshake(state, req)

@@ -7,8 +7,11 @@ The server is Debian's MariaDB, started per module in a temporary datadir; it is
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,6 +113,57 @@ def test_pymysql_text_and_binary_protocol(harness: Harness, receiver: OtlpReceiv
         assert parent is not None, s.name
         assert parent.trace_id == s.trace_id
         assert parent.attributes["tenant_id"] == s.attributes["tenant_id"]
+
+
+@contextlib.contextmanager
+def _relay(to_port: int) -> Iterator[int]:
+    """A plain TCP forwarder in this (untraced) process: to the agent's /proc lookup the server
+    is a Python process, as a remote MariaDB behind a proxy would be anything but mariadbd."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", to_port))
+            threading.Thread(target=pump, args=(c, up), daemon=True).start()
+            threading.Thread(target=pump, args=(up, c), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield lsock.getsockname()[1]
+    finally:
+        done.set()
+        lsock.close()
+
+
+def test_the_server_greeting_names_mariadb_behind_a_relay(harness: Harness,
+                                                         receiver: OtlpReceiver,
+                                                         db_port: int) -> None:
+    # PyMySQL's handshake does not reveal MariaDB and the local process holding the server end
+    # is the relay: only the greeting, which the kernel now hands over, can tell.
+    with _relay(db_port) as relay_port:
+        port = _start_app(harness, receiver, relay_port)
+        for _ in range(3):  # one new PyMySQL connection (and greeting) per request
+            r = requests.get(f"http://127.0.0.1:{port}/orders/scn-relay",
+                             headers={"X-Tenant-ID": "scn-relay"}, timeout=30)
+            assert r.status_code == 200, r.text
+        spans = receiver.wait_for(lambda ss: len([
+            s for s in _db(ss) if s.name == "SELECT orders"
+            and s.attributes.get("tenant_id") == "scn-relay"]) >= 3, timeout_s=30)
+    mine = [s for s in _db(spans) if s.attributes.get("tenant_id") == "scn-relay"]
+    assert mine and {s.attributes["db.system.name"] for s in mine} == {"mariadb"}
+    assert {s.attributes["server.port"] for s in mine} == {relay_port}
 
 
 def test_connector_python_prepared_cursor(harness: Harness, receiver: OtlpReceiver,

@@ -193,6 +193,45 @@ def test_local_server_executable_names_the_vendor(exe: str | None, system: str) 
     assert peers.calls == [(10, 5, "127.0.0.1", 3306)]  # once per connection
 
 
+def greeting(version: bytes) -> bytes:
+    """A HandshakeV10 packet as a server sends it first (sequence id 0)."""
+    body = (bytes([10]) + version + b"\0" + struct.pack("<I", 7) + b"abcdefgh\0"
+            + b"\xff\xf7\x08\x02\x00\xff\x81\x15" + bytes(10) + b"ijklmnopqrst\0"
+            + b"mysql_native_password\0")
+    return len(body).to_bytes(3, "little") + b"\0" + body
+
+
+@pytest.mark.parametrize(("version", "system"), [
+    (b"5.5.5-10.11.6-MariaDB-0+deb12u1", "mariadb"), (b"8.0.36", "mysql"),
+    (b"11.4.2-MariaDB-log", "mariadb")])
+def test_the_greeting_names_the_vendor_without_any_lookup(version: bytes, system: str) -> None:
+    # The kernel hands the server's first bytes over as an exchange with no request.
+    peers = FakePeers("proxysql")  # would say nothing; it must not even be asked
+    out: list[SpanRecord] = []
+    asm = SpanAssembler(FakeProcs(), out.append, ids=IdSource(bytes(24)), peers=peers)
+    asm.add_protocol(mysql_spans.detect, mysql_spans.build)
+    conns = {e.conn_id for e in exchanges("connector")}
+    for conn_id in conns:
+        asm.on_exchange(ex(b"", greeting(version), conn_id=conn_id))
+    assert out == [] and asm.stats.unknown_protocol == 0
+    for e in exchanges("connector"):
+        asm.on_exchange(e)
+    assert len(out) == 12
+    assert {s.attributes[semconv.DB_SYSTEM_NAME] for s in out} == {system}
+    assert peers.calls == []
+
+
+@pytest.mark.parametrize("response", [
+    b"", b"\x05\x00\x00\x00\x0a", greeting(b"8.0")[:8], b"\x07\x00\x00\x01\x0a8.0\x00xx",
+    b"\x07\x00\x00\x00\x098.0\x00xx", b"\x07\x00\x00\x00\x0a8.\x01\x00xx",
+    b"SSH-2.0-OpenSSH_9.2p1\r\n"])
+def test_what_is_not_a_greeting_is_left_alone(response: bytes) -> None:
+    assert mysql.parse_greeting(response) is None
+    asm, out = assembler()
+    asm.on_exchange(ex(b"", response))
+    assert out == [] and asm.stats.parse_errors == 0 and asm.stats.unknown_protocol == 1
+
+
 def test_mariadb_cli_is_recognised_as_mariadb() -> None:
     _, spans = run("cli")
     assert {s.attributes[semconv.DB_SYSTEM_NAME] for s in spans} == {"mariadb"}
