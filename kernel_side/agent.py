@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import grp
 import logging
@@ -438,6 +439,30 @@ def _load_bcc() -> Any:
     return bcc
 
 
+BPF_NOEXIST = 1
+
+
+def take_if_unchanged(table: Any, key: Any, seen: Any) -> None:
+    """Delete ``table[key]`` if it still holds ``seen``, so a value the kernel wrote after it
+    was read is never thrown away.
+
+    BPF_MAP_LOOKUP_AND_DELETE_ELEM (hash maps, Linux 5.14+) takes the entry atomically; a value
+    that turns out newer than ``seen`` is put back, unless the kernel has written yet another
+    by then (BPF_NOEXIST). Where the kernel lacks the command, a plain delete.
+    """
+    from bcc.libbcc import lib
+
+    got = table.Leaf()
+    fd = table.map_fd
+    if lib.bpf_map_lookup_and_delete_elem(fd, ctypes.byref(key), ctypes.byref(got)) != 0:
+        if ctypes.get_errno() not in (errno.ENOENT, 0):
+            with contextlib.suppress(KeyError):
+                del table[key]
+        return
+    if bytes(got) != bytes(seen):
+        lib.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(got), BPF_NOEXIST)
+
+
 class Agent:
     """One agent run. ``run()`` blocks until stopped and returns the exit code."""
 
@@ -462,6 +487,12 @@ class Agent:
         self.callback_errors = 0
         self.idle_flushed = 0
         self.ids = IdSource()
+        # Exchange ids the idle flush emitted while the kernel still holds the exchange: the
+        # kernel emits it again at the connection's next request or close, and that copy is
+        # dropped (see _flush_idle). Insertion-ordered and capped at the size of `conns`.
+        self._flushed: dict[int, int] = {}
+        self.idle_flush_repeats = 0
+        """Kernel emissions of exchanges the idle flush had already emitted (dropped)."""
         # Entries user space removed from `conns` / `socks` (idle flush, dead processes): the
         # eviction arithmetic in table_stats subtracts them.
         self.conns_deleted_user = 0
@@ -815,7 +846,11 @@ class Agent:
             kind = int.from_bytes(raw[:4], "little")
             if kind == EV_EXCHANGE_PACKED:
                 assert self._layout is not None and self.assembler is not None
-                self.assembler.on_exchange(self._layout.decode_packed(raw))
+                ex = self._layout.decode_packed(raw)
+                if self._flushed and self._flushed.pop(ex.exchange_id, 0):
+                    self.idle_flush_repeats += 1
+                    return 0
+                self.assembler.on_exchange(ex)
             elif kind == EV_CHUNK:
                 assert self._chunk_layout is not None and self.assembler is not None
                 self.assembler.on_chunk(self._chunk_layout.decode(raw))
@@ -835,7 +870,15 @@ class Agent:
 
     def _flush_idle(self, idle_ns: int) -> None:
         """Emit exchanges whose response went quiet: the kernel only sees an exchange end at the
-        next request or a close, which may never come on an idle keep-alive connection."""
+        next request or a close, which may never come on an idle keep-alive connection.
+
+        User space never deletes the exchange from ``conns``: a delete cannot be made
+        conditional, so one that raced the connection's next request (the kernel emitting this
+        exchange and starting the next one in the same entry) emitted this exchange twice and
+        threw the new one away. CI caught that race as a duplicate span id under load. The
+        exchange now stays; the kernel emits it again when the connection moves on, and
+        ``_on_event`` drops that copy by its exchange id.
+        """
         now = time.monotonic_ns()
         if idle_ns:
             # Under load the loop wakes on every ring-buffer wakeup, many times per tick (about
@@ -848,6 +891,7 @@ class Agent:
         assert self._layout is not None and self.assembler is not None
         inflight = b["inflight"]
         conns = b["conns"]
+        flushed = self._flushed
         for key, started in list(inflight.items()):
             # ``inflight`` holds when the exchange's response started; it ended later, so a
             # response that started within the idle window is not idle: no ``conns`` read.
@@ -856,26 +900,23 @@ class Agent:
             try:
                 leaf = conns[key]
             except KeyError:
-                self._delete(inflight, key)
+                take_if_unchanged(inflight, key, started)
                 continue
-            exchange_id, resp_end_ns = leaf.exchange_id, leaf.resp_end_ns
-            if now - resp_end_ns < idle_ns or resp_end_ns == 0:
+            if now - leaf.resp_end_ns < idle_ns or leaf.resp_end_ns == 0:
                 continue
-            ex = self._layout.decode(bytes(leaf))
-            # The kernel may have moved on since the read (a new request on the connection):
-            # delete only the exchange that was read, so a fresh one is never thrown away.
-            # What remains is a window of microseconds between this check and the delete.
-            try:
-                again = conns[key]
-            except KeyError:
+            # Off the walk from now on, unless the kernel started another response since the
+            # read (its fresh entry stays).
+            take_if_unchanged(inflight, key, started)
+            eid = leaf.exchange_id
+            if eid in flushed:
                 continue
-            if (again.exchange_id, again.resp_end_ns) != (exchange_id, resp_end_ns):
-                continue
-            if self._delete(conns, key):
-                self.conns_deleted_user += 1
-            self._delete(inflight, key)
+            flushed[eid] = 1
+            if len(flushed) > self.cfg.max_connections:
+                # Each entry names an exchange still in `conns`, which holds no more than this:
+                # past it, the oldest ones were evicted from `conns` and never come back.
+                del flushed[next(iter(flushed))]
             self.idle_flushed += 1
-            self.assembler.on_exchange(ex)
+            self.assembler.on_exchange(self._layout.decode(bytes(leaf)))
 
     @staticmethod
     def _delete(table: Any, key: Any) -> bool:
@@ -960,7 +1001,9 @@ class Agent:
                       f"tls_detach_errors={self.tls.detach_errors}"]
         if self.injector is not None:
             parts += [f"inject_{k}={v}" for k, v in self.injector.stats().items()]
-        parts += [f"idle_flushed={self.idle_flushed}", f"callback_errors={self.callback_errors}"]
+        parts += [f"idle_flushed={self.idle_flushed}",
+                  f"idle_flush_repeats={self.idle_flush_repeats}",
+                  f"callback_errors={self.callback_errors}"]
         if self.fanout is not None:
             parts += [f"export_{k}={v}" for k, v in self.fanout.stats().items()]
         return " ".join(parts)

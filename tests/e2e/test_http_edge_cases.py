@@ -9,6 +9,7 @@ duplicate) of the requests before it.
 
 from __future__ import annotations
 
+import re
 import secrets
 import socket
 import time
@@ -75,6 +76,11 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
             h.stop_all()
             for p in agent:
                 assert p.popen.returncode == 0, p.log_text()
+                # The kernel's second emission of idle-flushed exchanges (see
+                # test_idle_flushed_exchange_then_next_request) was seen and dropped.
+                final = [ln for ln in p.log_text().splitlines() if "final stats" in ln]
+                repeats = re.search(r"idle_flush_repeats=(\d+)", final[-1]) if final else None
+                assert repeats and int(repeats.group(1)) > 0, final
 
 
 def _prefix(tag: str) -> Callable[[str], bool]:
@@ -294,6 +300,24 @@ def test_response_split_in_time(edge: Edge) -> None:
         assert s.attributes["http.response.status_code"] == 200
     assert by_path["/slow/30"].attributes["http.response.body.size"] == 45
     assert len({s.attributes["network.peer.port"] for s in spans}) == 1
+
+
+def test_idle_flushed_exchange_then_next_request(edge: Edge) -> None:
+    """The idle flush emits a finished exchange on a keep-alive connection that stays open;
+    the kernel emits that exchange again when the connection's next request starts, and the
+    agent drops the copy: one span per request, no span id twice."""
+    tag = secrets.token_hex(4)
+    first, second = f"/ka-{tag}/1", f"/ka-{tag}/2"
+    with requests.Session() as s:
+        assert s.get(edge.url(first), timeout=10).status_code == 200
+        # Only the idle flush can emit it now: the connection stays open and quiet.
+        edge.receiver.wait_for(lambda ss: any(x.attributes.get("url.path") == first
+                                              for x in ss))
+        assert s.get(edge.url(second), timeout=10).status_code == 200
+    spans = edge.wait_server(_prefix(f"/ka-{tag}/"), 2)
+    assert sorted(str(x.attributes["url.path"]) for x in spans) == [first, second]
+    assert len({x.span_id for x in spans}) == 2
+    assert len({x.attributes["network.peer.port"] for x in spans}) == 1
 
 
 def test_spans_resource(edge: Edge) -> None:
