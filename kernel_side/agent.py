@@ -493,7 +493,7 @@ class Agent:
         self._flushed: dict[int, int] = {}
         self.idle_flush_repeats = 0
         """Kernel emissions of exchanges the idle flush had already emitted (dropped)."""
-        # Entries user space removed from `conns` / `socks` (idle flush, dead processes): the
+        # Entries user space removed from `conns` / `socks` (dead processes): the
         # eviction arithmetic in table_stats subtracts them.
         self.conns_deleted_user = 0
         self.socks_deleted_user = 0
