@@ -6,7 +6,8 @@ part; the no-agent rows run anyway), and times:
 - ``steady``: repeated calls in one request (the entry exists: one ``BPF_EXIST`` update);
 - ``new request``: the entry was cleared by the kernel before each call, as on the first
   annotate of every request (``BPF_EXIST`` fails with ``ENOENT``, then ``BPF_NOEXIST``);
-- ``raw syscall``: one ``BPF_MAP_UPDATE_ELEM`` through ctypes, the floor;
+- ``raw map update``: one ``BPF_MAP_UPDATE_ELEM`` the way annotate makes it (C accelerator or
+  ctypes, as built), the floor;
 - ``no agent``: no map pinned, the silent no-op.
 
 Each row is ``--repeat`` runs of ``--iterations`` calls; the table shows the median and the
@@ -76,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         with pinned_context_map() as fd:
             bridge.annotate(**ATTRS_3)
             st = _writer._thread()
-            rows["raw syscall (floor)"] = measure(
-                lambda: _bpf.syscall(_bpf.NR_BPF, _bpf.CMD_UPDATE, st.a_exist, _bpf.ELEM_ATTR_SIZE),
-                n,
-                r,
+            rows[f"raw map update ({'C accelerator' if _bpf.ACCELERATED else 'ctypes'})"] = (
+                measure(lambda: _bpf.elem_update(st.a_exist), n, r)
             )
             bridge.clear()
             rows["steady, 1 attr"] = measure(lambda: bridge.annotate(**ATTRS_1), n, r)

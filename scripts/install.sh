@@ -67,7 +67,8 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import bcc' 2>/dev/nu
   rm -rf "$venv"
   /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
-stamp="$venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+# setup.py and the C accelerator are part of the stamp: a change to either rebuilds it.
+stamp="$venv/.installed-$(cat pyproject.toml setup.py sdk_side/_fastbpf.c | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
   log "pip install -e .[dev]"
   "$venv/bin/pip" install -q --upgrade pip >/dev/null

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Callable
 from typing import Final
 
 # bpf(2) syscall numbers differ per architecture; these are the two we run on.
@@ -92,6 +93,57 @@ NR_BPF: Final = ctypes.c_long(SYS_BPF)
 CMD_UPDATE: Final = ctypes.c_long(BPF_MAP_UPDATE_ELEM)
 CMD_DELETE: Final = ctypes.c_long(BPF_MAP_DELETE_ELEM)
 ELEM_ATTR_SIZE: Final = ctypes.c_long(ctypes.sizeof(MapElemAttr))
+
+
+# --- element commands for the annotate hot path ---------------------------------------------
+# Callers preallocate one MapElemAttr per (key, value, flags) and turn it into a handle once
+# with ``elem_handle``; ``elem_update``/``elem_delete`` then return 0 or the errno, never raise
+# for kernel errors. With the C accelerator (sdk_side._fastbpf, built by ``pip install``) the
+# handle is the structure itself; without it, a c_void_p to it for libc's syscall().
+ACCELERATED: bool
+"""Whether the C accelerator is in use (about 0.75 us less per map write than ctypes)."""
+
+
+def _ctypes_handle(attr: MapElemAttr) -> object:
+    return ctypes.c_void_p(ctypes.addressof(attr))
+
+
+def _ctypes_update(handle: object) -> int:
+    if syscall(NR_BPF, CMD_UPDATE, handle, ELEM_ATTR_SIZE) == 0:
+        return 0
+    err: int = ctypes.get_errno()
+    return err
+
+
+def _ctypes_delete(handle: object) -> int:
+    if syscall(NR_BPF, CMD_DELETE, handle, ELEM_ATTR_SIZE) == 0:
+        return 0
+    err: int = ctypes.get_errno()
+    return err
+
+
+def _struct_handle(attr: MapElemAttr) -> object:
+    return attr
+
+
+elem_handle: Callable[[MapElemAttr], object]
+"""The handle ``elem_update``/``elem_delete`` take for a preallocated ``MapElemAttr`` (which
+must stay alive as long as the handle is used)."""
+elem_update: Callable[[object], int]
+"""``BPF_MAP_UPDATE_ELEM`` with a handle: 0 on success, else the errno."""
+elem_delete: Callable[[object], int]
+"""``BPF_MAP_DELETE_ELEM`` with a handle: 0 on success, else the errno."""
+
+try:
+    if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
+        raise ImportError("disabled by EBPF_BRIDGE_NO_ACCEL")
+    from sdk_side import _fastbpf
+except ImportError:
+    ACCELERATED = False
+    elem_handle, elem_update, elem_delete = _ctypes_handle, _ctypes_update, _ctypes_delete
+else:
+    ACCELERATED = True
+    elem_handle, elem_update, elem_delete = _struct_handle, _fastbpf.update, _fastbpf.delete
 
 
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:

@@ -62,11 +62,8 @@ _I64: Final = struct.Struct("<q")
 _F64: Final = struct.Struct("<d")
 _ABI_VERSION: Final = _abi.ABI_VERSION
 # Bound once: the hot path avoids attribute look-ups on other modules.
-_syscall: Final = _bpf.syscall
-_NR_BPF: Final = _bpf.NR_BPF
-_CMD_UPDATE: Final = _bpf.CMD_UPDATE
-_CMD_DELETE: Final = _bpf.CMD_DELETE
-_ELEM_SIZE: Final = _bpf.ELEM_ATTR_SIZE
+_elem_update: Final = _bpf.elem_update
+_elem_delete: Final = _bpf.elem_delete
 _ZEROS: Final = bytes(_VALUE_SIZE)
 
 
@@ -175,7 +172,7 @@ class _Thread:
             elem(0, 0),
         )
         self.a_exist, self.a_noexist, self.a_any, self.a_delete = (
-            ctypes.c_void_p(ctypes.addressof(a)) for a in self.attrs
+            _bpf.elem_handle(a) for a in self.attrs
         )
 
     def set_mirror(self, recs: dict[str, bytes], data: bytes, trunc: bool, port: int) -> None:
@@ -228,7 +225,7 @@ class _Thread:
         # another thread's syscalls (and hold a slot of a bounded map).
         try:
             if self.holds and self.pid == os.getpid() and _P.connected and self.gen == _P.gen:
-                _syscall(_NR_BPF, _CMD_DELETE, self.a_delete, _ELEM_SIZE)
+                _elem_delete(self.a_delete)
         except Exception:
             # Interpreter shutdown may already have torn down the globals used above.
             pass
@@ -474,12 +471,12 @@ def _fit(recs: dict[str, bytes]) -> tuple[dict[str, bytes], int]:
 # --- map writes -----------------------------------------------------------------------------
 
 
-def _update(attr: ctypes.c_void_p) -> int:
+def _update(attr: object) -> int:
     """One ``BPF_MAP_UPDATE_ELEM``; 0 on success, else the errno."""
-    if _syscall(_NR_BPF, _CMD_UPDATE, attr, _ELEM_SIZE) == 0:
+    err = _elem_update(attr)
+    if err == 0:
         _P.writes += 1
-        return 0
-    return ctypes.get_errno()
+    return err
 
 
 def _count_failure(err: int, what: str) -> None:
@@ -511,11 +508,11 @@ def _write_new(st: _Thread, recs: dict[str, bytes], trunc: bool, port: int = 0) 
         trunc = True
     st.fill(recs, data, trunc, port)
     p = _P
-    if _syscall(_NR_BPF, _CMD_UPDATE, st.a_noexist, _ELEM_SIZE) == 0:
+    err = _elem_update(st.a_noexist)
+    if err == 0:
         p.writes += 1
         st.set_mirror(recs, data, trunc, port)
         return
-    err = ctypes.get_errno()
     if err == errno.EEXIST:
         # The entry appeared since we learned it was gone (or was written by someone else on
         # this thread's key): ours replaces it.
@@ -619,14 +616,14 @@ def annotate(**attrs: AttrValue) -> None:
             data = b"".join(merged.values())
         trunc = trunc or cut > 0 or dropped > 0
         st.fill(merged, data, trunc, st.port)
-    if _syscall(_NR_BPF, _CMD_UPDATE, st.a_exist, _ELEM_SIZE) == 0:
+    err = _elem_update(st.a_exist)
+    if err == 0:
         p.writes += 1
         if dropped:
             p.dropped_attrs += dropped
         st.set_mirror(merged, data, trunc, st.port)
         return
     st.synced = False
-    err = ctypes.get_errno()
     if err == errno.ENOENT:
         # The kernel cleared the entry: a new request began on this thread. Never carry an
         # earlier request's attributes into it.
@@ -673,7 +670,8 @@ def _annotate_first(st: _Thread, attrs: dict[str, AttrValue]) -> None:
     sdk = st.sdk
     st.sdk = b""
     st.fill(kept, data, trunc, 0)
-    if _syscall(_NR_BPF, _CMD_UPDATE, st.a_noexist, _ELEM_SIZE) == 0:
+    err = _elem_update(st.a_noexist)
+    if err == 0:
         p.writes += 1
         p.dropped_attrs += dropped
         st.stale = True  # as when an update finds the entry cleared (see annotate)
@@ -682,7 +680,6 @@ def _annotate_first(st: _Thread, attrs: dict[str, AttrValue]) -> None:
         return
     st.sdk = sdk
     st.synced = False
-    err = ctypes.get_errno()
     if err != errno.EEXIST:
         # Nothing was written; whatever the entry holds, the mirror still describes it.
         _count_failure(err, "update")
@@ -877,10 +874,10 @@ def set_sdk_span(sdk: bytes) -> bool:
 def _delete(st: _Thread) -> None:
     if not _refresh() or st.gen != _P.gen:
         return
-    if _syscall(_NR_BPF, _CMD_DELETE, st.a_delete, _ELEM_SIZE) == 0:
+    err = _elem_delete(st.a_delete)
+    if err == 0:
         _P.writes += 1
         return
-    err = ctypes.get_errno()
     if err != errno.ENOENT:  # already gone (the kernel cleared it) is the goal
         _count_failure(err, "delete")
 

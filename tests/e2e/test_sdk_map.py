@@ -118,14 +118,30 @@ def use_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], bool]]
     _writer.reconnect()
 
 
-@pytest.fixture()
-def pinned(pin_base: Path, use_dir: Callable[[Path], bool]) -> Iterator[PinnedMap]:
+@pytest.fixture(params=["accelerated", "ctypes"])
+def pinned(
+    request: pytest.FixtureRequest,
+    pin_base: Path,
+    use_dir: Callable[[Path], bool],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[PinnedMap]:
+    """A fresh pinned map the SDK is connected to, once through each map-write path: the C
+    accelerator (what ``pip install`` builds) and the ctypes fallback."""
+    if request.param == "ctypes":
+        # Before connecting: the new map's thread states are built with the fallback handles.
+        monkeypatch.setattr(_bpf, "elem_handle", _bpf._ctypes_handle)
+        monkeypatch.setattr(_writer, "_elem_update", _bpf._ctypes_update)
+        monkeypatch.setattr(_writer, "_elem_delete", _bpf._ctypes_delete)
+    elif not _bpf.ACCELERATED:
+        pytest.fail("sdk_side._fastbpf is not built: run scripts/install.sh (pip install -e .)")
     m = make_pinned(pin_base / "v1")
     assert use_dir(m.dir)
     bridge.clear()
     yield m
     bridge.clear()
     os.close(m.fd)
+    # Thread states hold handles of this test's write path: none may outlive it.
+    _writer._P.gen += 1
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 5.0) -> None:
