@@ -627,3 +627,35 @@ def test_ids_never_all_zero() -> None:
     for e in range(1000):
         assert ids.span_id(e) != bytes(8)
         assert ids.trace_id(e) != bytes(16)
+
+
+def test_child_after_parent_keeps_an_adopted_trace() -> None:
+    # The server's own trace is remembered compactly only when it is the derived one; a trace
+    # adopted from the caller's traceparent must reach the late child unchanged.
+    asm, out = assembler()
+    server_req = f"GET /checkout HTTP/1.1\r\nHost: shop\r\ntraceparent: {TP}\r\n\r\n".encode()
+    asm.on_exchange(make_ex(server_req, resp(200), exchange_id=30))
+    asm.on_exchange(client_ex(CHILD_REQ, exchange_id=31, parent_exchange_id=30))
+    server, child = out
+    assert child.trace_id == server.trace_id == bytes.fromhex(TP_TRACE)
+    assert child.parent_span_id == server.span_id
+
+
+def test_late_children_find_their_parents_across_a_generation_swap() -> None:
+    asm, out = assembler()
+    half = asm._max_servers // 2
+    first = 1000
+    # Fill the map past one generation: the oldest servers move to the old generation.
+    for i in range(half + 10):
+        asm._server_done(first + i, asm.ids.trace_id(first + i), derived=True)
+    asm.on_exchange(client_ex(CHILD_REQ, exchange_id=5, parent_exchange_id=first))
+    asm.on_exchange(client_ex(CHILD_REQ, exchange_id=6, parent_exchange_id=first + half + 5))
+    assert asm.waiting == 0
+    old, new = out
+    assert old.trace_id == asm.ids.trace_id(first)
+    assert new.trace_id == asm.ids.trace_id(first + half + 5)
+    # A second swap forgets the first generation: that child now waits for its parent.
+    for i in range(half):
+        asm._server_done(10**6 + i, asm.ids.trace_id(10**6 + i), derived=True)
+    asm.on_exchange(client_ex(CHILD_REQ, exchange_id=7, parent_exchange_id=first))
+    assert asm.waiting == 1
