@@ -481,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     modes = [m for m in args.modes.split(",") if m]
     endpoints = [e for e in args.endpoints.split(",") if e]
+    needed = ["gunicorn"] + (["opentelemetry-instrument"] if "otel" in modes else [])
+    missing = [tool for tool in needed if not (VENV_BIN / tool).exists()]
+    if missing:
+        print(f"{', '.join(missing)} not found in {VENV_BIN}: install the bench extras with "
+              f"{VENV_BIN / 'pip'} install -e '.[agent,bench]'", file=sys.stderr)
+        return 1
     os.sched_setaffinity(0, {args.load_cpu})  # this driver hosts the OTLP receiver
     recv = SpanCounter()
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
