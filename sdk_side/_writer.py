@@ -608,7 +608,9 @@ def annotate(**attrs: AttrValue) -> None:
     dropped = 0
     trunc = st.trunc
     full = merged
-    if merged is not mirror or not st.synced:
+    # Repeated values: the buffer already holds this value and the mirror already says so.
+    unchanged = merged is mirror and st.synced
+    if not unchanged:
         if rebuild:
             data = b"".join(merged.values())
         if len(merged) > _MAX_ATTRS or len(data) > _ATTR_BYTES:
@@ -619,9 +621,10 @@ def annotate(**attrs: AttrValue) -> None:
     err = _elem_update(st.a_exist)
     if err == 0:
         p.writes += 1
-        if dropped:
-            p.dropped_attrs += dropped
-        st.set_mirror(merged, data, trunc, st.port)
+        if not unchanged:
+            if dropped:
+                p.dropped_attrs += dropped
+            st.set_mirror(merged, data, trunc, st.port)
         return
     st.synced = False
     if err == errno.ENOENT:
