@@ -38,6 +38,9 @@
 #define PHASE_IDLE 0
 #define PHASE_REQ 1
 #define PHASE_RESP 2
+/* Only in an emitted exchange: the connection closed, so user space drops its per-connection
+ * state (HTTP request ordinal, database name, prepared statements) with it. */
+#define PHASE_CLOSED 3
 
 #define DIR_IN 0
 #define DIR_OUT 1
@@ -1308,8 +1311,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     if (si->tls)
         forget_ssl_fd(&k);
     struct exchange *st = conns.lookup(&k);
-    if (st && st->phase != PHASE_IDLE)
+    if (st && st->phase != PHASE_IDLE) {
+        st->phase = PHASE_CLOSED; /* the entry goes below */
         emit(st);
+    }
     forget_conn(&k);
     if (socks.delete(&k) == 0)
         stat_inc(ST_SOCK_DELETED);

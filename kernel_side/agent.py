@@ -849,8 +849,10 @@ class Agent:
                 ex = self._layout.decode_packed(raw)
                 if self._flushed and self._flushed.pop(ex.exchange_id, 0):
                     self.idle_flush_repeats += 1
-                    return 0
-                self.assembler.on_exchange(ex)
+                else:
+                    self.assembler.on_exchange(ex)
+                if ex.closed:
+                    self.assembler.forget_conn(ex)
             elif kind == EV_CHUNK:
                 assert self._chunk_layout is not None and self.assembler is not None
                 self.assembler.on_chunk(self._chunk_layout.decode(raw))
@@ -990,6 +992,7 @@ class Agent:
                       f"stitch_wait_us_total={s.stitch_wait_us_total}",
                       f"stitch_wait_us_max={s.stitch_wait_us_max}"]
             parts.append(f"pending_overflow={s.pending_overflow}")
+            parts.append(f"conn_states={self.assembler.conn_states}")
             parts += [f"sdk_covered={s.sdk_covered}", f"sdk_parented={s.sdk_parented}"]
         if self.streams is not None:
             parts.append(f"h2_conns_evicted={self.streams.evicted}")

@@ -217,6 +217,7 @@ class SpanAssembler:
         self._upgrades: dict[tuple[int, int], Upgrade] = {}
         self._conn_states: OrderedDict[tuple[int, int, str], dict[str, object]] = OrderedDict()
         self._max_conn_states = 65_536
+        self._conn_protocols: set[str] = set()  # the protocol names conn_state was asked for
         self._protocols: list[tuple[Callable[[Exchange], bool],
                                     Callable[[SpanAssembler, Exchange], None]]] = []
         self.stats = AssemblyStats()
@@ -500,12 +501,25 @@ class SpanAssembler:
         """Hand on a server span whose ids and trace are set."""
         self._emit(span)
 
+    def forget_conn(self, ex: Exchange) -> None:
+        """Drop the per-connection memory of ``ex``'s connection, which has closed. Servers
+        that close after every request (a gunicorn sync worker) would otherwise fill the
+        bounded table with dead connections: about 250 bytes each, 16 MB at the bound."""
+        for protocol in self._conn_protocols:
+            self._conn_states.pop((ex.tgid, ex.conn_id, protocol), None)
+
+    @property
+    def conn_states(self) -> int:
+        """Connections with per-connection memory now."""
+        return len(self._conn_states)
+
     def conn_state(self, ex: Exchange, protocol: str) -> dict[str, object]:
         """Per-connection memory for stateful protocols (a database name from a startup
         message, prepared statements). Bounded: the least recently used connections go."""
         key = (ex.tgid, ex.conn_id, protocol)
         state = self._conn_states.get(key)
         if state is None:
+            self._conn_protocols.add(protocol)
             state = self._conn_states[key] = {}
             if len(self._conn_states) > self._max_conn_states:
                 self._conn_states.popitem(last=False)

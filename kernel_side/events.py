@@ -17,6 +17,8 @@ EV_EXCHANGE: Final = 1
 EV_PROC: Final = 2
 EV_CHUNK: Final = 3
 EV_EXCHANGE_PACKED: Final = 4
+PHASE_CLOSED: Final = 3
+"""``phase`` of an exchange emitted at close (bpf/agent.bpf.c)."""
 """An exchange as the ring buffer carries it: header, request bytes, response bytes, then the
 context only when ``has_ctx`` (``emit`` in bpf/agent.bpf.c)."""
 CHUNK_F_CLOSE: Final = 1
@@ -126,6 +128,8 @@ class Exchange:
     """Server side: the client end of this connection is a traced socket on this node."""
     tls: bool = False
     """The bytes are TLS plaintext (from the SSL uprobes), not socket bytes."""
+    closed: bool = False
+    """The kernel emitted this exchange because its connection closed."""
 
 
 def _format_addr_uncached(family: int, raw: bytes) -> str | None:
@@ -195,7 +199,7 @@ class ExchangeLayout:
             data[req_off:resp_off], data[resp_off:ctx_off],
             data[ctx_off : ctx_off + self.ctx_size] if has_ctx else None,
             _format_addr(family, local_addr) if local_port else None,
-            local_port, peer_traced != 0, tls != 0,
+            local_port, peer_traced != 0, tls != 0, _phase == PHASE_CLOSED,
         )
 
     def decode(self, data: bytes) -> Exchange:

@@ -164,6 +164,8 @@ def agent_metrics(agent: Any) -> list[Metric]:
                    "spans parented under the OpenTelemetry SDK span active at the time"),
             Metric("waiting_parent", "gauge", asm.waiting,
                    "client spans currently held back waiting for their parent's trace"),
+            Metric("conn_states", "gauge", asm.conn_states,
+                   "connections whose per-connection parser memory the agent holds"),
         ]
     registry = getattr(agent, "registry", None)
     if registry is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -155,6 +156,31 @@ def test_keep_alive_traced_client_and_server(harness: Harness, receiver: OtlpRec
         assert c.attributes["http.request.method"] == "GET"
     assert len({c.attributes["network.peer.port"] for c in clients}) == 1
     assert len({s.attributes["network.peer.port"] for s in servers}) == 1
+
+
+def test_closed_connections_leave_no_parser_state(harness: Harness,
+                                                  receiver: OtlpReceiver) -> None:
+    """A server that closes after every response (gunicorn's sync worker does) must not fill
+    the agent's per-connection table: the kernel marks the exchange it emits at close."""
+    srv, port = harness.python_service("edge-close", EDGE)
+    agent = harness.agent("--pid", str(srv.pid), receiver=receiver)
+    n = 30
+    for i in range(n):
+        r = requests.get(f"http://127.0.0.1:{port}/close/{i}", headers={"Connection": "close"},
+                         timeout=10)
+        assert r.status_code == 200
+    with requests.Session() as keep:
+        # One connection still open when the agent stops: its state is the one left.
+        assert keep.get(f"http://127.0.0.1:{port}/open", timeout=10).status_code == 200
+        spans = receiver.wait_for(
+            lambda ss: len(by_service(ss, "edge-close", SERVER)) >= n + 1)
+        assert agent.stop(signal.SIGINT) == 0, agent.log_text()
+    paths = sorted(str(s.attributes["url.path"]) for s in by_service(spans, "edge-close", SERVER))
+    assert paths == sorted([f"/close/{i}" for i in range(n)] + ["/open"])
+    final = [ln for ln in agent.log_text().splitlines() if "final stats" in ln]
+    left = re.search(r"conn_states=(\d+)", final[-1]) if final else None
+    assert left is not None, final
+    assert int(left.group(1)) <= 1, final[-1]
 
 
 # -- pipelining -------------------------------------------------------------------------------

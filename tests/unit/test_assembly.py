@@ -659,3 +659,18 @@ def test_late_children_find_their_parents_across_a_generation_swap() -> None:
         asm._server_done(10**6 + i, asm.ids.trace_id(10**6 + i), derived=True)
     asm.on_exchange(client_ex(CHILD_REQ, exchange_id=7, parent_exchange_id=first))
     assert asm.waiting == 1
+
+
+def test_a_closed_connection_takes_its_state_with_it() -> None:
+    asm, out = assembler()
+    asm.on_exchange(make_ex(SERVER_REQ, SERVER_RESP, exchange_id=40))  # connection 1040
+    asm.on_exchange(make_ex(SERVER_REQ, SERVER_RESP, exchange_id=41))  # connection 1041
+    assert asm.conn_states == 2
+    # The last request on connection 1040, emitted by the kernel at its close.
+    last = make_ex(SERVER_REQ, SERVER_RESP, exchange_id=42)
+    last.conn_id, last.closed = 1040, True
+    asm.on_exchange(last)
+    assert asm.conn_states == 2
+    asm.forget_conn(last)
+    assert asm.conn_states == 1  # 1041 is still open and keeps its request ordinal
+    assert len(out) == 3

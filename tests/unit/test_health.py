@@ -81,6 +81,7 @@ class _Stats:
 class _Assembler:
     stats: _Stats = field(default_factory=_Stats)
     waiting: int = 3
+    conn_states: int = 12
 
 
 class _Fanout:
@@ -106,6 +107,7 @@ def test_agent_metrics_names_every_counter_format_stats_logs() -> None:
     assert s["ebpf_bridge_unknown_protocol_total"] == 1
     assert s["ebpf_bridge_parse_errors_total"] == 2
     assert s["ebpf_bridge_waiting_parent"] == 3
+    assert s["ebpf_bridge_conn_states"] == 12
     assert s["ebpf_bridge_idle_flushed_total"] == 2
     assert s["ebpf_bridge_callback_errors_total"] == 0
     assert s["ebpf_bridge_export_exported_total"] == 4
