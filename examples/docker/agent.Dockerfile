@@ -8,7 +8,7 @@ RUN apt-get update \
       python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/ebpf-bridge
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md setup.py ./
 COPY bridge ./bridge
 COPY sdk_side ./sdk_side
 COPY kernel_side ./kernel_side
