@@ -1,7 +1,7 @@
 """Build hook for the optional C accelerator; everything else lives in pyproject.toml.
 
 ``sdk_side._fastbpf`` is optional: without a C compiler or Python headers the install goes on
-and ``sdk_side._bpf`` uses ctypes instead (about 0.75 us more per ``annotate``).
+and ``sdk_side._bpf`` uses ctypes instead (about 0.4-0.6 us more per ``annotate``).
 """
 
 from setuptools import Extension, setup

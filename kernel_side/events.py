@@ -17,10 +17,10 @@ EV_EXCHANGE: Final = 1
 EV_PROC: Final = 2
 EV_CHUNK: Final = 3
 EV_EXCHANGE_PACKED: Final = 4
-PHASE_CLOSED: Final = 3
-"""``phase`` of an exchange emitted at close (bpf/agent.bpf.c)."""
 """An exchange as the ring buffer carries it: header, request bytes, response bytes, then the
 context only when ``has_ctx`` (``emit`` in bpf/agent.bpf.c)."""
+PHASE_CLOSED: Final = 3
+"""``phase`` of an exchange emitted at close (bpf/agent.bpf.c)."""
 CHUNK_F_CLOSE: Final = 1
 
 ROLE_SERVER: Final = 1

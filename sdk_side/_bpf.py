@@ -101,7 +101,8 @@ ELEM_ATTR_SIZE: Final = ctypes.c_long(ctypes.sizeof(MapElemAttr))
 # for kernel errors. With the C accelerator (sdk_side._fastbpf, built by ``pip install``) the
 # handle is the structure itself; without it, a c_void_p to it for libc's syscall().
 ACCELERATED: bool
-"""Whether the C accelerator is in use (about 0.75 us less per map write than ctypes)."""
+"""Whether the C accelerator is in use: about 0.5 us less per map write than ctypes (1.01-1.24
+against 1.58-1.67 us measured on the 2-core VM)."""
 
 
 def _ctypes_handle(attr: MapElemAttr) -> object:

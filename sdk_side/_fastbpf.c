@@ -1,6 +1,6 @@
 /* Optional accelerator for the annotate hot path: BPF_MAP_{UPDATE,DELETE}_ELEM without ctypes.
  *
- * Through ctypes one map update costs about 0.75 us more than the same syscall from C: argument
+ * Through ctypes one map update costs about 0.5 us more than the same syscall from C: argument
  * conversion plus releasing and re-taking the GIL around a call that itself takes about 1 us.
  * These functions keep the GIL (the syscall never blocks: a hash-map update takes a bucket
  * spinlock and returns) and read the bpf_attr straight from the ctypes structure the caller

@@ -20,7 +20,7 @@ from sdk_side import _bpf
 
 def test_the_install_builds_the_accelerator() -> None:
     # scripts/install.sh runs `pip install -e .`, which compiles it; without it every annotate
-    # pays about 0.75 us more, so a missing compiler or header must not pass unnoticed here.
+    # pays about 0.4-0.6 us more, so a missing compiler or header must not pass unnoticed here.
     if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
         pytest.skip("EBPF_BRIDGE_NO_ACCEL is set")
     assert _bpf.ACCELERATED, "sdk_side._fastbpf is not built: run scripts/install.sh"
