@@ -11,7 +11,10 @@ import ctypes
 import os
 import platform
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final, cast
+
+if TYPE_CHECKING:
+    from bridge._abi import AttrValue
 
 # bpf(2) syscall numbers differ per architecture; these are the two we run on.
 _SYS_BPF_BY_MACHINE: Final = {"x86_64": 321, "amd64": 321, "aarch64": 280, "arm64": 280}
@@ -135,6 +138,50 @@ elem_update: Callable[[object], int]
 elem_delete: Callable[[object], int]
 """``BPF_MAP_DELETE_ELEM`` with a handle: 0 on success, else the errno."""
 
+
+
+class PySlot:
+    """The writer's per-thread state without the accelerator (``_fastbpf.Slot`` with it).
+
+    The fields are the thread's mirror; ``sdk_side._writer._Thread`` documents them.
+    """
+
+    __slots__ = (
+        "data", "filled", "gen", "mirror", "port", "req_calls", "req_len", "sdk", "sdk_in_buf",
+        "stale", "synced", "trunc",
+    )
+
+    def __init__(self) -> None:
+        self.mirror: dict[str, bytes] = {}
+        self.data = b""
+        self.sdk = b""
+        self.sdk_in_buf = b""
+        self.trunc = False
+        self.synced = False
+        self.stale = False
+        self.port = 0
+        self.req_calls = 0
+        self.req_len = 0
+        self.filled = 0
+        self.gen = 0
+
+    def bind(self, value: bytearray, exist: object, noexist: object, any_: object, /) -> None:
+        """Nothing to bind: the Python path passes the arguments on every call."""
+
+
+FastAnnotate = Callable[[PySlot, "dict[str, AttrValue]", dict[str, dict[object, bytes]]], int]
+fast_annotate: FastAnnotate | None
+"""The C path of ``annotate`` for the common cases (``_fastbpf.annotate``), or None: 0 when it
+wrote, -1 when it did not handle the call, else the errno of a failed write."""
+fast_enter: Callable[[dict[str, AttrValue]], int] | None
+"""``_fastbpf.enter``: the whole of a common ``annotate`` call in C (0), or a refusal."""
+fast_setup: Callable[..., None] | None
+"""``_fastbpf.setup``: register the writer's thread-local, context variable and caches."""
+fast_gate: Callable[[bool, float, int], None] | None
+"""``_fastbpf.gate``: whether ``fast_enter`` may write, until when, for which map generation."""
+fast_handled: Callable[[], int] | None
+"""``_fastbpf.handled_calls``: calls ``fast_enter`` completed since the last setup."""
+
 try:
     if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
         raise ImportError("disabled by EBPF_BRIDGE_NO_ACCEL")
@@ -142,9 +189,34 @@ try:
 except ImportError:
     ACCELERATED = False
     elem_handle, elem_update, elem_delete = _ctypes_handle, _ctypes_update, _ctypes_delete
+    fast_annotate = fast_enter = fast_setup = fast_gate = fast_handled = None
+    _Slot: type = PySlot
 else:
     ACCELERATED = True
     elem_handle, elem_update, elem_delete = _struct_handle, _fastbpf.update, _fastbpf.delete
+    from bridge import _abi
+
+    _fastbpf.configure(
+        abi_version=_abi.ABI_VERSION,
+        data_off=_abi.CTX_VALUE_HEADER.size,
+        sdk_off=_abi.SDK_SPAN_OFFSET,
+        sdk_size=_abi.SDK_SPAN_SIZE,
+        value_size=_abi.CTX_VALUE_SIZE,
+        max_attrs=_abi.MAX_ATTRS,
+        attr_bytes=_abi.ATTR_BYTES,
+        f_truncated=_abi.CTX_F_TRUNCATED,
+        f_sdk_span=_abi.CTX_F_SDK_SPAN,
+    )
+    fast_annotate = cast(FastAnnotate, _fastbpf.annotate)
+    fast_enter, fast_setup = _fastbpf.enter, _fastbpf.setup
+    fast_gate, fast_handled = _fastbpf.gate, _fastbpf.handled_calls
+    _Slot = _fastbpf.Slot
+
+if TYPE_CHECKING:
+    SlotBase = PySlot
+else:
+    SlotBase = _Slot
+    """The base class of the writer's per-thread state: ``_fastbpf.Slot`` or ``PySlot``."""
 
 
 def _bpf(cmd: int, attr: ctypes.Structure) -> int:

@@ -1,18 +1,28 @@
-/* Optional accelerator for the annotate hot path: BPF_MAP_{UPDATE,DELETE}_ELEM without ctypes.
+/* Optional accelerator for the annotate hot path.
  *
- * Through ctypes one map update costs about 0.5 us more than the same syscall from C: argument
- * conversion plus releasing and re-taking the GIL around a call that itself takes about 1 us.
- * These functions keep the GIL (the syscall never blocks: a hash-map update takes a bucket
- * spinlock and returns) and read the bpf_attr straight from the ctypes structure the caller
- * preallocated, through the buffer protocol, so no raw address ever crosses from Python.
+ * 1. update()/delete(): BPF_MAP_{UPDATE,DELETE}_ELEM without ctypes. Through ctypes one map
+ *    update costs about 0.5 us more than the same syscall from C: argument conversion plus
+ *    releasing and re-taking the GIL around a call that itself takes about 1 us. These keep the
+ *    GIL (the syscall never blocks: a hash-map update takes a bucket spinlock and returns) and
+ *    read the bpf_attr straight from the ctypes structure the caller preallocated, through the
+ *    buffer protocol, so no raw address ever crosses from Python.
+ * 2. Slot and annotate(): the common cases of sdk_side._writer.annotate in C (every value a
+ *    str whose record the writer has already encoded and cached). Slot is the base type of
+ *    the writer's per-thread state: its fields are the mirror the Python code reads and writes
+ *    as attributes, so both paths share one state. annotate() either does everything the
+ *    Python path would do for the call, or returns without changing anything but the value
+ *    buffer, and the Python path then runs from the start; see fast_annotate below.
  *
- * sdk_side._bpf falls back to ctypes when this module is not built; both return 0 or an errno
- * and never raise for kernel errors.
+ * sdk_side._bpf falls back to ctypes and pure Python when this module is not built; both return
+ * 0 or an errno and never raise for kernel errors.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 
 #include <errno.h>
+#include <string.h>
+#include <time.h>
 #include <linux/bpf.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -54,20 +64,714 @@ static PyObject *delete_(PyObject *self, PyObject *attr)
     return elem_cmd(attr, BPF_MAP_DELETE_ELEM);
 }
 
+
+/* --- the annotate fast path ------------------------------------------------------------- */
+
+/* The value layout, set once by configure() from bridge._abi (the single source of truth). */
+static struct {
+    int ready;
+    unsigned abi_version;
+    Py_ssize_t data_off, sdk_off, sdk_size, value_size, max_attrs, attr_bytes;
+    unsigned f_truncated, f_sdk_span;
+} abi;
+
+#define MAX_ATTRS_CAP 64
+
+typedef struct {
+    PyObject_HEAD
+    /* The mirror (see sdk_side._writer._Thread): what this thread's entry holds as far as the
+     * thread knows. Exposed as attributes; never NULL. */
+    PyObject *mirror;     /* dict: key -> encoded record (bytes); never mutated in place */
+    PyObject *data;       /* bytes: the records joined */
+    PyObject *sdk;        /* bytes: the SDK span the entry names, or b"" */
+    PyObject *sdk_in_buf; /* bytes: what the value buffer holds in its SDK span field */
+    char trunc, synced, stale;
+    int port;
+    Py_ssize_t req_calls, req_len, filled;
+    Py_ssize_t gen; /* the map generation the preallocated arguments refer to */
+    /* Set by bind(): the value buffer and the three update arguments that point at it. */
+    int bound;
+    Py_buffer value, a_exist, a_noexist, a_any;
+} Slot;
+
+static PyObject *empty_bytes;
+
+static int slot_init_fields(Slot *s)
+{
+    s->mirror = PyDict_New();
+    if (s->mirror == NULL)
+        return -1;
+    Py_INCREF(empty_bytes);
+    s->data = empty_bytes;
+    Py_INCREF(empty_bytes);
+    s->sdk = empty_bytes;
+    Py_INCREF(empty_bytes);
+    s->sdk_in_buf = empty_bytes;
+    return 0;
+}
+
+static PyObject *slot_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Slot *s;
+    (void)args;
+    (void)kwds;
+    s = (Slot *)type->tp_alloc(type, 0);
+    if (s == NULL)
+        return NULL;
+    if (slot_init_fields(s) < 0) {
+        Py_DECREF(s);
+        return NULL;
+    }
+    return (PyObject *)s;
+}
+
+static void slot_unbind(Slot *s)
+{
+    if (!s->bound)
+        return;
+    s->bound = 0;
+    PyBuffer_Release(&s->value);
+    PyBuffer_Release(&s->a_exist);
+    PyBuffer_Release(&s->a_noexist);
+    PyBuffer_Release(&s->a_any);
+}
+
+static void slot_dealloc(Slot *s)
+{
+    slot_unbind(s);
+    Py_CLEAR(s->mirror);
+    Py_CLEAR(s->data);
+    Py_CLEAR(s->sdk);
+    Py_CLEAR(s->sdk_in_buf);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+static int get_attr_view(PyObject *obj, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view->len != ELEM_ATTR_SIZE) {
+        PyErr_Format(PyExc_ValueError, "bpf_attr must be %d bytes, got %zd", ELEM_ATTR_SIZE,
+                     view->len);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *slot_bind(Slot *s, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer value, ex, nx, any;
+
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "bind(value, exist, noexist, any) takes 4 arguments");
+        return NULL;
+    }
+    if (!abi.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "_fastbpf.configure() was not called");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &value, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (value.len != abi.value_size) {
+        PyErr_Format(PyExc_ValueError, "value buffer must be %zd bytes, got %zd",
+                     abi.value_size, value.len);
+        PyBuffer_Release(&value);
+        return NULL;
+    }
+    if (get_attr_view(args[1], &ex) < 0)
+        goto fail_value;
+    if (get_attr_view(args[2], &nx) < 0)
+        goto fail_ex;
+    if (get_attr_view(args[3], &any) < 0)
+        goto fail_nx;
+    slot_unbind(s);
+    s->value = value;
+    s->a_exist = ex;
+    s->a_noexist = nx;
+    s->a_any = any;
+    s->bound = 1;
+    Py_RETURN_NONE;
+fail_nx:
+    PyBuffer_Release(&nx);
+fail_ex:
+    PyBuffer_Release(&ex);
+fail_value:
+    PyBuffer_Release(&value);
+    return NULL;
+}
+
+static PyMethodDef slot_methods[] = {
+    {"bind", (PyCFunction)(void (*)(void))slot_bind, METH_FASTCALL,
+     "bind(value, exist, noexist, any): the value buffer (bytearray, CTX_VALUE_SIZE bytes) and\n"
+     "the three preallocated MapElemAttr whose value points at it. Keeps them exported."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int set_bytes_member(PyObject **slot, PyObject *v, const char *name)
+{
+    if (v == NULL || !PyBytes_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes", name);
+        return -1;
+    }
+    Py_INCREF(v);
+    Py_SETREF(*slot, v);
+    return 0;
+}
+
+#define BYTES_GETSET(field)                                                                  \
+    static PyObject *get_##field(Slot *s, void *c)                                           \
+    {                                                                                        \
+        (void)c;                                                                             \
+        Py_INCREF(s->field);                                                                 \
+        return s->field;                                                                     \
+    }                                                                                        \
+    static int set_##field(Slot *s, PyObject *v, void *c)                                    \
+    {                                                                                        \
+        (void)c;                                                                             \
+        return set_bytes_member(&s->field, v, #field);                                       \
+    }
+
+BYTES_GETSET(data)
+BYTES_GETSET(sdk)
+BYTES_GETSET(sdk_in_buf)
+
+static PyObject *get_mirror(Slot *s, void *c)
+{
+    (void)c;
+    Py_INCREF(s->mirror);
+    return s->mirror;
+}
+
+static int set_mirror(Slot *s, PyObject *v, void *c)
+{
+    (void)c;
+    if (v == NULL || !PyDict_CheckExact(v)) {
+        PyErr_SetString(PyExc_TypeError, "mirror must be a dict");
+        return -1;
+    }
+    Py_INCREF(v);
+    Py_SETREF(s->mirror, v);
+    return 0;
+}
+
+static PyGetSetDef slot_getset[] = {
+    {"mirror", (getter)get_mirror, (setter)set_mirror, "key -> encoded record", NULL},
+    {"data", (getter)get_data, (setter)set_data, "the records joined", NULL},
+    {"sdk", (getter)get_sdk, (setter)set_sdk, "the SDK span field, or b''", NULL},
+    {"sdk_in_buf", (getter)get_sdk_in_buf, (setter)set_sdk_in_buf,
+     "what the value buffer holds in its SDK span field", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef slot_members[] = {
+    {"trunc", T_BOOL, offsetof(Slot, trunc), 0, "the entry carries CTX_F_TRUNCATED"},
+    {"synced", T_BOOL, offsetof(Slot, synced), 0, "the buffer holds exactly the mirror's value"},
+    {"stale", T_BOOL, offsetof(Slot, stale), 0, "the last write found the entry cleared"},
+    {"port", T_INT, offsetof(Slot, port), 0, "the bound inbound connection's client port"},
+    {"req_calls", T_PYSSIZET, offsetof(Slot, req_calls), 0, "calls since the last clear"},
+    {"req_len", T_PYSSIZET, offsetof(Slot, req_len), 0, "calls the previous request made"},
+    {"filled", T_PYSSIZET, offsetof(Slot, filled), 0, "data bytes in the value buffer"},
+    {"gen", T_PYSSIZET, offsetof(Slot, gen), 0, "the map generation the arguments refer to"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject SlotType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sdk_side._fastbpf.Slot",
+    .tp_basicsize = sizeof(Slot),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Per-thread writer state shared by the C and Python annotate paths.",
+    .tp_new = slot_new,
+    .tp_dealloc = (destructor)slot_dealloc,
+    .tp_methods = slot_methods,
+    .tp_members = slot_members,
+    .tp_getset = slot_getset,
+};
+
+static void put_u16(unsigned char *p, unsigned v)
+{
+    p[0] = (unsigned char)(v & 0xff);
+    p[1] = (unsigned char)((v >> 8) & 0xff);
+}
+
+/* What sdk_side._writer._Thread.fill does: the header, the SDK span field when it changed, the
+ * data, and zeros over what a longer earlier value left behind. */
+static void fill(Slot *s, Py_ssize_t count, const char *data, Py_ssize_t total, int trunc,
+                 int port, PyObject *sdk)
+{
+    unsigned char *buf = (unsigned char *)s->value.buf;
+    unsigned flags = 0;
+    Py_ssize_t sdk_len = PyBytes_GET_SIZE(sdk);
+
+    if (trunc)
+        flags |= abi.f_truncated;
+    if (sdk_len)
+        flags |= abi.f_sdk_span;
+    if (sdk != s->sdk_in_buf) {
+        Py_ssize_t in_len = PyBytes_GET_SIZE(s->sdk_in_buf);
+        if (sdk_len != in_len || memcmp(PyBytes_AS_STRING(sdk), PyBytes_AS_STRING(s->sdk_in_buf),
+                                        (size_t)sdk_len) != 0) {
+            memset(buf + abi.sdk_off, 0, (size_t)abi.sdk_size);
+            memcpy(buf + abi.sdk_off, PyBytes_AS_STRING(sdk),
+                   (size_t)(sdk_len < abi.sdk_size ? sdk_len : abi.sdk_size));
+        }
+        Py_INCREF(sdk);
+        Py_SETREF(s->sdk_in_buf, sdk);
+    }
+    put_u16(buf, abi.abi_version);
+    buf[2] = (unsigned char)count;
+    buf[3] = (unsigned char)flags;
+    put_u16(buf + 4, (unsigned)total);
+    put_u16(buf + 6, (unsigned)port);
+    memcpy(buf + abi.data_off, data, (size_t)total);
+    if (total < s->filled)
+        memset(buf + abi.data_off + total, 0, (size_t)(s->filled - total));
+    s->filled = total;
+    s->synced = 0;
+}
+
+static int elem_update(Py_buffer *attr)
+{
+    if (syscall(__NR_bpf, BPF_MAP_UPDATE_ELEM, attr->buf, (unsigned int)ELEM_ATTR_SIZE) == 0)
+        return 0;
+    return errno;
+}
+
+/* The mirror after a successful write. Steals nothing: takes its own references. */
+static void set_state(Slot *s, PyObject *mirror, PyObject *data, int trunc, int port)
+{
+    Py_INCREF(mirror);
+    Py_SETREF(s->mirror, mirror);
+    Py_INCREF(data);
+    Py_SETREF(s->data, data);
+    s->trunc = (char)(trunc != 0);
+    s->port = port;
+    s->synced = 1;
+}
+
+static int bytes_equal(PyObject *a, PyObject *b)
+{
+    Py_ssize_t n;
+    if (a == b)
+        return 1;
+    if (!PyBytes_CheckExact(a))
+        return 0;
+    n = PyBytes_GET_SIZE(a);
+    return n == PyBytes_GET_SIZE(b) &&
+           memcmp(PyBytes_AS_STRING(a), PyBytes_AS_STRING(b), (size_t)n) == 0;
+}
+
+/* Records joined in the order given, or NULL with an exception set. */
+static PyObject *join(PyObject **recs, Py_ssize_t n, Py_ssize_t total)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    char *p;
+    Py_ssize_t i;
+    if (out == NULL)
+        return NULL;
+    p = PyBytes_AS_STRING(out);
+    for (i = 0; i < n; i++) {
+        Py_ssize_t len = PyBytes_GET_SIZE(recs[i]);
+        memcpy(p, PyBytes_AS_STRING(recs[i]), (size_t)len);
+        p += len;
+    }
+    return out;
+}
+
+#define NOT_HANDLED (-1)
+
+/* annotate(slot, attrs, strs) -> int
+ *
+ * The writer's annotate for one thread-scoped call once the writer is connected. Handled: every
+ * value is a str whose record is in ``strs`` (key -> {value -> record}, the writer's cache; a
+ * hit means the key was validated and the record needs no truncation) and the result fits the
+ * entry's limits. Returns
+ *   0        the write succeeded and the slot holds what the Python path would leave;
+ *   -1       not handled: nothing changed;
+ *   errno    the syscall failed: only the value buffer changed (``synced`` is false and
+ *            ``filled``/``sdk_in_buf`` describe the buffer), so the Python path can run the
+ *            whole call again and decide from the kernel's answer, as it always does.
+ * The caller counts the call and the write on 0. The three cases are those of the Python code:
+ * the predicted first call of a request (``_annotate_first``), a thread whose entry holds
+ * nothing of ours (``_write_new``), and a merge into the current request's entry.
+ */
+static PyObject *fast_annotate(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Slot *s;
+    PyObject *attrs, *strs, *k, *v, *known, *rec;
+    PyObject *keys[MAX_ATTRS_CAP], *recs[MAX_ATTRS_CAP];
+    Py_ssize_t pos = 0, n = 0, total = 0, i;
+    int holds, err;
+    (void)self;
+
+    if (nargs != 3 || !PyObject_TypeCheck(args[0], &SlotType) || !PyDict_CheckExact(args[1]) ||
+        !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "annotate(slot, attrs: dict, strs: dict)");
+        return NULL;
+    }
+    s = (Slot *)args[0];
+    attrs = args[1];
+    strs = args[2];
+    if (!s->bound || PyDict_GET_SIZE(attrs) == 0 || PyDict_GET_SIZE(attrs) > abi.max_attrs)
+        return PyLong_FromLong(NOT_HANDLED);
+    while (PyDict_Next(attrs, &pos, &k, &v)) {
+        if (!PyUnicode_CheckExact(v))
+            return PyLong_FromLong(NOT_HANDLED);
+        known = PyDict_GetItemWithError(strs, k);
+        if (known == NULL || !PyDict_CheckExact(known))
+            goto not_handled;
+        rec = PyDict_GetItemWithError(known, v);
+        if (rec == NULL || !PyBytes_CheckExact(rec))
+            goto not_handled;
+        keys[n] = k;
+        recs[n] = rec;
+        total += PyBytes_GET_SIZE(rec);
+        n++;
+    }
+    holds = PyDict_GET_SIZE(s->mirror) != 0 || s->port != 0 || PyBytes_GET_SIZE(s->sdk) != 0;
+
+    if (!holds || s->req_calls >= s->req_len) {
+        /* A new request's entry: these records alone, no bound connection, no SDK span (a
+         * thread holding nothing has none either). */
+        PyObject *kept, *data;
+        int first = holds;
+        if (total > abi.attr_bytes)
+            return PyLong_FromLong(NOT_HANDLED);
+        kept = PyDict_New();
+        if (kept == NULL)
+            return NULL;
+        for (i = 0; i < n; i++) {
+            if (PyDict_SetItem(kept, keys[i], recs[i]) < 0) {
+                Py_DECREF(kept);
+                return NULL;
+            }
+        }
+        data = join(recs, n, total);
+        if (data == NULL) {
+            Py_DECREF(kept);
+            return NULL;
+        }
+        fill(s, n, PyBytes_AS_STRING(data), total, 0, 0, empty_bytes);
+        err = elem_update(&s->a_noexist);
+        if (err == 0) {
+            if (first) {
+                Py_INCREF(empty_bytes);
+                Py_SETREF(s->sdk, empty_bytes);
+                s->stale = 1;
+                s->req_len = s->req_calls;
+                s->req_calls = 1;
+            } else {
+                s->req_calls += 1;
+                s->stale = 0;
+            }
+            set_state(s, kept, data, 0, 0);
+        }
+        Py_DECREF(kept);
+        Py_DECREF(data);
+        return PyLong_FromLong(err);
+    }
+
+    /* A merge into this request's entry. */
+    {
+        PyObject *mirror = s->mirror, *merged = NULL, *data = NULL, *old;
+        PyObject *all[MAX_ATTRS_CAP];
+        Py_ssize_t m, dtotal;
+
+        for (i = 0; i < n; i++) {
+            old = PyDict_GetItemWithError(mirror, keys[i]);
+            if (old == NULL && PyErr_Occurred())
+                return NULL;
+            if (old != NULL && bytes_equal(old, recs[i]))
+                continue;
+            if (merged == NULL) {
+                merged = PyDict_Copy(mirror);
+                if (merged == NULL)
+                    return NULL;
+            }
+            if (PyDict_SetItem(merged, keys[i], recs[i]) < 0) {
+                Py_DECREF(merged);
+                return NULL;
+            }
+        }
+        if (merged == NULL && s->synced) {
+            /* Repeated values: the buffer already holds this value. */
+            err = elem_update(&s->a_exist);
+            if (err == 0) {
+                s->req_calls += 1;
+                s->stale = 0;
+            }
+            return PyLong_FromLong(err);
+        }
+        if (merged == NULL) {
+            merged = mirror;
+            Py_INCREF(merged);
+        }
+        m = PyDict_GET_SIZE(merged);
+        if (m > abi.max_attrs || m > MAX_ATTRS_CAP) {
+            Py_DECREF(merged);
+            return PyLong_FromLong(NOT_HANDLED);
+        }
+        /* The block is the merged records in the dict's order, as b"".join(merged.values())
+         * builds it: an existing key keeps its place, a new one goes last. */
+        pos = 0;
+        dtotal = 0;
+        i = 0;
+        while (PyDict_Next(merged, &pos, &k, &v)) {
+            if (!PyBytes_CheckExact(v)) {
+                Py_DECREF(merged);
+                return PyLong_FromLong(NOT_HANDLED);
+            }
+            all[i++] = v;
+            dtotal += PyBytes_GET_SIZE(v);
+        }
+        if (dtotal > abi.attr_bytes) {
+            Py_DECREF(merged);
+            return PyLong_FromLong(NOT_HANDLED);
+        }
+        data = join(all, m, dtotal);
+        if (data == NULL) {
+            Py_DECREF(merged);
+            return NULL;
+        }
+        fill(s, m, PyBytes_AS_STRING(data), dtotal, s->trunc, s->port, s->sdk);
+        err = elem_update(&s->a_exist);
+        if (err == 0) {
+            s->req_calls += 1;
+            s->stale = 0;
+            set_state(s, merged, data, s->trunc, s->port);
+        }
+        Py_DECREF(merged);
+        Py_DECREF(data);
+        return PyLong_FromLong(err);
+    }
+
+not_handled:
+    if (PyErr_Occurred())
+        return NULL;
+    return PyLong_FromLong(NOT_HANDLED);
+}
+
+
+/* --- the annotate entry ------------------------------------------------------------------ */
+
+/* What sdk_side._writer registers (setup) and keeps current (gate): the state the Python
+ * annotate reads before it writes, so that the common call runs no Python code at all. */
+static struct {
+    PyObject *tls;     /* the writer's threading.local; .s is this thread's Slot */
+    PyObject *ctxvar;  /* the task-context ContextVar: set means task scope */
+    PyObject *modules; /* sys.modules, to find asyncio once it is imported */
+    PyObject *strs;    /* key -> {str value -> record}: the writer's record cache */
+    PyObject *get_loop; /* asyncio._get_running_loop, once asyncio is imported */
+    PyObject *s_name;  /* "s" */
+    PyObject *asyncio_name;
+    double deadline;   /* CLOCK_MONOTONIC seconds: after it, the Python path re-checks the pin */
+    Py_ssize_t gen;
+    int open;          /* connected and no span hook */
+    unsigned long long calls; /* calls handled here (each one write) since setup */
+} gate;
+
+static PyObject *setup(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"tls", "ctxvar", "modules", "strs", NULL};
+    PyObject *tls, *ctxvar, *modules, *strs;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO!O!", names, &tls, &ctxvar,
+                                     &PyDict_Type, &modules, &PyDict_Type, &strs))
+        return NULL;
+    if (!PyContextVar_CheckExact(ctxvar)) {
+        PyErr_SetString(PyExc_TypeError, "ctxvar must be a contextvars.ContextVar");
+        return NULL;
+    }
+    if (gate.s_name == NULL) {
+        gate.s_name = PyUnicode_InternFromString("s");
+        gate.asyncio_name = PyUnicode_InternFromString("asyncio");
+        if (gate.s_name == NULL || gate.asyncio_name == NULL)
+            return NULL;
+    }
+    Py_INCREF(tls);
+    Py_XSETREF(gate.tls, tls);
+    Py_INCREF(ctxvar);
+    Py_XSETREF(gate.ctxvar, ctxvar);
+    Py_INCREF(modules);
+    Py_XSETREF(gate.modules, modules);
+    Py_INCREF(strs);
+    Py_XSETREF(gate.strs, strs);
+    Py_CLEAR(gate.get_loop);
+    gate.open = 0;
+    gate.deadline = 0.0;
+    gate.calls = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_gate(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    double deadline;
+    Py_ssize_t gen;
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "gate(open, deadline, gen) takes 3 arguments");
+        return NULL;
+    }
+    deadline = PyFloat_AsDouble(args[1]);
+    if (deadline == -1.0 && PyErr_Occurred())
+        return NULL;
+    gen = PyLong_AsSsize_t(args[2]);
+    if (gen == -1 && PyErr_Occurred())
+        return NULL;
+    gate.open = PyObject_IsTrue(args[0]) == 1 && gate.tls != NULL;
+    gate.deadline = deadline;
+    gate.gen = gen;
+    Py_RETURN_NONE;
+}
+
+static PyObject *handled_calls(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromUnsignedLongLong(gate.calls);
+}
+
+#define DECLINED (-2)
+
+/* enter(attrs) -> int: the whole annotate for the common call, or a refusal.
+ *   0   done: written, and counted in handled_calls();
+ *   -2  declined before anything was tried (gate closed or due, task scope, event loop,
+ *       no Slot for this thread yet or one for another map);
+ *   -1 or an errno: what fast_annotate returned (see there).
+ * The Python annotate runs in full on anything but 0. */
+static PyObject *enter(PyObject *self, PyObject *attrs)
+{
+    struct timespec ts;
+    PyObject *val = NULL, *slot;
+    long rc;
+    PyObject *argv[3];
+    PyObject *res;
+    (void)self;
+
+    if (!gate.open || !PyDict_CheckExact(attrs))
+        return PyLong_FromLong(DECLINED);
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    if ((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9 >= gate.deadline)
+        return PyLong_FromLong(DECLINED);
+    if (PyContextVar_Get(gate.ctxvar, Py_None, &val) < 0)
+        return NULL;
+    Py_DECREF(val);
+    if (val != Py_None)
+        return PyLong_FromLong(DECLINED);
+    if (gate.get_loop == NULL) {
+        PyObject *aio = PyDict_GetItemWithError(gate.modules, gate.asyncio_name);
+        if (aio == NULL && PyErr_Occurred())
+            return NULL;
+        if (aio != NULL) {
+            gate.get_loop = PyObject_GetAttrString(aio, "_get_running_loop");
+            if (gate.get_loop == NULL)
+                return NULL;
+        }
+    }
+    if (gate.get_loop != NULL) {
+        PyObject *loop = PyObject_CallNoArgs(gate.get_loop);
+        if (loop == NULL)
+            return NULL;
+        Py_DECREF(loop);
+        if (loop != Py_None)
+            return PyLong_FromLong(DECLINED);
+    }
+    slot = PyObject_GetAttr(gate.tls, gate.s_name);
+    if (slot == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+        return PyLong_FromLong(DECLINED);
+    }
+    if (!PyObject_TypeCheck(slot, &SlotType) || ((Slot *)slot)->gen != gate.gen) {
+        Py_DECREF(slot);
+        return PyLong_FromLong(DECLINED);
+    }
+    argv[0] = slot;
+    argv[1] = attrs;
+    argv[2] = gate.strs;
+    res = fast_annotate(NULL, argv, 3);
+    Py_DECREF(slot);
+    if (res == NULL)
+        return NULL;
+    rc = PyLong_AsLong(res);
+    if (rc == 0)
+        gate.calls++;
+    return res;
+}
+
+static PyObject *configure(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"abi_version", "data_off", "sdk_off", "sdk_size", "value_size",
+                            "max_attrs", "attr_bytes", "f_truncated", "f_sdk_span", NULL};
+    unsigned version, ft, fs;
+    Py_ssize_t data_off, sdk_off, sdk_size, value_size, max_attrs, attr_bytes;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$InnnnnnII", names, &version, &data_off,
+                                     &sdk_off, &sdk_size, &value_size, &max_attrs, &attr_bytes,
+                                     &ft, &fs))
+        return NULL;
+    if (data_off < 8 || sdk_off < 8 || sdk_off + sdk_size > data_off || attr_bytes <= 0 ||
+        data_off + attr_bytes != value_size || max_attrs <= 0 || max_attrs > MAX_ATTRS_CAP ||
+        max_attrs > 255 || attr_bytes > 0xffff) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent context value layout");
+        return NULL;
+    }
+    abi.abi_version = version;
+    abi.data_off = data_off;
+    abi.sdk_off = sdk_off;
+    abi.sdk_size = sdk_size;
+    abi.value_size = value_size;
+    abi.max_attrs = max_attrs;
+    abi.attr_bytes = attr_bytes;
+    abi.f_truncated = ft;
+    abi.f_sdk_span = fs;
+    abi.ready = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"update", update, METH_O,
      "update(attr) -> errno: BPF_MAP_UPDATE_ELEM with a 32-byte MapElemAttr; 0 on success."},
     {"delete", delete_, METH_O,
      "delete(attr) -> errno: BPF_MAP_DELETE_ELEM with a 32-byte MapElemAttr; 0 on success."},
+    {"annotate", (PyCFunction)(void (*)(void))fast_annotate, METH_FASTCALL,
+     "annotate(slot, attrs, strs) -> 0, -1 (not handled) or an errno; see the C source."},
+    {"enter", enter, METH_O,
+     "enter(attrs) -> 0 (written), -2 (declined), -1 or an errno; see the C source."},
+    {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
+     "setup(*, tls, ctxvar, modules, strs): what enter() reads; closes the gate."},
+    {"gate", (PyCFunction)(void (*)(void))set_gate, METH_FASTCALL,
+     "gate(open, deadline, gen): whether enter() may write, until when, for which map."},
+    {"handled_calls", handled_calls, METH_NOARGS,
+     "handled_calls() -> int: annotate calls enter() completed (one write each) since setup."},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
+     "configure(*, abi_version, data_off, sdk_off, sdk_size, value_size, max_attrs,\n"
+     "attr_bytes, f_truncated, f_sdk_span): the context value layout from bridge._abi."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastbpf",
     "bpf(2) map element commands for the annotate hot path, without ctypes.", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fastbpf(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m;
+    empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
+    if (empty_bytes == NULL || PyType_Ready(&SlotType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&SlotType);
+    if (PyModule_AddObject(m, "Slot", (PyObject *)&SlotType) < 0) {
+        Py_DECREF(&SlotType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

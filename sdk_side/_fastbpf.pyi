@@ -1,4 +1,46 @@
 """Type stub for the optional C accelerator (sdk_side/_fastbpf.c)."""
 
+from typing import Any
+
 def update(attr: object, /) -> int: ...
 def delete(attr: object, /) -> int: ...
+def configure(
+    *,
+    abi_version: int,
+    data_off: int,
+    sdk_off: int,
+    sdk_size: int,
+    value_size: int,
+    max_attrs: int,
+    attr_bytes: int,
+    f_truncated: int,
+    f_sdk_span: int,
+) -> None: ...
+
+class Slot:
+    mirror: dict[str, bytes]
+    data: bytes
+    sdk: bytes
+    sdk_in_buf: bytes
+    trunc: bool
+    synced: bool
+    stale: bool
+    port: int
+    req_calls: int
+    req_len: int
+    filled: int
+    gen: int
+    def bind(self, value: bytearray, exist: object, noexist: object, any_: object, /) -> None: ...
+
+def annotate(
+    slot: Slot,
+    attrs: dict[str, str | int | float | bool],
+    strs: dict[str, dict[object, bytes]],
+    /,
+) -> int: ...
+def enter(attrs: dict[str, str | int | float | bool], /) -> int: ...
+def setup(
+    *, tls: object, ctxvar: object, modules: dict[str, Any], strs: dict[str, dict[object, bytes]]
+) -> None: ...
+def gate(open: bool, deadline: float, gen: int, /) -> None: ...
+def handled_calls() -> int: ...

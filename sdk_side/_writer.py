@@ -64,7 +64,11 @@ _ABI_VERSION: Final = _abi.ABI_VERSION
 # Bound once: the hot path avoids attribute look-ups on other modules.
 _elem_update: Final = _bpf.elem_update
 _elem_delete: Final = _bpf.elem_delete
+_fast_annotate = _bpf.fast_annotate
+_fast_enter = _bpf.fast_enter
+_fast_gate = _bpf.fast_gate
 _ZEROS: Final = bytes(_VALUE_SIZE)
+_DECLINED: Final = -2  # _fastbpf.enter: refused before trying to write
 
 
 class _Process:
@@ -96,8 +100,12 @@ _threads: weakref.WeakSet[_Thread] = weakref.WeakSet()
 """Every live thread state: a new map invalidates what they think the map holds."""
 
 
-class _Thread:
-    """One thread's preallocated syscall arguments and its mirror."""
+class _Thread(_bpf.SlotBase):
+    """One thread's preallocated syscall arguments and its mirror.
+
+    The mirror's fields live in the base class: with the accelerator it is ``_fastbpf.Slot``,
+    whose C ``annotate`` reads and writes them directly.
+    """
 
     __slots__ = (
         "__weakref__",
@@ -107,21 +115,9 @@ class _Thread:
         "a_noexist",
         "attrs",
         "buf",
-        "data",
-        "filled",
-        "gen",
         "key",
-        "mirror",
         "owner",
         "pid",
-        "port",
-        "req_calls",
-        "req_len",
-        "sdk",
-        "sdk_in_buf",
-        "stale",
-        "synced",
-        "trunc",
         "vbuf",
     )
 
@@ -174,6 +170,7 @@ class _Thread:
         self.a_exist, self.a_noexist, self.a_any, self.a_delete = (
             _bpf.elem_handle(a) for a in self.attrs
         )
+        self.bind(self.buf, *self.attrs[:3])
 
     def set_mirror(self, recs: dict[str, bytes], data: bytes, trunc: bool, port: int) -> None:
         """Record a successful write of ``recs`` (the buffer holds exactly that value)."""
@@ -297,7 +294,21 @@ def _refresh() -> bool:
             _P.errors += 1
             _P.last_error = f"reconnect: {exc}"
             _P.connected = False
+        _sync_gate()
         return _P.connected
+
+
+def _sync_gate() -> None:
+    """Tell the C entry (``_fastbpf.enter``) what ``annotate`` would check before writing:
+    connected, no span hook, the next pin check is not due, and which map is current."""
+    if _fast_gate is not None:
+        p = _P
+        _fast_gate(p.connected and _span_hook is None, p.next_check, p.gen)
+
+
+def _setup_fast() -> None:
+    if _bpf.fast_setup is not None:
+        _bpf.fast_setup(tls=_tls, ctxvar=_task_ctx, modules=_modules, strs=_strs)
 
 
 def _reconnect_locked() -> None:
@@ -366,6 +377,8 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     _tls = threading.local()
     _CONN.mirrors.clear()
+    # The C entry counted the parent's calls and holds the parent's thread-local.
+    _setup_fast()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -488,6 +501,7 @@ def _count_failure(err: int, what: str) -> None:
     if err in _STALE_FD:
         # Something closed or replaced our fd: look at the pin again on the next call.
         _P.next_check = 0.0
+        _sync_gate()
 
 
 def _within_limits(recs: dict[str, bytes]) -> tuple[dict[str, bytes], bytes, int]:
@@ -538,7 +552,14 @@ def annotate(**attrs: AttrValue) -> None:
     as documented in ``BridgeStatus`` and is counted there.
     """
     # This is the hot path: it is written out in one function on purpose (each Python call
-    # costs about as much as encoding an attribute).
+    # costs about as much as encoding an attribute). With the accelerator the common call
+    # never gets past the first line: _fastbpf.enter makes the same checks and the same write.
+    declined = True
+    if _fast_enter is not None:
+        r = _fast_enter(attrs)
+        if r == 0:
+            return
+        declined = r == _DECLINED
     if _span_hook is not None:
         _span_hook(attrs)
     if _ctx_get() is not None or _in_loop():
@@ -564,6 +585,13 @@ def annotate(**attrs: AttrValue) -> None:
         st = _thread()
     if st.gen != p.gen:
         st = _thread()
+    if declined and _fast_annotate is not None and _fast_annotate(st, attrs, _strs) == 0:
+        # The entry declined (a span hook, or the pin check was due) but the write itself is
+        # a common one. Otherwise the C path already tried, and changed nothing this code
+        # depends on (see sdk_side/_fastbpf.c).
+        p.calls += 1
+        p.writes += 1
+        return
     mirror = merged = st.mirror
     if st.req_calls >= st.req_len and (mirror or st.port or st.sdk):
         # As many calls as the previous request made: most likely the first call of a new
@@ -798,6 +826,7 @@ def set_span_hook(hook: Callable[[dict[str, AttrValue]], None] | None) -> None:
     """Install (or remove, with None) the hook ``annotate`` calls first."""
     global _span_hook
     _span_hook = hook
+    _sync_gate()
 
 
 def reachable() -> bool:
@@ -960,12 +989,13 @@ def status() -> BridgeStatus:
     """A snapshot of the connection and the process-wide counters."""
     _refresh()
     p = _P
+    handled = 0 if _bpf.fast_handled is None else _bpf.fast_handled()
     return BridgeStatus(
         connected=p.connected,
         pin_path=p.pin_path,
         abi_version=_abi.ABI_VERSION,
-        calls=p.calls,
-        writes=p.writes,
+        calls=p.calls + handled,
+        writes=p.writes + handled,
         noop_calls=p.noop_calls,
         map_full=p.map_full,
         truncated_values=p.truncated_values,
@@ -1360,3 +1390,6 @@ def clear_connection(sock_or_fd: socket.socket | int | Any) -> None:
         pass
     except OSError as exc:
         _count_failure(exc.errno or 0, "delete connection")
+
+# Last: the C entry reads names defined throughout this module.
+_setup_fast()
