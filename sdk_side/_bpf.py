@@ -173,14 +173,15 @@ FastAnnotate = Callable[[PySlot, "dict[str, AttrValue]", dict[str, dict[object, 
 fast_annotate: FastAnnotate | None
 """The C path of ``annotate`` for the common cases (``_fastbpf.annotate``), or None: 0 when it
 wrote, -1 when it did not handle the call, else the errno of a failed write."""
-fast_enter: Callable[[dict[str, AttrValue]], int] | None
-"""``_fastbpf.enter``: the whole of a common ``annotate`` call in C (0), or a refusal."""
+fast_entry: Callable[[Callable[..., None], Callable[..., None]], Callable[..., None]] | None
+"""``_fastbpf.Entry(declined, tried)``: ``annotate`` with its common call in C, passing every
+other call on to one of the two Python functions."""
 fast_setup: Callable[..., None] | None
 """``_fastbpf.setup``: register the writer's thread-local, context variable and caches."""
 fast_gate: Callable[[bool, float, int], None] | None
-"""``_fastbpf.gate``: whether ``fast_enter`` may write, until when, for which map generation."""
+"""``_fastbpf.gate``: whether the C entry may write, until when, for which map generation."""
 fast_handled: Callable[[], int] | None
-"""``_fastbpf.handled_calls``: calls ``fast_enter`` completed since the last setup."""
+"""``_fastbpf.handled_calls``: calls the C entry completed since the last setup."""
 
 try:
     if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
@@ -189,7 +190,7 @@ try:
 except ImportError:
     ACCELERATED = False
     elem_handle, elem_update, elem_delete = _ctypes_handle, _ctypes_update, _ctypes_delete
-    fast_annotate = fast_enter = fast_setup = fast_gate = fast_handled = None
+    fast_annotate = fast_entry = fast_setup = fast_gate = fast_handled = None
     _Slot: type = PySlot
 else:
     ACCELERATED = True
@@ -208,7 +209,7 @@ else:
         f_sdk_span=_abi.CTX_F_SDK_SPAN,
     )
     fast_annotate = cast(FastAnnotate, _fastbpf.annotate)
-    fast_enter, fast_setup = _fastbpf.enter, _fastbpf.setup
+    fast_entry, fast_setup = _fastbpf.Entry, _fastbpf.setup
     fast_gate, fast_handled = _fastbpf.gate, _fastbpf.handled_calls
     _Slot = _fastbpf.Slot
 

@@ -1,5 +1,6 @@
 """Type stub for the optional C accelerator (sdk_side/_fastbpf.c)."""
 
+from collections.abc import Callable
 from typing import Any
 
 def update(attr: object, /) -> int: ...
@@ -38,7 +39,13 @@ def annotate(
     strs: dict[str, dict[object, bytes]],
     /,
 ) -> int: ...
-def enter(attrs: dict[str, str | int | float | bool], /) -> int: ...
+
+class Entry:
+    def __init__(
+        self, declined: Callable[..., None], tried: Callable[..., None], /
+    ) -> None: ...
+    def __call__(self, **attrs: str | int | float | bool) -> None: ...
+
 def setup(
     *, tls: object, ctxvar: object, modules: dict[str, Any], strs: dict[str, dict[object, bytes]]
 ) -> None: ...

@@ -65,10 +65,8 @@ _ABI_VERSION: Final = _abi.ABI_VERSION
 _elem_update: Final = _bpf.elem_update
 _elem_delete: Final = _bpf.elem_delete
 _fast_annotate = _bpf.fast_annotate
-_fast_enter = _bpf.fast_enter
 _fast_gate = _bpf.fast_gate
 _ZEROS: Final = bytes(_VALUE_SIZE)
-_DECLINED: Final = -2  # _fastbpf.enter: refused before trying to write
 
 
 class _Process:
@@ -299,7 +297,7 @@ def _refresh() -> bool:
 
 
 def _sync_gate() -> None:
-    """Tell the C entry (``_fastbpf.enter``) what ``annotate`` would check before writing:
+    """Tell the C entry (``_fastbpf.Entry``) what ``annotate`` would check before writing:
     connected, no span hook, the next pin check is not due, and which map is current."""
     if _fast_gate is not None:
         p = _P
@@ -551,15 +549,22 @@ def annotate(**attrs: AttrValue) -> None:
     else (no agent running, map full, value too long, kernel errors) never raises: it degrades
     as documented in ``BridgeStatus`` and is counted there.
     """
-    # This is the hot path: it is written out in one function on purpose (each Python call
-    # costs about as much as encoding an attribute). With the accelerator the common call
-    # never gets past the first line: _fastbpf.enter makes the same checks and the same write.
-    declined = True
-    if _fast_enter is not None:
-        r = _fast_enter(attrs)
-        if r == 0:
-            return
-        declined = r == _DECLINED
+    _annotate(attrs, True)
+
+
+def _annotate_tried(**attrs: AttrValue) -> None:
+    """``annotate`` after the C entry attempted the write itself (see ``_fastbpf.Entry``)."""
+    _annotate(attrs, False)
+
+
+def _annotate(attrs: dict[str, AttrValue], core: bool) -> None:
+    """All of ``annotate``; ``core``: whether the C write (``_fastbpf.annotate``) may be tried.
+
+    With the accelerator the common call never gets here: ``_fastbpf.Entry``, exported as
+    ``annotate``, makes the checks below and the same write without running Python code.
+    """
+    # This is the slow path's hot part: written out in one function on purpose (each Python
+    # call costs about as much as encoding an attribute).
     if _span_hook is not None:
         _span_hook(attrs)
     if _ctx_get() is not None or _in_loop():
@@ -585,10 +590,9 @@ def annotate(**attrs: AttrValue) -> None:
         st = _thread()
     if st.gen != p.gen:
         st = _thread()
-    if declined and _fast_annotate is not None and _fast_annotate(st, attrs, _strs) == 0:
+    if core and _fast_annotate is not None and _fast_annotate(st, attrs, _strs) == 0:
         # The entry declined (a span hook, or the pin check was due) but the write itself is
-        # a common one. Otherwise the C path already tried, and changed nothing this code
-        # depends on (see sdk_side/_fastbpf.c).
+        # a common one. When the entry did try, it changed nothing this code depends on.
         p.calls += 1
         p.writes += 1
         return
@@ -1393,3 +1397,6 @@ def clear_connection(sock_or_fd: socket.socket | int | Any) -> None:
 
 # Last: the C entry reads names defined throughout this module.
 _setup_fast()
+_annotate_py: Final = annotate
+if _bpf.fast_entry is not None:
+    annotate = _bpf.fast_entry(_annotate_py, _annotate_tried)

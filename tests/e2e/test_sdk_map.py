@@ -125,13 +125,17 @@ def pinned(
     use_dir: Callable[[Path], bool],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[PinnedMap]:
-    """A fresh pinned map the SDK is connected to, once through each map-write path: the C
-    accelerator (what ``pip install`` builds) and the ctypes fallback."""
+    """A fresh pinned map the SDK is connected to, once through each write path: the C
+    accelerator (what ``pip install`` builds: ``annotate``'s common calls in C) and the
+    fallback without it (the Python ``annotate`` over ctypes)."""
     if request.param == "ctypes":
         # Before connecting: the new map's thread states are built with the fallback handles.
         monkeypatch.setattr(_bpf, "elem_handle", _bpf._ctypes_handle)
         monkeypatch.setattr(_writer, "_elem_update", _bpf._ctypes_update)
         monkeypatch.setattr(_writer, "_elem_delete", _bpf._ctypes_delete)
+        monkeypatch.setattr(_writer, "_fast_annotate", None)
+        monkeypatch.setattr(_writer, "annotate", _writer._annotate_py)
+        monkeypatch.setattr(bridge, "annotate", _writer._annotate_py)
     elif not _bpf.ACCELERATED:
         pytest.fail("sdk_side._fastbpf is not built: run scripts/install.sh (pip install -e .)")
     m = make_pinned(pin_base / "v1")

@@ -1,14 +1,16 @@
-"""The optional C accelerator for map writes (sdk_side/_fastbpf.c): built, and safe to misuse.
+"""The optional C accelerator (sdk_side/_fastbpf.c): built, and safe to misuse.
 
-Only failing ``bpf(2)`` calls are made here (a bad fd), so no root and no map are needed; the
-writes themselves run against real pinned maps in tests/e2e/test_sdk_map.py, once through this
-module and once through the ctypes fallback.
+Only failing ``bpf(2)`` calls are made here (a bad fd), so no root and no map are needed. The
+writes themselves run against real pinned maps: tests/e2e/test_sdk_map.py runs once through
+this module and once through the fallback, and tests/e2e/test_sdk_fastpath.py requires the C
+``annotate`` to leave exactly what the Python one leaves.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import inspect
 import os
 import subprocess
 import sys
@@ -65,3 +67,59 @@ def test_no_accel_env_selects_the_ctypes_fallback() -> None:
         capture_output=True, text=True, check=True,
     ).stdout.split()
     assert out == ["False", "_ctypes_update"]
+
+
+def _accelerated() -> None:
+    if not _bpf.ACCELERATED:
+        pytest.skip("accelerator not in use (EBPF_BRIDGE_NO_ACCEL)")
+
+
+def test_the_c_entry_presents_the_documented_function() -> None:
+    _accelerated()
+    import bridge
+    from sdk_side import _fastbpf, _writer
+
+    entry = bridge.annotate
+    assert isinstance(entry, _fastbpf.Entry)
+    assert entry.__doc__ == _writer._annotate_py.__doc__
+    assert entry.__name__ == "annotate"
+    assert inspect.signature(entry) == inspect.signature(_writer._annotate_py)
+    assert "C entry" in repr(entry)
+
+
+def test_the_c_entry_passes_caller_errors_through() -> None:
+    # Whatever the C side declines reaches the Python annotate as the very same call, so caller
+    # errors raise exactly as documented, connected or not.
+    _accelerated()
+    import bridge
+
+    with pytest.raises(TypeError, match="positional"):
+        bridge.annotate("acme")  # type: ignore[misc]
+    with pytest.raises(ValueError, match="key"):
+        bridge.annotate(**{"1bad": "x"})
+    with pytest.raises(TypeError, match="tenant_id"):
+        bridge.annotate(tenant_id=[1, 2])  # type: ignore[arg-type]
+    bridge.annotate()  # nothing to attach: a no-op, as in Python
+
+
+def test_c_types_reject_bad_arguments() -> None:
+    _accelerated()
+    from sdk_side import _fastbpf
+
+    with pytest.raises(TypeError, match="callables"):
+        _fastbpf.Entry(1, 2)  # type: ignore[arg-type]
+    slot = _fastbpf.Slot()
+    assert slot.mirror == {} and slot.data == b"" and slot.synced is False
+    with pytest.raises(TypeError, match="dict"):
+        slot.mirror = [("k", b"v")]  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="bytes"):
+        slot.data = "text"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="value buffer"):
+        slot.bind(bytearray(8), b"", b"", b"")
+    attr = _bpf.MapElemAttr()
+    with pytest.raises(ValueError, match="32 bytes"):
+        slot.bind(bytearray(360), attr, attr, bytearray(8))
+    # Not bound: the C write declines (-1) and touches nothing.
+    assert _fastbpf.annotate(slot, {"tenant_id": "acme"}, {}) == -1
+    with pytest.raises(TypeError):
+        _fastbpf.annotate(slot, [], {})  # type: ignore[arg-type]
