@@ -12,6 +12,7 @@ It prints the trace as JSON. Needs root and a bpffs mount (it creates and pins a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -92,10 +93,8 @@ def trace(seed: int, steps: int, pin_dir: Path) -> tuple[list[dict[str, Any]], i
                 _writer.annotate(**_attrs(rng))
             elif roll < 0.77:
                 op = "new request"  # what the kernel does when a request arrives
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     _bpf.map_delete(fd, key)
-                except FileNotFoundError:
-                    pass
             elif roll < 0.85:
                 op = "clear"
                 bridge.clear()
