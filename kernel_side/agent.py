@@ -794,8 +794,7 @@ class Agent:
             b.ring_buffer_consume()
             now = time.monotonic()
             self.health_state.beat(now)
-            self._flush_idle(idle_ns)
-            self.assembler.tick()
+            self._release_held(idle_ns)
             if now >= next_scan:
                 self.registry.scan()
                 forgotten = self.registry.take_forgotten()
@@ -866,6 +865,17 @@ class Agent:
             self.callback_errors += 1
             log.exception("event handling failed")
         return 0
+
+    def _release_held(self, idle_ns: int) -> None:
+        """Emit idle exchanges and release spans whose wait ran out. Like event handling, a
+        bug here is counted and logged, never allowed to stop the agent."""
+        assert self.assembler is not None
+        try:
+            self._flush_idle(idle_ns)
+            self.assembler.tick()
+        except Exception:
+            self.callback_errors += 1
+            log.exception("releasing held spans failed")
 
     _idle_walk_due_ns = 0
     """When ``_flush_idle`` next walks the maps (see there)."""

@@ -721,14 +721,19 @@ class SpanAssembler:
             self._server_final(server, exchange_id, index)
 
     def _expire_stitches(self, now: int, *, everything: bool = False) -> None:
-        for key, (deadline, server, exchange_id, index, fallback) in list(
-            self._stitch_waiting.items()
-        ):
-            if everything or deadline <= now:
-                del self._stitch_waiting[key]
-                self.stats.stitch_timeouts += 1
-                server.trace_id = fallback
-                self._server_final(server, exchange_id, index)
+        expired = [key for key, held in self._stitch_waiting.items()
+                   if everything or held[0] <= now]
+        for key in expired:
+            # Handing a server span on releases the client spans waiting on it, and each of
+            # those may release a held server span of its own (a chain of zero-code services):
+            # a key taken below may be gone already, joined to its client after all.
+            held = self._stitch_waiting.pop(key, None)
+            if held is None:
+                continue
+            _deadline, server, exchange_id, index, fallback = held
+            self.stats.stitch_timeouts += 1
+            server.trace_id = fallback
+            self._server_final(server, exchange_id, index)
 
 
 def _asks_h2c(request: bytes) -> bool:

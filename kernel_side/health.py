@@ -175,7 +175,7 @@ def agent_metrics(agent: Any) -> list[Metric]:
         Metric("idle_flushed", "counter", agent.idle_flushed,
                "exchanges emitted by the idle flush (response quiet for --idle-flush-ms)"),
         Metric("callback_errors", "counter", agent.callback_errors,
-               "ring buffer events whose handling raised"),
+               "ring buffer events, or rounds of releasing held spans, whose handling raised"),
     ]
     if agent.fanout is not None:
         for k, v in agent.fanout.stats().items():
