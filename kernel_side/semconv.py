@@ -48,6 +48,9 @@ TLS_PROTOCOL_NAME: Final = "tls.protocol.name"
 # Attributes of our own, namespaced so they cannot collide with semconv or business keys.
 BRIDGE_TRUNCATED: Final = "ebpf_bridge.capture.truncated"
 BRIDGE_CONTEXT_TRUNCATED: Final = "ebpf_bridge.context.truncated"
+BRIDGE_THREAD_AMBIGUOUS: Final = "ebpf_bridge.thread.ambiguous"
+"""An HTTP/2 client span whose request went out in one write with other streams' requests:
+its thread's parent request and business context are unknown, so neither was applied."""
 
 # Database
 DB_SYSTEM_NAME: Final = "db.system.name"

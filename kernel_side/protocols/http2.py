@@ -148,6 +148,11 @@ class H2Stream:
     """``meta`` of the chunk that completed this stream's request header block."""
     response_meta: object | None = None
     """``meta`` of the chunk that completed the final response header block."""
+    shared_write: bool = False
+    """The write that opened this stream opened others too. A client that shares one
+    connection among threads may send another thread's queued request in its own write
+    (httpcore queues a stream's HEADERS before it takes the write lock), so the writing
+    thread, whose context ``request_meta`` holds, is not known to be this stream's."""
 
     @property
     def is_grpc(self) -> bool:
@@ -314,13 +319,18 @@ def _plausible(data: bytes, pos: int, max_frame: int) -> bool:
 class H2Connection:
     """Incremental parser of one HTTP/2 connection, fed chunk by chunk."""
 
-    __slots__ = ("_c", "_max_client_sid", "_max_push_sid", "_out", "_s", "_streams", "stats")
+    __slots__ = ("_c", "_max_client_sid", "_max_push_sid", "_opened", "_opened_meta", "_out",
+                 "_s", "_streams", "stats")
 
     def __init__(self) -> None:
         self._c = _Dir(True)
         self._s = _Dir(False)
         self._streams: dict[int, _State] = {}
         self._max_client_sid = 0
+        # The streams the latest request-side chunk opened, and that chunk's meta (one
+        # object per chunk): how a write that opens several streams is recognised.
+        self._opened: list[H2Stream] = []
+        self._opened_meta: object = None
         self._max_push_sid = 0
         self._out: list[H2Stream] = []
         self.stats: dict[str, int] = {
@@ -727,6 +737,12 @@ class H2Connection:
             st = self._new_stream(sid, ts)
             rec = st.rec
             rec.request_meta = meta
+            if meta is not None and meta is self._opened_meta:
+                self._opened.append(rec)
+                for other in self._opened:
+                    other.shared_write = True
+            else:
+                self._opened_meta, self._opened = meta, [rec]
             if headers is None:
                 rec.headers_known = False
             else:

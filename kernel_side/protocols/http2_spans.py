@@ -139,6 +139,11 @@ class StreamSpans:
         if not isinstance(meta, ChunkMeta):
             meta = None
         attrs: dict[str, AttrValue] = {}
+        if s.shared_write and not server:
+            # The writer may have flushed another thread's request: rather than a wrong
+            # tenant and a wrong parent, none (and the trace its traceparent names, if any).
+            meta = None
+            attrs[semconv.BRIDGE_THREAD_AMBIGUOUS] = True
         if conn.tls:
             attrs[semconv.TLS_PROTOCOL_NAME] = "tls"
         if conn.peer_address:

@@ -53,7 +53,7 @@ def truncated(chunks: list[Chunk], index: int, keep: int) -> tuple[list[Chunk], 
 def key(s: H2Stream) -> tuple[object, ...]:
     """Everything but timestamps and meta (which depend on the chunking)."""
     d = dataclasses.asdict(s)
-    for k in ("start_ns", "end_ns", "request_meta", "response_meta"):
+    for k in ("start_ns", "end_ns", "request_meta", "response_meta", "shared_write"):
         d.pop(k)
     return tuple(sorted(d.items()))
 
@@ -609,3 +609,68 @@ def test_grpc_not_found_is_the_callers_error_only(role: int) -> None:
         assert s.status == StatusCode.UNSET and "error.type" not in s.attributes
     else:
         assert s.status == StatusCode.ERROR and s.attributes["error.type"] == "NOT_FOUND"
+
+
+def test_one_write_opening_several_streams_marks_them_shared() -> None:
+    cli, srv = Peer(), Peer()
+    opening = http2.PREFACE + SETTINGS
+    two = cli.headers(1, req("/a"), end_stream=True) + cli.headers(3, req("/b"), end_stream=True)
+    alone = cli.headers(5, req("/c"), end_stream=True)
+    server = b"".join(srv.headers(sid, [(":status", "200")], end_stream=True)
+                      for sid in (1, 3, 5))
+    streams, _ = run([(True, opening), (True, two), (True, alone), (False, server)])
+    shared = {s.path: s.shared_write for s in streams}
+    assert shared == {"/a": True, "/b": True, "/c": False}
+    # A stream's own frames in several writes, or several streams' other frames in one
+    # write, are not a shared opening.
+    cli, srv = Peer(), Peer()  # a new connection: new HPACK state
+    streams, _ = run([(True, opening + cli.headers(1, req("/d"))),
+                      (True, frame(0, 1, 1, b"x") + cli.headers(3, req("/e"), end_stream=True)),
+                      (False, srv.headers(1, [(":status", "200")], end_stream=True)
+                       + srv.headers(3, [(":status", "200")], end_stream=True))])
+    assert {s.path: s.shared_write for s in streams} == {"/d": False, "/e": False}
+
+
+def test_shared_write_client_spans_take_no_thread_context() -> None:
+    """httpcore (httpx) queues a stream's HEADERS before it takes the connection's write lock,
+    so one thread's write can carry another thread's request: the writer's parent request and
+    tenant would be a guess, and a wrong tenant is worse than none."""
+    from bridge import _abi
+    from kernel_side import semconv
+    from kernel_side.assembly import IdSource, SpanAssembler
+    from kernel_side.events import Chunk
+    from kernel_side.protocols.http2_spans import StreamSpans
+
+    spans: list[Any] = []
+    asm = SpanAssembler(_Procs(), spans.append, ids=IdSource(bytes(24)))
+    streams = StreamSpans(asm)
+    ctx = _abi.pack_value(_abi.encode_attrs({"tenant_id": "acme"}))
+    cli, srv = Peer(), Peer()
+    writes = [
+        (True, http2.PREFACE + SETTINGS),
+        (True, cli.headers(1, req("/a"), end_stream=True)
+         + cli.headers(3, req("/b", traceparent=TP), end_stream=True)),
+        (True, cli.headers(5, req("/c"), end_stream=True)),
+        (False, b"".join(srv.headers(sid, [(":status", "200")], end_stream=True)
+                         for sid in (1, 3, 5))),
+    ]
+    for i, (from_client, data) in enumerate(writes):
+        streams(Chunk(tgid=7, fd=5, role=2, from_client=from_client, closed=False,
+                      peer_address="127.0.0.1", peer_port=50051, listen_fd=0, tid=7,
+                      total_len=len(data), conn_id=5, ts_ns=1_000 + i,
+                      parent_exchange_id=40 if from_client else 0, data=data,
+                      ctx=ctx if from_client else None))
+    streams.flush(10**9)
+    asm.flush()
+    by_path = {s.attributes["url.full"].rsplit("/", 1)[-1]: s for s in spans}
+    assert set(by_path) == {"a", "b", "c"}
+    for name in ("a", "b"):
+        attrs = by_path[name].attributes
+        assert attrs[semconv.BRIDGE_THREAD_AMBIGUOUS] is True and "tenant_id" not in attrs
+        assert by_path[name].parent_span_id != asm.ids.span_id(40)
+    assert by_path["a"].parent_span_id is None
+    # A traceparent the request itself carries is still followed.
+    assert by_path["b"].trace_id.hex() == TP.split("-")[1]
+    c = by_path["c"]
+    assert semconv.BRIDGE_THREAD_AMBIGUOUS not in c.attributes
+    assert c.attributes["tenant_id"] == "acme" and c.parent_span_id == asm.ids.span_id(40)
