@@ -1,7 +1,8 @@
 """Build hook for the optional C accelerator; everything else lives in pyproject.toml.
 
 ``sdk_side._fastbpf`` is optional: without a C compiler or Python headers the install goes on
-and ``sdk_side._bpf`` uses ctypes instead (about 0.4-0.6 us more per ``annotate``).
+and ``sdk_side._bpf`` uses ctypes and pure Python instead (about 0.8 us more per steady
+``annotate`` and 1.4 us more on the first call of a request, measured on the 2-core VM).
 """
 
 from setuptools import Extension, setup
