@@ -14,6 +14,12 @@ setup(
             sources=["sdk_side/_fastbpf.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "kernel_side._fasthttp",
+            sources=["kernel_side/_fasthttp.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
     ]
 )

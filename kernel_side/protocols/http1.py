@@ -18,11 +18,13 @@ the rest of what the server sent in the exchange.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "ACCELERATED",
     "MAX_VALUE_LEN",
     "METHODS",
     "HttpRequest",
@@ -30,7 +32,9 @@ __all__ = [
     "looks_like_request",
     "looks_like_response",
     "parse_requests",
+    "parse_requests_py",
     "parse_responses",
+    "parse_responses_py",
     "route_heuristic",
 ]
 
@@ -362,7 +366,7 @@ def _parse_request_line(line: bytes, complete: bool) -> tuple[str, str, str] | N
     return None
 
 
-def parse_requests(data: bytes, total_len: int) -> list[HttpRequest]:
+def parse_requests_py(data: bytes, total_len: int) -> list[HttpRequest]:
     """Parse every request that starts inside a captured request buffer.
 
     ``total_len`` is how many bytes the direction carried in this exchange (at least
@@ -457,7 +461,7 @@ def parse_requests(data: bytes, total_len: int) -> list[HttpRequest]:
     return out
 
 
-def parse_responses(
+def parse_responses_py(
     data: bytes, total_len: int, request_methods: Sequence[str] = ()
 ) -> list[HttpResponse]:
     """Parse every response that starts inside a captured response buffer.
@@ -527,6 +531,27 @@ def parse_responses(
             break
         pos = end
     return out
+
+
+# The parsers the agent calls: the C ones from kernel_side._fasthttp when it is built (it
+# parses the common heads itself and hands every other buffer to the *_py function, so the
+# rare rules exist once), else the pure-Python ones above. EBPF_BRIDGE_NO_ACCEL=1 selects
+# the pure-Python ones, as it does for the SDK's accelerator.
+parse_requests: Callable[[bytes, int], list[HttpRequest]] = parse_requests_py
+parse_responses: Callable[..., list[HttpResponse]] = parse_responses_py
+ACCELERATED = False
+"""Whether ``parse_requests``/``parse_responses`` are the C parsers."""
+try:
+    if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
+        raise ImportError("disabled by EBPF_BRIDGE_NO_ACCEL")
+    from kernel_side import _fasthttp
+except ImportError:
+    pass
+else:
+    _fasthttp.configure(HttpRequest, HttpResponse, parse_requests_py, parse_responses_py)
+    parse_requests = _fasthttp.parse_requests
+    parse_responses = _fasthttp.parse_responses
+    ACCELERATED = True
 
 
 def _fold_segment(seg: str) -> bool:
