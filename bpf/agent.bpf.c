@@ -303,6 +303,17 @@ BPF_TABLE_PINNED("lru_hash", struct bridge_ctx_key, __u64, server_by_tid, BRIDGE
 BPF_TABLE_PINNED("array", __u32, struct id_salt, id_salt, 1, PIN_ID_SALT);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
+/* User memory is read through this pointer to the helper, not by calling
+ * bpf_probe_read_user() by name. For every call of that name in the source, BCC 0.26's
+ * rewriter resolves a kernel symbol and re-reads all of /proc/kallsyms to do it (perf:
+ * bcc_symcache_resolve_name under BTypeVisitor::VisitCallExpr), which cost about 80 ms a call
+ * site on the 2-core VM: over a second of every agent start for 13 call sites. By the look of
+ * it the lookup decides whether to fall back to bpf_probe_read on kernels without
+ * bpf_probe_read_user (before 5.5); the agent needs 5.8 for its ring buffer, so the helper is
+ * always there, and the loaded programs call the same helper either way. */
+static long (*read_user)(void *dst, __u32 size, const void *src) =
+    (void *)BPF_FUNC_probe_read_user;
+
 static __always_inline void stat_inc(int slot)
 {
     __u64 *v = stats.lookup(&slot);
@@ -582,7 +593,7 @@ static __always_inline __u32 append_user(__u8 *buf, __u32 off, __u32 cap, const 
     __u32 n = len > cap ? cap : len;
     if (n > cap - off)
         n = cap - off;
-    if (bpf_probe_read_user(&buf[off & (cap - 1)], n & (cap * 2 - 1), src) == 0)
+    if (read_user(&buf[off & (cap - 1)], n & (cap * 2 - 1), src) == 0)
         return off + n;
     return off;
 }
@@ -618,7 +629,7 @@ static __always_inline void capture_io(struct exchange *st, int req_dir, struct 
         if (i >= a->vlen || left == 0)
             break;
         struct u_iovec iov = {};
-        if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(a->ptr + i * sizeof(iov))))
+        if (read_user(&iov, sizeof(iov), (const void *)(a->ptr + i * sizeof(iov))))
             break;
         __u64 take = iov.len < left ? iov.len : left;
         capture(st, req_dir, (const void *)iov.base, take);
@@ -763,7 +774,7 @@ static __always_inline void stream_io(struct sock_key *k, struct sock_info *si, 
             if (i >= a->vlen || left == 0)
                 break;
             struct u_iovec iov = {};
-            if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(a->ptr + i * sizeof(iov))))
+            if (read_user(&iov, sizeof(iov), (const void *)(a->ptr + i * sizeof(iov))))
                 break;
             __u64 take = iov.len < left ? iov.len : left;
             chunk_copy(c, (const void *)iov.base, take);
@@ -780,12 +791,12 @@ static __always_inline void choose_mode(struct sock_info *si, struct io_args *a)
     __u64 ptr = a->ptr;
     if (a->kind != IO_BUF) {
         struct u_iovec iov = {};
-        if (a->vlen == 0 || bpf_probe_read_user(&iov, sizeof(iov), (const void *)ptr))
+        if (a->vlen == 0 || read_user(&iov, sizeof(iov), (const void *)ptr))
             return;
         ptr = iov.base;
     }
     char head[4] = {};
-    if (bpf_probe_read_user(head, sizeof(head), (const void *)ptr))
+    if (read_user(head, sizeof(head), (const void *)ptr))
         return;
     si->mode = (head[0] == 'P' && head[1] == 'R' && head[2] == 'I' && head[3] == ' ')
                    ? MODE_STREAM
@@ -877,12 +888,12 @@ static __always_inline int tls_record_head(struct io_args *a, long ret)
     __u64 ptr = a->ptr;
     if (a->kind != IO_BUF) {
         struct u_iovec iov = {};
-        if (a->vlen == 0 || bpf_probe_read_user(&iov, sizeof(iov), (const void *)ptr))
+        if (a->vlen == 0 || read_user(&iov, sizeof(iov), (const void *)ptr))
             return 0;
         ptr = iov.base;
     }
     __u8 head[3] = {};
-    if (bpf_probe_read_user(head, sizeof(head), (const void *)ptr))
+    if (read_user(head, sizeof(head), (const void *)ptr))
         return 0;
     if (head[0] != 22 && head[0] != 23)
         return 0;
@@ -950,7 +961,7 @@ static __always_inline int ssl_exit(struct pt_regs *ctx)
         return 0;
     __u64 n = rc;
     if (c.nbytes_ptr) {
-        if (rc != 1 || bpf_probe_read_user(&n, sizeof(n), (const void *)c.nbytes_ptr))
+        if (rc != 1 || read_user(&n, sizeof(n), (const void *)c.nbytes_ptr))
             return 0;
     }
     if (n == 0)
@@ -1020,7 +1031,7 @@ static __always_inline int on_enter_msg(int dir, __u32 fd, __u64 msg)
         return 0;
     tls_learn_fd(si, &k, (__u32)id);
     struct u_msghdr m = {};
-    if (bpf_probe_read_user(&m, sizeof(m), (const void *)msg))
+    if (read_user(&m, sizeof(m), (const void *)msg))
         return 0;
     __u32 tid = (__u32)id;
     struct io_args a = {.ptr = m.iov, .fd = fd, .kind = IO_IOVEC, .dir = dir,
@@ -1192,18 +1203,18 @@ static __always_inline int read_peer(__u64 addr, struct sock_info *si)
     if (!addr)
         return 0;
     __u16 family = 0;
-    if (bpf_probe_read_user(&family, sizeof(family), (const void *)addr))
+    if (read_user(&family, sizeof(family), (const void *)addr))
         return -1;
     __u16 port_be = 0;
-    bpf_probe_read_user(&port_be, sizeof(port_be), (const void *)(addr + 2));
+    read_user(&port_be, sizeof(port_be), (const void *)(addr + 2));
     si->family = family;
     si->peer_port = (port_be >> 8) | ((port_be & 0xff) << 8);
     if (family == AF_INET_) {
-        bpf_probe_read_user(si->peer_addr, 4, (const void *)(addr + 4));
+        read_user(si->peer_addr, 4, (const void *)(addr + 4));
         return 0;
     }
     if (family == AF_INET6_) {
-        bpf_probe_read_user(si->peer_addr, 16, (const void *)(addr + 8));
+        read_user(si->peer_addr, 16, (const void *)(addr + 8));
         return 0;
     }
     return -1;
