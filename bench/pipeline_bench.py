@@ -2,7 +2,8 @@
 
 Stages: decode (ring-buffer bytes -> Exchange), parse+assemble (HTTP/1.1 parse, ids, attributes,
 business context -> SpanRecord), and export encoding for each exporter (OTLP protobuf build +
-serialize; OTLP-JSON line as dicts + orjson and as the direct writer the JSONL sink uses).
+serialize; the direct wire encoder the OTLP exporters use, C accelerator when built, and its
+pure-Python form; OTLP-JSON line as dicts + orjson and as the direct writer the JSONL sink uses).
 The kernel-to-user transfer (BCC's ctypes callback) is measured by agent_bench.py under real
 load, not here. Prints a table and writes JSON; never pass/fail.
 
@@ -27,9 +28,9 @@ sys.path.insert(0, str(REPO))
 from bridge import _abi  # noqa: E402
 from kernel_side.assembly import SpanAssembler  # noqa: E402
 from kernel_side.events import ExchangeLayout  # noqa: E402
+from kernel_side.export import otlp_wire  # noqa: E402
 from kernel_side.export.otlp_json import otlp_json_line, to_otlp_json  # noqa: E402
 from kernel_side.export.otlp_proto import to_export_request  # noqa: E402
-from kernel_side.export.otlp_wire import encode_export_request  # noqa: E402
 from kernel_side.model import Resource, SpanRecord  # noqa: E402
 
 REQ = (b"GET /orders/4711?expand=items HTTP/1.1\r\nHost: orders.internal:8081\r\n"
@@ -137,7 +138,7 @@ def main() -> int:
     # and order path, users rotate over 50, tenants over 4; method, ports and scheme repeat.
     # Each export sees a fresh batch (never the same path twice), so caches only help with
     # values that really repeat.
-    batch_calls = max(args.n // 512, 5) * args.repeat * 4 + 4  # four batch stages
+    batch_calls = max(args.n // 512, 5) * args.repeat * 5 + 5  # five batch stages
 
     def make_batch(b: int) -> list[SpanRecord]:
         out = []
@@ -171,7 +172,9 @@ def main() -> int:
         "otlp protobuf, generated classes (per span, batch 512)":
             timed_batch(lambda b: to_export_request(b).SerializeToString()),
         "otlp protobuf, direct wire encoder (per span, batch 512)":
-            timed_batch(encode_export_request),
+            timed_batch(otlp_wire.encode_export_request),
+        "otlp protobuf, direct wire encoder, pure Python (per span, batch 512)":
+            timed_batch(otlp_wire.encode_export_request_py),
         "otlp-json line, dicts + orjson (per span, batch 512)":
             timed_batch(lambda b: orjson.dumps(to_otlp_json(b))),
         "otlp-json line, direct writer (per span, batch 512)":
@@ -187,9 +190,12 @@ def main() -> int:
             vals = per_call_us(fn, args.n, args.repeat)
         results[name] = vals
         spans.clear()
-    print(f"{'stage':<54} {'us/span median':>15} {'min-max':>15}")
+    wire = "C accelerator" if otlp_wire.ACCELERATED else "pure Python (accelerator not in use)"
+    print(f"direct wire encoder: {wire}")
+    width = max(len(name) for name in results)
+    print(f"{'stage':<{width}} {'us/span median':>15} {'min-max':>15}")
     for name, vals in results.items():
-        print(f"{name:<54} {statistics.median(vals):>15.2f} "
+        print(f"{name:<{width}} {statistics.median(vals):>15.2f} "
               f"{min(vals):>7.2f}-{max(vals):<7.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"us_per_span": results}, indent=2))

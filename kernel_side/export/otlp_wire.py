@@ -7,16 +7,23 @@ repeating piece (attribute fields, resource and scope headers) cached as bytes, 
 fraction of that. The layout follows opentelemetry-proto's trace.proto, common.proto and
 resource.proto; ``tests/unit/test_otlp_wire.py`` parses the output with the generated classes
 and compares it with ``otlp_proto.to_export_request``, the reference built with them.
+
+``encode_export_request`` is the C encoder ``kernel_side._fastwire`` when it is built, else
+``encode_export_request_py`` (bench/pipeline_bench.py, batches of 512, same run: 0.21 µs per
+span in C against 4.87 in Python on an idle VM, 0.53 against 8.60 on a busy one).
+The Python function is the C one's specification: ``tests/unit/test_otlp_wire_fast.py``
+requires byte-identical output on random batches. ``EBPF_BRIDGE_NO_ACCEL=1`` selects Python.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kernel_side.export.otlp_proto import scope_version
-from kernel_side.model import AttrValue, SpanRecord, StatusCode
+from kernel_side.model import AttrValue, SpanKind, SpanRecord, StatusCode
 from kernel_side.semconv import SCHEMA_URL, SCOPE_NAME
 
 _INT64_MIN = -(2**63)
@@ -174,12 +181,26 @@ class _Headers:
 
 _HEADERS = _Headers()
 _SCHEMA = SCHEMA_URL.encode()
+_SCHEMA_FIELD = _ld(0x1A, _SCHEMA)  # ScopeSpans.schema_url = 3, ResourceSpans.schema_url = 3
+_SCOPES: dict[str, bytes] = {}  # scope_version() -> the ScopeSpans.scope field
 
 
-def encode_export_request(spans: Sequence[SpanRecord]) -> bytes:
+def _scope_field() -> bytes:
+    """The ``ScopeSpans.scope`` field (``InstrumentationScope`` name and version)."""
+    version = scope_version()
+    scope = _SCOPES.get(version)
+    if scope is None:
+        scope = _SCOPES[version] = _ld(
+            0x0A, _ld(0x0A, SCOPE_NAME.encode()) + _ld(0x12, version.encode()))
+    return scope
+
+
+def encode_export_request_py(spans: Sequence[SpanRecord]) -> bytes:
     """The serialized ``ExportTraceServiceRequest`` for ``spans``: one ``ResourceSpans`` per
     resource (grouped by ``Resource.key``, in order of first appearance), one scope each, both
-    with the pinned semconv schema URL, as ``otlp_proto.to_export_request`` builds it."""
+    with the pinned semconv schema URL, as ``otlp_proto.to_export_request`` builds it.
+
+    The pure-Python encoder: the fallback, and the reference the C encoder must equal."""
     groups: dict[tuple[int, int], list[bytes]] = {}
     heads: dict[tuple[int, int], bytes] = {}
     for span in spans:
@@ -189,10 +210,44 @@ def encode_export_request(spans: Sequence[SpanRecord]) -> bytes:
             group = groups[key] = []
             heads[key] = _HEADERS.resource(span)
         group.append(_ld(0x12, encode_span(span)))  # ScopeSpans.spans = 2
-    scope = _ld(0x0A, _ld(0x0A, SCOPE_NAME.encode()) + _ld(0x12, scope_version().encode()))
-    schema = _ld(0x1A, _SCHEMA)  # ScopeSpans.schema_url = 3, ResourceSpans.schema_url = 3
+    scope = _scope_field()
+    schema = _SCHEMA_FIELD
     out = []
     for key, group in groups.items():
         scope_spans = _ld(0x12, scope + b"".join(group) + schema)  # ResourceSpans.scope_spans
         out.append(_ld(0x0A, heads[key] + scope_spans + schema))  # request.resource_spans = 1
     return b"".join(out)
+
+
+encode_export_request: Callable[[Sequence[SpanRecord]], bytes] = encode_export_request_py
+"""``encode_export_request(spans) -> bytes``: the C encoder when built, else the Python one;
+the same bytes either way (see ``encode_export_request_py``)."""
+ACCELERATED = False
+"""Whether ``encode_export_request`` uses ``kernel_side._fastwire``."""
+try:
+    if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
+        raise ImportError("disabled by EBPF_BRIDGE_NO_ACCEL")
+    from kernel_side import _fastwire
+except ImportError:
+    pass
+else:
+    # The C encoder leaves to Python what must exist once: the cached resource headers and
+    # every attribute value that is not an exact str, int, float or bool.
+    _fastwire.configure(span_type=SpanRecord, kind_type=SpanKind, status_type=StatusCode,
+                        status_unset=StatusCode.UNSET, any_value=_any_value,
+                        heads=_HEADERS.resource)
+    _fast_encode = _fastwire.encode
+
+    def _encode_export_request_c(spans: Sequence[SpanRecord]) -> bytes:
+        """The C encoder; the Python one for input the C declines (it returns None: not a
+        list or tuple, a SpanRecord subclass, unusual field types). An exception from the C
+        call (a callback's, such as a value's ``__str__``) also goes to Python, which then
+        raises it itself or, for an error only the C path could meet, still encodes."""
+        try:
+            out = _fast_encode(spans, _scope_field(), _SCHEMA_FIELD)
+        except Exception:
+            out = None
+        return encode_export_request_py(spans) if out is None else out
+
+    encode_export_request = _encode_export_request_c
+    ACCELERATED = True
