@@ -32,6 +32,7 @@ from kernel_side.export import otlp_wire  # noqa: E402
 from kernel_side.export.otlp_json import otlp_json_line, to_otlp_json  # noqa: E402
 from kernel_side.export.otlp_proto import to_export_request  # noqa: E402
 from kernel_side.model import Resource, SpanRecord  # noqa: E402
+from kernel_side.protocols import http1  # noqa: E402
 
 REQ = (b"GET /orders/4711?expand=items HTTP/1.1\r\nHost: orders.internal:8081\r\n"
        b"User-Agent: python-requests/2.32.3\r\nAccept-Encoding: gzip, deflate\r\n"
@@ -190,8 +191,23 @@ def main() -> int:
             vals = per_call_us(fn, args.n, args.repeat)
         results[name] = vals
         spans.clear()
-    wire = "C accelerator" if otlp_wire.ACCELERATED else "pure Python (accelerator not in use)"
-    print(f"direct wire encoder: {wire}")
+        if name.startswith("parse + assemble"):
+            # The same exchange through the pure-Python HTTP/1 parser (the fallback when
+            # kernel_side._fasthttp is not built), for the C parser's share.
+            fast = http1.parse_requests, http1.parse_responses
+            http1.parse_requests, http1.parse_responses = (http1.parse_requests_py,
+                                                           http1.parse_responses_py)
+            try:
+                results["parse + assemble, pure-Python HTTP/1 parser"] = per_call_us(
+                    lambda: asm.on_exchange(ex), args.n, args.repeat)
+            finally:
+                http1.parse_requests, http1.parse_responses = fast
+            spans.clear()
+    def which(accelerated: bool) -> str:
+        return "C accelerator" if accelerated else "pure Python (accelerator not in use)"
+
+    print(f"HTTP/1 parser: {which(http1.ACCELERATED)}; "
+          f"direct wire encoder: {which(otlp_wire.ACCELERATED)}")
     width = max(len(name) for name in results)
     print(f"{'stage':<{width}} {'us/span median':>15} {'min-max':>15}")
     for name, vals in results.items():
