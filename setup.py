@@ -30,5 +30,11 @@ setup(
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
         ),
+        Extension(
+            "kernel_side._fastjson",
+            sources=["kernel_side/_fastjson.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+        ),
     ]
 )

@@ -8,13 +8,14 @@ the default JSONL sink, where a generic reflection walk would cost several times
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from kernel_side.export.otlp_proto import scope_version
-from kernel_side.model import AttrValue, SpanRecord, StatusCode
+from kernel_side.model import AttrValue, Resource, SpanKind, SpanRecord, StatusCode
 from kernel_side.semconv import SCHEMA_URL, SCOPE_NAME
 
 JsonDict = dict[str, Any]
@@ -85,27 +86,38 @@ def attributes_json(attributes: Mapping[str, AttrValue]) -> list[JsonDict]:
 
 
 # The same (key, type, value) -> its KeyValue already serialized, for the line writer below.
-_KV_BYTES: dict[tuple[str, type, object], bytes] = {}
+_KV_BYTES: dict[tuple[object, type, object], bytes] = {}
 _NAME_BYTES: dict[str, bytes] = {}
 _dumps = orjson.dumps
+
+
+def _kv_bytes(key: object, value: object) -> bytes:
+    """One attribute's serialized ``KeyValue``, through the cache. The C writer
+    (kernel_side._fastjson) calls this for every key or value not of an exact str, int, bool
+    or float type, so the isinstance chain and the cache exist once, here."""
+    t = type(value)
+    if t is float:
+        # Not cached: 0.0 == -0.0 would share one entry (and floats rarely repeat).
+        return _dumps({"key": key, "value": _any_value(value)})
+    k = (key, t, value)
+    cache = _KV_BYTES
+    kv = cache.get(k)
+    if kv is None:
+        kv = _dumps({"key": key, "value": _any_value(value)})
+        if len(cache) >= _KV_CACHE_MAX:
+            cache.clear()
+        cache[k] = kv
+    return kv
 
 
 def _attributes_bytes(attributes: Mapping[str, AttrValue]) -> bytes:
     cache = _KV_BYTES
     parts: list[bytes] = []
     for key, value in attributes.items():
+        # The cache hit inline (the common case); floats and misses in _kv_bytes.
         t = type(value)
-        if t is float:
-            parts.append(_dumps({"key": key, "value": _any_value(value)}))
-            continue
-        k = (key, t, value)
-        kv = cache.get(k)
-        if kv is None:
-            kv = _dumps({"key": key, "value": _any_value(value)})
-            if len(cache) >= _KV_CACHE_MAX:
-                cache.clear()
-            cache[k] = kv
-        parts.append(kv)
+        kv = None if t is float else cache.get((key, t, value))
+        parts.append(kv if kv is not None else _kv_bytes(key, value))
     return b",".join(parts)
 
 
@@ -137,10 +149,19 @@ def _span_bytes(span: SpanRecord) -> bytes:
     return b"".join(out)
 
 
-def otlp_json_line(spans: Sequence[SpanRecord]) -> bytes:
+def _envelope() -> tuple[bytes, bytes]:
+    """The serialized ``scope`` and ``schemaUrl`` of a batch's ScopeSpans, looked up per batch
+    as ``to_otlp_json`` does; the C writer calls it too."""
+    return _dumps({"name": SCOPE_NAME, "version": scope_version()}), _dumps(SCHEMA_URL)
+
+
+def otlp_json_line_py(spans: Sequence[SpanRecord]) -> bytes:
     """``orjson.dumps(to_otlp_json(spans))`` plus a newline, byte for byte, written directly:
     each span's fields and each distinct attribute are serialized once into bytes and joined,
-    instead of building the nested dicts and walking them again (the JSONL sink's hot path)."""
+    instead of building the nested dicts and walking them again (the JSONL sink's hot path).
+
+    The pure-Python writer: the reference for the C one, and what ``otlp_json_line`` is
+    without it."""
     if not spans:
         return b"{}\n"
     groups: dict[tuple[int, int], list[bytes]] = {}
@@ -156,12 +177,31 @@ def otlp_json_line(spans: Sequence[SpanRecord]) -> bytes:
                          + _attributes_bytes(span.resource.attributes) + b"]},")
             heads[rkey] = head
         group.append(_span_bytes(span))
-    scope = _dumps({"name": SCOPE_NAME, "version": scope_version()})
-    schema = _dumps(SCHEMA_URL)
+    scope, schema = _envelope()
     tail = b'],"schemaUrl":' + schema + b'}],"schemaUrl":' + schema + b"}"
     entries = [heads[rkey] + b'"scopeSpans":[{"scope":' + scope + b',"spans":['
                + b",".join(group) + tail for rkey, group in groups.items()]
     return b'{"resourceSpans":[' + b",".join(entries) + b"]}\n"
+
+
+# The line writer the JSONL sink calls: the C one from kernel_side._fastjson when it is built
+# (it writes the common records itself and hands every other batch to otlp_json_line_py, and
+# odd attributes to _kv_bytes, so the rare rules exist once), else the pure-Python one.
+# EBPF_BRIDGE_NO_ACCEL=1 selects the pure-Python one, as it does for the other accelerators.
+otlp_json_line: Callable[[Sequence[SpanRecord]], bytes] = otlp_json_line_py
+ACCELERATED = False
+"""Whether ``otlp_json_line`` is the C writer."""
+try:
+    if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
+        raise ImportError("disabled by EBPF_BRIDGE_NO_ACCEL")
+    from kernel_side import _fastjson
+except ImportError:
+    pass
+else:
+    _fastjson.configure(SpanRecord, Resource, SpanKind, StatusCode, StatusCode.UNSET,
+                        otlp_json_line_py, _kv_bytes, _envelope, _dumps)
+    otlp_json_line = _fastjson.otlp_json_line
+    ACCELERATED = True
 
 
 def _span_json(span: SpanRecord) -> JsonDict:
