@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import statistics
 import sys
@@ -28,8 +29,8 @@ sys.path.insert(0, str(REPO))
 from bridge import _abi  # noqa: E402
 from kernel_side.assembly import SpanAssembler  # noqa: E402
 from kernel_side.events import ExchangeLayout  # noqa: E402
-from kernel_side.export import otlp_wire  # noqa: E402
-from kernel_side.export.otlp_json import otlp_json_line, to_otlp_json  # noqa: E402
+from kernel_side.export import otlp_json, otlp_wire  # noqa: E402
+from kernel_side.export.otlp_json import to_otlp_json  # noqa: E402
 from kernel_side.export.otlp_proto import to_export_request  # noqa: E402
 from kernel_side.model import Resource, SpanRecord  # noqa: E402
 from kernel_side.protocols import http1  # noqa: E402
@@ -139,7 +140,6 @@ def main() -> int:
     # and order path, users rotate over 50, tenants over 4; method, ports and scheme repeat.
     # Each export sees a fresh batch (never the same path twice), so caches only help with
     # values that really repeat.
-    batch_calls = max(args.n // 512, 5) * args.repeat * 5 + 5  # five batch stages
 
     def make_batch(b: int) -> list[SpanRecord]:
         out = []
@@ -157,7 +157,7 @@ def main() -> int:
     # Each batch is built just before its export and dropped after it, outside the timed
     # region: the agent's queue holds one batch at a time, and holding every batch of the run
     # at once (200,000 spans) made the garbage collector's full passes part of the figure.
-    counter = iter(range(batch_calls))
+    counter = itertools.count()
 
     def timed_batch(encode: object) -> object:
         def run() -> float:
@@ -179,7 +179,9 @@ def main() -> int:
         "otlp-json line, dicts + orjson (per span, batch 512)":
             timed_batch(lambda b: orjson.dumps(to_otlp_json(b))),
         "otlp-json line, direct writer (per span, batch 512)":
-            timed_batch(otlp_json_line),
+            timed_batch(otlp_json.otlp_json_line),
+        "otlp-json line, direct writer, pure Python (per span, batch 512)":
+            timed_batch(otlp_json.otlp_json_line_py),
     }
     results: dict[str, list[float]] = {}
     for name, fn in stages.items():
@@ -207,7 +209,8 @@ def main() -> int:
         return "C accelerator" if accelerated else "pure Python (accelerator not in use)"
 
     print(f"HTTP/1 parser: {which(http1.ACCELERATED)}; "
-          f"direct wire encoder: {which(otlp_wire.ACCELERATED)}")
+          f"direct wire encoder: {which(otlp_wire.ACCELERATED)}; "
+          f"JSON line writer: {which(otlp_json.ACCELERATED)}")
     width = max(len(name) for name in results)
     print(f"{'stage':<{width}} {'us/span median':>15} {'min-max':>15}")
     for name, vals in results.items():
