@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from _live import cpu_seconds, free_port  # noqa: E402  (re-exported for the other benches)
+from _live import cpu_seconds, free_port, pace_script, wrk_pacing  # noqa: E402  (re-exported for the other benches)
 
 
 def start_nginx(tmp: Path, port: int) -> subprocess.Popen[bytes]:
@@ -65,6 +65,9 @@ def nginx_worker(master: int) -> int:
 
 
 def run_wrk(port: int, duration: int, connections: int, rate: int, tmp: Path) -> dict[str, float]:
+    delay = 0
+    if rate:
+        connections, delay = wrk_pacing(connections, rate)
     argv = [
         "taskset",
         "-c",
@@ -78,9 +81,7 @@ def run_wrk(port: int, duration: int, connections: int, rate: int, tmp: Path) ->
     ]
     if rate:
         # Pace each connection: wrk waits delay() ms between a response and the next request.
-        script = tmp / "pace.lua"
-        script.write_text(f"function delay() return {connections * 1000 / rate} end\n")
-        argv[5:5] = ["-s", str(script)]
+        argv[5:5] = ["-s", str(pace_script(tmp, delay))]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
 

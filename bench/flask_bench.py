@@ -52,6 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _live import pace_script
+
 from kernel_side.health import parse_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,9 +307,9 @@ def run_wrk(port: int, path: str, duration: int, connections: int, rate: float, 
     argv = ["taskset", "-c", str(cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
             "--latency"]
     if rate:
-        script = tmp / "pace.lua"
-        script.write_text(f"function delay() return {connections * 1000 / rate} end\n")
-        argv += ["-s", str(script)]
+        # wrk's delay() is whole milliseconds (see _live.wrk_pacing): rounded, not truncated.
+        delay = max(1, round(connections * 1000 / rate))
+        argv += ["-s", str(pace_script(tmp, delay))]
     argv.append(f"http://127.0.0.1:{port}{path}")
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from _common import compare_modes, side_by_side  # noqa: E402
+from _live import pace_script, wrk_pacing  # noqa: E402
 from agent_bench import (  # noqa: E402
     cpu_seconds,
     free_port,
@@ -39,12 +40,13 @@ MODES = ("agent", "agent+inject")
 
 def _wrk(port: int, duration: int, connections: int, rate: int,
          tmp: Path) -> dict[str, float]:
+    delay = 0
+    if rate:
+        connections, delay = wrk_pacing(connections, rate)
     argv = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s",
             "--latency", f"http://127.0.0.1:{port}/"]
     if rate:
-        script = tmp / "pace.lua"
-        script.write_text(f"function delay() return {connections * 1000 / rate} end\n")
-        argv[5:5] = ["-s", str(script)]
+        argv[5:5] = ["-s", str(pace_script(tmp, delay))]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     out = proc.stdout.read()

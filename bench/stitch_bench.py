@@ -105,7 +105,8 @@ def one_run(tmp: Path, duration: int, rate: int, inject: bool) -> dict[str, floa
             "counter = 0\n"
             "request = function()\n  counter = counter + 1\n"
             "  return wrk.format(\"GET\", \"/front/\" .. counter)\nend\n"
-            f"function delay() return {4 * 1000 / rate} end\n")
+            # whole milliseconds: wrk truncates delay() (see _live.wrk_pacing)
+            f"function delay() return {max(1, round(4 * 1000 / rate))} end\n")
         subprocess.run(["wrk", "-t1", "-c4", f"-d{duration}s", "-s", str(script),
                         f"http://127.0.0.1:{ports['front']}/"], capture_output=True, check=True)
         os.kill(agent.pid, signal.SIGINT)

@@ -47,9 +47,11 @@ from _live import (  # noqa: E402
     cpu_seconds,
     free_port,
     other_agents,
+    pace_script,
     self_signed_cert,
     start_nginx,
     stop_group,
+    wrk_pacing,
 )
 from agent_bench import parse_wrk  # noqa: E402
 from kernel_cost import agent_programs, name_programs  # noqa: E402
@@ -59,8 +61,8 @@ SCHEMES = ("http", "https")
 
 def run_wrk(url: str, seconds: int, connections: int, rate: int, tmp: Path) -> dict[str, float]:
     """wrk -t1 on the load core, each connection paced so that all together send ``rate``."""
-    script = tmp / "pace.lua"
-    script.write_text(f"function delay() return {connections * 1000 / rate} end\n")
+    connections, delay = wrk_pacing(connections, rate)
+    script = pace_script(tmp, delay)
     out = subprocess.run(["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}",
                           f"-d{seconds}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
