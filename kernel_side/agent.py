@@ -40,11 +40,12 @@ from kernel_side.events import (
     ChunkLayout,
     ExchangeLayout,
 )
-from kernel_side.export import make_exporter
+from kernel_side.export import make_exporter, otlp_json, otlp_wire
 from kernel_side.export.batch import BatchExporter
 from kernel_side.health import HealthServer, HealthState, agent_metrics
 from kernel_side.inject import InjectError, Injector
 from kernel_side.model import AttrValue, Resource, SpanRecord
+from kernel_side.protocols import http1
 from kernel_side.protocols.http2_spans import StreamSpans
 from kernel_side.protocols.registry import register_all
 from kernel_side.tls import TlsProbes
@@ -428,6 +429,19 @@ def _has_effective_cap(bit: int, status: str = "/proc/self/status") -> bool:
     return False
 
 
+def describe_accelerators() -> str:
+    """Which of the agent's optional C parts are in use (``pip install`` builds them when a C
+    compiler and the Python headers are present; ``EBPF_BRIDGE_NO_ACCEL=1`` turns them off)."""
+    parts = {"HTTP/1 parser": http1.ACCELERATED, "OTLP protobuf encoder": otlp_wire.ACCELERATED,
+             "OTLP/JSON writer": otlp_json.ACCELERATED}
+    on = [name for name, used in parts.items() if used]
+    off = [name for name, used in parts.items() if not used]
+    text = "C: " + (", ".join(on) if on else "none")
+    if off:
+        text += "; pure Python: " + ", ".join(off)
+    return text
+
+
 def _load_bcc() -> Any:
     try:
         import bcc
@@ -740,6 +754,7 @@ class Agent:
         if self.cfg.ready_file:
             Path(self.cfg.ready_file).write_text(f"{os.getpid()}\n")
         self.health_state.mark_ready()
+        log.info("compiled hot paths: %s", describe_accelerators())
         old = {s: signal.signal(s, self.stop) for s in (signal.SIGINT, signal.SIGTERM)}
         old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.hup)
         try:
