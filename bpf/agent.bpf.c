@@ -307,10 +307,11 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
  * bpf_probe_read_user() by name. For every call of that name in the source, BCC 0.26's
  * rewriter resolves a kernel symbol and re-reads all of /proc/kallsyms to do it (perf:
  * bcc_symcache_resolve_name under BTypeVisitor::VisitCallExpr), which cost about 80 ms a call
- * site on the 2-core VM: over a second of every agent start for 13 call sites. By the look of
- * it the lookup decides whether to fall back to bpf_probe_read on kernels without
- * bpf_probe_read_user (before 5.5); the agent needs 5.8 for its ring buffer, so the helper is
- * always there, and the loaded programs call the same helper either way. */
+ * site on the 2-core VM: over a second of every agent start for 13 call sites. The lookup
+ * decides whether BCC's helpers header maps the name to bpf_probe_read (kernels before 5.5);
+ * the agent needs 5.8 for its ring buffer, so the helper is always there. The header declares
+ * the helper returning int; the kernel's helper returns long, as here, which saves a sign
+ * extension per call (data_exit: 4,964 -> 4,914 instructions) and nothing else changes. */
 static long (*read_user)(void *dst, __u32 size, const void *src) =
     (void *)BPF_FUNC_probe_read_user;
 
