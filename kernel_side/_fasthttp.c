@@ -292,6 +292,18 @@ static PyObject *maybe_long(int known, long long v)
 
 #define FALLBACK (-2)
 
+/* The same call to the Python parser, for a buffer (or arguments) this module does not take. */
+static PyObject *fallback_call(PyObject *fn, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    n_fallback++;
+    if (fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_fasthttp.configure() was not called");
+        return NULL;
+    }
+    return PyObject_Vectorcall(fn, args, (size_t)nargs, kwnames);
+}
+
 /* Append one request record; FALLBACK when the message needs the Python rules, -1 on error,
  * else 0 with *next set (-1: stop). */
 static int one_request(PyObject *out, const char *d, Py_ssize_t n, Py_ssize_t pos, int truncated,
@@ -437,12 +449,7 @@ static PyObject *parse_requests(PyObject *self, PyObject *const *args, Py_ssize_
     n_fast++;
     return out;
 fallback:
-    n_fallback++;
-    if (requests_py == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "_fasthttp.configure() was not called");
-        return NULL;
-    }
-    return PyObject_Vectorcall(requests_py, args, (size_t)nargs, kwnames);
+    return fallback_call(requests_py, args, nargs, kwnames);
 }
 
 /* looks_like_response on data[pos:pos+12]. */
@@ -587,12 +594,7 @@ static PyObject *parse_responses(PyObject *self, PyObject *const *args, Py_ssize
 fallback_out:
     Py_DECREF(out);
 fallback:
-    n_fallback++;
-    if (responses_py == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "_fasthttp.configure() was not called");
-        return NULL;
-    }
-    return PyObject_Vectorcall(responses_py, args, (size_t)nargs, kwnames);
+    return fallback_call(responses_py, args, nargs, kwnames);
 }
 
 static PyObject *configure(PyObject *self, PyObject *args)

@@ -8,12 +8,12 @@ the default JSONL sink, where a generic reflection walk would cost several times
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
 
+from kernel_side import _accel
 from kernel_side.export.otlp_proto import scope_version
 from kernel_side.model import AttrValue, Resource, SpanKind, SpanRecord, StatusCode
 from kernel_side.semconv import SCHEMA_URL, SCOPE_NAME
@@ -191,13 +191,8 @@ def otlp_json_line_py(spans: Sequence[SpanRecord]) -> bytes:
 otlp_json_line: Callable[[Sequence[SpanRecord]], bytes] = otlp_json_line_py
 ACCELERATED = False
 """Whether ``otlp_json_line`` is the C writer."""
-try:
-    if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
-        raise ImportError("disabled by EBPF_BRIDGE_NO_ACCEL")
-    from kernel_side import _fastjson
-except ImportError:
-    pass
-else:
+_fastjson = _accel.load("_fastjson")
+if _fastjson is not None:
     _fastjson.configure(SpanRecord, Resource, SpanKind, StatusCode, StatusCode.UNSET,
                         otlp_json_line_py, _kv_bytes, _envelope, _dumps)
     otlp_json_line = _fastjson.otlp_json_line

@@ -17,11 +17,11 @@ requires byte-identical output on random batches. ``EBPF_BRIDGE_NO_ACCEL=1`` sel
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from kernel_side import _accel
 from kernel_side.export.otlp_proto import scope_version
 from kernel_side.model import AttrValue, SpanKind, SpanRecord, StatusCode
 from kernel_side.semconv import SCHEMA_URL, SCOPE_NAME
@@ -224,13 +224,8 @@ encode_export_request: Callable[[Sequence[SpanRecord]], bytes] = encode_export_r
 the same bytes either way (see ``encode_export_request_py``)."""
 ACCELERATED = False
 """Whether ``encode_export_request`` uses ``kernel_side._fastwire``."""
-try:
-    if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
-        raise ImportError("disabled by EBPF_BRIDGE_NO_ACCEL")
-    from kernel_side import _fastwire
-except ImportError:
-    pass
-else:
+_fastwire = _accel.load("_fastwire")
+if _fastwire is not None:
     # The C encoder leaves to Python what must exist once: the cached resource headers and
     # every attribute value that is not an exact str, int, float or bool.
     _fastwire.configure(span_type=SpanRecord, kind_type=SpanKind, status_type=StatusCode,

@@ -18,10 +18,11 @@ the rest of what the server sent in the exchange.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+from kernel_side import _accel
 
 __all__ = [
     "ACCELERATED",
@@ -541,13 +542,8 @@ parse_requests: Callable[[bytes, int], list[HttpRequest]] = parse_requests_py
 parse_responses: Callable[..., list[HttpResponse]] = parse_responses_py
 ACCELERATED = False
 """Whether ``parse_requests``/``parse_responses`` are the C parsers."""
-try:
-    if os.environ.get("EBPF_BRIDGE_NO_ACCEL"):
-        raise ImportError("disabled by EBPF_BRIDGE_NO_ACCEL")
-    from kernel_side import _fasthttp
-except ImportError:
-    pass
-else:
+_fasthttp = _accel.load("_fasthttp")
+if _fasthttp is not None:
     _fasthttp.configure(HttpRequest, HttpResponse, parse_requests_py, parse_responses_py)
     parse_requests = _fasthttp.parse_requests
     parse_responses = _fasthttp.parse_responses
