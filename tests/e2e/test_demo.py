@@ -194,7 +194,14 @@ def test_http2_hop_to_pricing(demo: tuple[list[ReceivedSpan], dict, str]) -> Non
     assert calls and served
     for s in calls + served:
         assert s.attributes["network.protocol.version"] == "2", s.attributes
-    assert all(s.attributes.get("tenant_id") in TENANTS for s in calls)
+    # httpcore can write one thread's queued HEADERS in another thread's write: then the
+    # agent cannot tell which request a stream belongs to, and must guess no tenant rather
+    # than a wrong one (2 of 29 calls in one CI run; 0 of 29 in others).
+    ambiguous = [s for s in calls if s.attributes.get("ebpf_bridge.thread.ambiguous") is True]
+    assert all("tenant_id" not in s.attributes for s in ambiguous)
+    known = [s for s in calls if s not in ambiguous]
+    assert len(known) > len(calls) // 2, (len(known), len(calls))
+    assert all(s.attributes.get("tenant_id") in TENANTS for s in known)
 
 
 def test_one_trace_across_services_where_propagation_allows(
