@@ -12,6 +12,8 @@ and the Python code that each one mirrors runs instead, with the same results
 - ``kernel_side._fastwire``: the OTLP protobuf encoder (about 6 us less per span).
 - ``kernel_side._fastjson``: the OTLP/JSON line writer of the JSONL sink (about 5 us less per
   span).
+- ``kernel_side._fastring``: reads the agent's ring buffer in batches instead of one ctypes
+  callback per record.
 """
 
 from setuptools import Extension, setup
@@ -29,5 +31,6 @@ setup(
         _optional("kernel_side._fasthttp"),
         _optional("kernel_side._fastwire"),
         _optional("kernel_side._fastjson"),
+        _optional("kernel_side._fastring"),
     ]
 )

@@ -25,7 +25,7 @@ from typing import Any
 
 import bpf
 from bridge import _abi
-from kernel_side import processes
+from kernel_side import processes, ring
 from kernel_side.assembly import IdSource, SpanAssembler
 from kernel_side.config import AgentConfig, ConfigError
 from kernel_side.events import (
@@ -48,6 +48,7 @@ from kernel_side.model import AttrValue, Resource, SpanRecord
 from kernel_side.protocols import http1
 from kernel_side.protocols.http2_spans import StreamSpans
 from kernel_side.protocols.registry import register_all
+from kernel_side.ring import RingReader
 from kernel_side.tls import TlsProbes
 
 log = logging.getLogger("ebpf_bridge.agent")
@@ -433,7 +434,7 @@ def describe_accelerators() -> str:
     """Which of the agent's optional C parts are in use (``pip install`` builds them when a C
     compiler and the Python headers are present; ``EBPF_BRIDGE_NO_ACCEL=1`` turns them off)."""
     parts = {"HTTP/1 parser": http1.ACCELERATED, "OTLP protobuf encoder": otlp_wire.ACCELERATED,
-             "OTLP/JSON writer": otlp_json.ACCELERATED}
+             "OTLP/JSON writer": otlp_json.ACCELERATED, "ring-buffer reader": ring.BATCHED}
     on = [name for name, used in parts.items() if used]
     off = [name for name, used in parts.items() if not used]
     text = "C: " + (", ".join(on) if on else "none")
@@ -505,6 +506,7 @@ class Agent:
         # kernel emits it again at the connection's next request or close, and that copy is
         # dropped (see _flush_idle). Insertion-ordered and capped at the size of `conns`.
         self._flushed: dict[int, int] = {}
+        self._ring: RingReader | None = None
         self.idle_flush_repeats = 0
         """Kernel emissions of exchanges the idle flush had already emitted (dropped)."""
         # Entries user space removed from `conns` / `socks` (dead processes): the
@@ -737,7 +739,7 @@ class Agent:
         self.streams = StreamSpans(self.assembler, max_connections=self.cfg.max_connections,
                                    route_heuristic=self.cfg.route_heuristic)
         self.assembler.set_stream_handler(self.streams)
-        b["events"].open_ring_buffer(self._on_event)
+        self._ring = RingReader(b, "events", self._handle_record)
         if self.cfg.inject_traceparent:
             try:
                 self.injector = Injector.attach(b, self.ids.salt)
@@ -792,10 +794,11 @@ class Agent:
         return out
 
     def _loop(self) -> None:
-        b = self._bpf
         assert self.registry is not None and self.assembler is not None
         cfg = self.cfg
         idle_ns = cfg.idle_flush_ms * 1_000_000
+        reader = self._ring
+        assert reader is not None
         tick_s = min(0.05, cfg.idle_flush_ms / 2000)
         next_scan = next_stats = time.monotonic()
         next_stats += cfg.stats_interval_s
@@ -803,10 +806,10 @@ class Agent:
             if self._hup:
                 self._hup = False
                 self._apply_reload()
-            b.ring_buffer_poll(int(tick_s * 1000))
+            reader.poll(int(tick_s * 1000))
             # Most events are submitted without a wakeup (see wakeup_flag in the C source), so
             # a poll that timed out has consumed nothing: drain explicitly.
-            b.ring_buffer_consume()
+            reader.consume()
             now = time.monotonic()
             self.health_state.beat(now)
             self._release_held(idle_ns)
@@ -826,10 +829,10 @@ class Agent:
         b = self._bpf
         self.health_state.ready = False
         try:
-            if b is not None:
-                b.ring_buffer_consume()
+            if b is not None and self._ring is not None:
+                self._ring.consume()
                 self._flush_idle(0)
-                b.ring_buffer_consume()
+                self._ring.consume()
             if self.assembler is not None:
                 if self.streams is not None:
                     self.streams.flush(time.monotonic_ns())
@@ -845,6 +848,8 @@ class Agent:
                 self.health.stop()
             if self.injector is not None:
                 self.injector.close()
+            if self._ring is not None:
+                self._ring.close()
             if b is not None:
                 detach_in_parallel(b)
                 b.cleanup()
@@ -854,9 +859,9 @@ class Agent:
 
     # -- events -------------------------------------------------------------------------------
 
-    def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
+    def _handle_record(self, raw: bytes) -> None:
+        """Handle one ring-buffer record; never raises (a bad record is counted and logged)."""
         try:
-            raw = ctypes.string_at(data, size)
             kind = int.from_bytes(raw[:4], "little")
             if kind == EV_EXCHANGE_PACKED:
                 assert self._layout is not None and self.assembler is not None
@@ -879,7 +884,6 @@ class Agent:
             # Never let one event take the agent down; count and carry on.
             self.callback_errors += 1
             log.exception("event handling failed")
-        return 0
 
     def _release_held(self, idle_ns: int) -> None:
         """Emit idle exchanges and release spans whose wait ran out. Like event handling, a
