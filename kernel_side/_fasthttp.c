@@ -246,6 +246,23 @@ static int content_length(const char *d, const head_t *h, long long *out)
     return 1;
 }
 
+/* A body of ``body`` bytes after head ``h``: its size is known, and where the message ends
+ * is known when the head is complete (a cut head may have lost lines before the body). */
+typedef struct {
+    long long size, end;
+    int size_known, end_known;
+} framing_t;
+
+static framing_t framed(const head_t *h, long long body)
+{
+    framing_t f = {body, 0, 1, 0};
+    if (h->complete) {
+        f.end = (long long)h->end + body;
+        f.end_known = 1;
+    }
+    return f;
+}
+
 static Py_ssize_t skip_blank_lines(const char *d, Py_ssize_t pos, Py_ssize_t n)
 {
     while (pos < n && (d[pos] == '\r' || d[pos] == '\n'))
@@ -364,26 +381,18 @@ static int one_request(PyObject *out, const char *d, Py_ssize_t n, Py_ssize_t po
         if (path == NULL || query == NULL)
             goto done;
     }
-    long long end = 0;
-    int end_known = 0, size_known = 0;
-    long long size = 0;
-    if (has_cl) {
-        size = clen;
-        size_known = 1;
-        if (h.complete) {
-            end = (long long)h.end + clen;
-            end_known = 1;
-        }
-    } else if (h.complete) {
-        size_known = end_known = 1;
-        end = h.end;
-    }
+    /* No framing header: a complete head ends the request; a cut one may have lost it. */
+    framing_t f = {0, 0, 0, 0};
+    if (has_cl)
+        f = framed(&h, clen);
+    else if (h.complete)
+        f = framed(&h, 0);
     host = h.first[H_HOST] >= 0 ? header_text(d, &h, H_HOST) : Py_NewRef(Py_None);
     /* W3C trace context: more than one traceparent makes the context invalid. */
     tp = h.count[H_TRACEPARENT] == 1 ? header_text(d, &h, H_TRACEPARENT) : Py_NewRef(Py_None);
     ua = h.first[H_USER_AGENT] >= 0 ? header_text(d, &h, H_USER_AGENT) : Py_NewRef(Py_None);
-    body = maybe_long(size_known, size);
-    length = maybe_long(end_known, end - pos);
+    body = maybe_long(f.size_known, f.size);
+    length = maybe_long(f.end_known, f.end - pos);
     offset = PyLong_FromSsize_t(pos);
     if (host == NULL || tp == NULL || ua == NULL || body == NULL || length == NULL ||
         offset == NULL)
@@ -395,8 +404,8 @@ static int one_request(PyObject *out, const char *d, Py_ssize_t n, Py_ssize_t po
     if (rec == NULL || PyList_Append(out, rec) < 0)
         goto done;
     rc = 0;
-    if (end_known)
-        *next = end < (long long)n ? (Py_ssize_t)end : n;
+    if (f.end_known)
+        *next = f.end < (long long)n ? (Py_ssize_t)f.end : n;
 done:
     Py_XDECREF(target);
     Py_XDECREF(path);
@@ -523,14 +532,9 @@ static PyObject *parse_responses(PyObject *self, PyObject *const *args, Py_ssize
         }
         /* After 101 or a successful CONNECT the connection carries another protocol. */
         int tunnel = status == 101 || (connect && status >= 200 && status < 300);
-        long long size = 0, end = 0;
-        int size_known = 0, end_known = 0;
+        framing_t f = {0, 0, 0, 0};
         if (interim || tunnel || status == 204 || status == 304 || head_req) {
-            size_known = 1;
-            if (h.complete) {
-                end = h.end;
-                end_known = 1;
-            }
+            f = framed(&h, 0);
         } else {
             if (h.count[H_TRANSFER_ENCODING])
                 goto fallback_out;
@@ -539,20 +543,12 @@ static PyObject *parse_responses(PyObject *self, PyObject *const *args, Py_ssize
             if (has_cl < 0)
                 goto fallback_out;
             if (has_cl) {
-                size = clen;
-                size_known = 1;
-                if (h.complete) {
-                    end = (long long)h.end + clen;
-                    end_known = 1;
-                }
+                f = framed(&h, clen);
             } else {
                 /* Delimited by close: everything else this exchange carried is body. */
                 tunnel = 1;
-                if (h.complete) {
-                    size = total - (long long)h.end;
-                    end = total;
-                    size_known = end_known = 1;
-                }
+                if (h.complete)
+                    f = framed(&h, total - (long long)h.end);
             }
         }
         while (reason_start < h.line_end &&
@@ -565,8 +561,8 @@ static PyObject *parse_responses(PyObject *self, PyObject *const *args, Py_ssize
             reason_end--;
         PyObject *st = PyLong_FromLong(status);
         PyObject *reason = text(d + reason_start, reason_end - reason_start);
-        PyObject *body = maybe_long(size_known, size);
-        PyObject *length = maybe_long(end_known, end - pos);
+        PyObject *body = maybe_long(f.size_known, f.size);
+        PyObject *length = maybe_long(f.end_known, f.end - pos);
         PyObject *offset = PyLong_FromSsize_t(pos);
         PyObject *rec = NULL;
         if (st && reason && body && length && offset) {
@@ -585,9 +581,9 @@ static PyObject *parse_responses(PyObject *self, PyObject *const *args, Py_ssize
             return NULL;
         }
         Py_DECREF(rec);
-        if (!end_known || tunnel || end >= (long long)n)
+        if (!f.end_known || tunnel || f.end >= (long long)n)
             break;
-        pos = (Py_ssize_t)end;
+        pos = (Py_ssize_t)f.end;
     }
     n_fast++;
     return out;
