@@ -48,7 +48,6 @@ from kernel_side.model import AttrValue, Resource, SpanRecord
 from kernel_side.protocols import http1
 from kernel_side.protocols.http2_spans import StreamSpans
 from kernel_side.protocols.registry import register_all
-from kernel_side.ring import RingReader
 from kernel_side.tls import TlsProbes
 
 log = logging.getLogger("ebpf_bridge.agent")
@@ -506,7 +505,7 @@ class Agent:
         # kernel emits it again at the connection's next request or close, and that copy is
         # dropped (see _flush_idle). Insertion-ordered and capped at the size of `conns`.
         self._flushed: dict[int, int] = {}
-        self._ring: RingReader | None = None
+        self._ring: ring.RingReader | None = None
         self.idle_flush_repeats = 0
         """Kernel emissions of exchanges the idle flush had already emitted (dropped)."""
         # Entries user space removed from `conns` / `socks` (dead processes): the
@@ -739,7 +738,7 @@ class Agent:
         self.streams = StreamSpans(self.assembler, max_connections=self.cfg.max_connections,
                                    route_heuristic=self.cfg.route_heuristic)
         self.assembler.set_stream_handler(self.streams)
-        self._ring = RingReader(b, "events", self._handle_record)
+        self._ring = ring.RingReader(b, "events", self._handle_record)
         if self.cfg.inject_traceparent:
             try:
                 self.injector = Injector.attach(b, self.ids.salt)

@@ -37,11 +37,6 @@ class RingReader:
             self._callback = callback
             bpf[name].open_ring_buffer(callback)
 
-    @property
-    def batched(self) -> bool:
-        """Whether this reader uses the C batch reader."""
-        return self._ring is not None
-
     def poll(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for records and hand them over."""
         if self._ring is None:
