@@ -32,5 +32,6 @@ setup(
         _optional("kernel_side._fastwire"),
         _optional("kernel_side._fastjson"),
         _optional("kernel_side._fastring"),
+        _optional("kernel_side._fastspan"),
     ]
 )

@@ -36,6 +36,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / TICK
 
 
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """utime + stime of one thread ``tid`` of process ``pid``, in seconds (``tid == pid``: the
+    main thread)."""
+    raw = Path(f"/proc/{pid}/task/{tid}/stat").read_bytes()
+    f = raw[raw.rfind(b")") + 2 :].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of process ``pid``, in seconds: its own code vs the kernel's work for it
+    (syscalls, and the probes that fire in them)."""
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    f = raw[raw.rfind(b")") + 2 :].split()
+    return int(f[11]) / TICK, int(f[12]) / TICK
+
+
 def wrk_pacing(connections: int, rate: float) -> tuple[int, int]:
     """(connections, delay in ms) for wrk's ``delay()`` hook to offer about ``rate`` req/s.
 

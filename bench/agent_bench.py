@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from _live import cpu_seconds, free_port, pace_script, wrk_pacing  # noqa: E402  (re-exported for the other benches)
+from _live import cpu_seconds, cpu_split, free_port, pace_script, thread_cpu_seconds, wrk_pacing  # noqa: E402  (re-exported for the other benches)
 
 
 def start_nginx(tmp: Path, port: int) -> subprocess.Popen[bytes]:
@@ -107,7 +107,12 @@ def parse_stats(log: str) -> dict[str, int]:
 
 
 def one_run(
-    tmp: Path, duration: int, connections: int, rate: int, with_agent: bool
+    tmp: Path,
+    duration: int,
+    connections: int,
+    rate: int,
+    with_agent: bool,
+    profile: Path | None = None,
 ) -> dict[str, float]:
     port = free_port()
     ngx = start_nginx(tmp, port)
@@ -153,14 +158,46 @@ def one_run(
                     raise RuntimeError((tmp / "agent.log").read_text())
                 time.sleep(0.01)
             result["start_to_ready_s"] = time.monotonic() - t0
+            agent_sys0 = cpu_split(agent.pid)[1]
             agent_cpu0 = cpu_seconds(agent.pid)
+            agent_main0 = thread_cpu_seconds(agent.pid, agent.pid)
+        spy = None
+        if agent is not None and profile is not None:
+            # Sampling the agent costs CPU on its core too: a profiled run's figures are not
+            # comparable with an unprofiled one and are only for reading where the time goes.
+            spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "--native",
+                    # Only the thread holding the GIL: where Python CPU goes, without the
+                    # time threads spend waiting for the GIL or for work.
+                    "--gil",
+                    "--pid",
+                    str(agent.pid),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(profile),
+                    "--duration",
+                    str(duration),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         app_cpu0 = cpu_seconds(worker)
         w = run_wrk(port, duration, connections, rate, tmp)
         app_cpu = cpu_seconds(worker) - app_cpu0
+        if spy is not None:
+            spy.wait(duration + 30)
         result.update(w)
         result["app_cpu_us_per_req"] = app_cpu / w["requests"] * 1e6
         if agent is not None:
             agent_cpu = cpu_seconds(agent.pid) - agent_cpu0
+            agent_sys = cpu_split(agent.pid)[1] - agent_sys0
+            agent_main = thread_cpu_seconds(agent.pid, agent.pid) - agent_main0
             rss_kb = int(
                 re.search(
                     r"VmRSS:\s+(\d+)",
@@ -178,6 +215,10 @@ def one_run(
             result["events_lost"] = stats.get("events_lost", 0)
             result["exchanges"] = stats.get("exchanges", 0)
             result["agent_cpu_us_per_span"] = agent_cpu / max(stats.get("spans", 0), 1) * 1e6
+            # The kernel's share: ring-buffer polls, epoll, the exporter's writes.
+            result["agent_sys_us_per_span"] = agent_sys / max(stats.get("spans", 0), 1) * 1e6
+            # The main thread reads the ring, parses and assembles; the rest is export.
+            result["agent_main_us_per_span"] = agent_main / max(stats.get("spans", 0), 1) * 1e6
             result["agent_rss_mb"] = rss_kb / 1024
     finally:
         if agent is not None and agent.poll() is None:
@@ -201,7 +242,19 @@ def main() -> int:
         help="paced load in requests/s (0 = as fast as wrk can: the worst case)",
     )
     ap.add_argument("--json", default=str(REPO / "bench/results/agent.json"))
+    ap.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="sample the agent with py-spy (pip install py-spy) during the last agent run and "
+        "write collapsed stacks to FILE; that run's CPU figures include the sampling",
+    )
     args = ap.parse_args()
+    if args.profile and not Path(sys.executable).with_name("py-spy").exists():
+        print(
+            "--profile needs py-spy next to this python: .venv/bin/pip install py-spy",
+            file=sys.stderr,
+        )
+        return 1
     if os.geteuid() != 0:
         print("run as root (the agent loads eBPF programs)", file=sys.stderr)
         return 1
@@ -209,7 +262,11 @@ def main() -> int:
     for i in range(args.repeat):
         for mode in ("bare", "agent"):
             with tempfile.TemporaryDirectory() as d:
-                r = one_run(Path(d), args.duration, args.connections, args.rate, mode == "agent")
+                last = i == args.repeat - 1
+                prof = Path(args.profile) if args.profile and last and mode == "agent" else None
+                r = one_run(
+                    Path(d), args.duration, args.connections, args.rate, mode == "agent", prof
+                )
             runs[mode].append(r)
             print(
                 f"run {i + 1}/{args.repeat} {mode:5}: "
@@ -229,6 +286,8 @@ def main() -> int:
         "p99_ms",
         "app_cpu_us_per_req",
         "agent_cpu_us_per_span",
+        "agent_sys_us_per_span",
+        "agent_main_us_per_span",
         "spans",
         "exchanges",
         "events_lost",

@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _live import pace_script
+from _live import cpu_seconds, cpu_split, pace_script
 
 from kernel_side.health import parse_metrics
 
@@ -65,20 +65,6 @@ MODES = ("bare", "otel", "agent-only", "agent")
 MODE_LABEL = {"bare": "bare", "otel": "OTel SDK auto", "agent-only": "agent, no annotate",
               "agent": "agent+annotate"}
 SPANS_PER_REQ = {"hello": 1, "order": 3}  # server span (+ PostgreSQL and Redis client spans)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads), in seconds."""
-    raw = Path(f"/proc/{pid}/stat").read_bytes()
-    f = raw[raw.rfind(b")") + 2 :].split()
-    return (int(f[11]) + int(f[12])) / TICK
-
-
-def cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) of one process, in seconds: Python work vs kernel work (syscalls, probes)."""
-    raw = Path(f"/proc/{pid}/stat").read_bytes()
-    f = raw[raw.rfind(b")") + 2 :].split()
-    return int(f[11]) / TICK, int(f[12]) / TICK
 
 
 def rss_mb(pid: int) -> float:

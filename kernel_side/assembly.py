@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from bridge import _abi
+from kernel_side import _accel
 from kernel_side.events import ROLE_SERVER, Chunk, Exchange
 from kernel_side.model import AttrValue, Resource, SpanKind, SpanRecord, StatusCode
 from kernel_side.protocols import http1
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 _MASK64 = (1 << 64) - 1
 _mix64 = _abi.mix64
 _GOLDEN = 0x9E3779B97F4A7C15
+_fastspan = _accel.load("_fastspan")
+ACCELERATED = _fastspan is not None
+"""Whether ids are derived in C (``kernel_side._fastspan``)."""
 
 
 class IdSource:
@@ -63,6 +67,14 @@ class IdSource:
         self._s1 = int.from_bytes(raw[0:8], "little")
         self._s2 = int.from_bytes(raw[8:16], "little")
         self._s3 = int.from_bytes(raw[16:24], "little")
+        if _fastspan is not None and len(raw) >= 24:
+            # The C methods shadow the Python ones on this instance: same ids, no Python frame
+            # (the Python methods stay the reference; tests/unit/test_fastspan.py).
+            c = _fastspan.Ids(raw)
+            self.span_id = c.span_id  # type: ignore[method-assign]
+            self.trace_id = c.trace_id  # type: ignore[method-assign]
+            self.stream_span_id = c.stream_span_id  # type: ignore[method-assign]
+            self.stream_trace_id = c.stream_trace_id  # type: ignore[method-assign]
 
     def span_id(self, exchange_id: int, index: int = 0) -> bytes:
         """The span id of message ``index`` of an exchange (``bridge._abi.exchange_span_id``,
