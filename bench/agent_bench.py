@@ -220,6 +220,10 @@ def one_run(
             # The main thread reads the ring, parses and assembles; the rest is export.
             result["agent_main_us_per_span"] = agent_main / max(stats.get("spans", 0), 1) * 1e6
             result["agent_rss_mb"] = rss_kb / 1024
+            # Cyclic garbage collection, timed by the agent itself (whole run, load and drain).
+            result["agent_gc_us_per_span"] = (
+                stats.get("gc_ms", 0) * 1000 / max(stats.get("spans", 0), 1)
+            )
     finally:
         if agent is not None and agent.poll() is None:
             agent.kill()
@@ -288,6 +292,7 @@ def main() -> int:
         "agent_cpu_us_per_span",
         "agent_sys_us_per_span",
         "agent_main_us_per_span",
+        "agent_gc_us_per_span",
         "spans",
         "exchanges",
         "events_lost",

@@ -162,7 +162,7 @@ struct chunk {
  * comes before the request area so that cut drops only unused space. Both areas are twice the
  * capture size because the verifier bounds offset and length independently. */
 #ifndef WAKEUP_EVERY
-#define WAKEUP_EVERY 64
+#define WAKEUP_EVERY 256
 #endif
 struct exchange {
     __u32 type;

@@ -7,6 +7,11 @@
  * masked back to 64 bits; here it is a few nanoseconds of uint64 arithmetic and one bytes
  * object. tests/unit/test_fastspan.py compares both on random and edge-case inputs.
  *
+ * server_attrs(...) builds the attributes of an HTTP/1 server span, the same dict in the same
+ * insertion order as SpanAssembler._http's Python code (server_attrs_py there is the reference
+ * and tests/unit/test_fastspan.py compares both). It returns None, touching nothing, for a
+ * request with X-Forwarded-For: taking the first address of that list is left to Python.
+ *
  * Inputs are taken modulo 2**64 (PyLong_AsUnsignedLongLongMask), which is what the Python
  * code's "& _MASK64" does for the non-negative ids the kernel hands out. Anything that is not
  * an int raises TypeError, as the Python arithmetic would.
@@ -180,15 +185,209 @@ static PyTypeObject IdsType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* ---- HTTP/1 server span attributes ------------------------------------------------------ */
+
+/* Attribute keys, from kernel_side.semconv through configure(): the names exist once. */
+enum {
+    K_METHOD, K_VERSION, K_STATUS, K_RESP_BODY, K_ERROR_TYPE, K_REQ_BODY, K_USER_AGENT,
+    K_PEER_ADDRESS, K_PEER_PORT, K_TRUNCATED, K_CTX_TRUNCATED, K_URL_PATH, K_URL_QUERY,
+    K_URL_SCHEME, K_TLS_PROTOCOL, K_SERVER_PORT, K_SERVER_ADDRESS, K_CLIENT_ADDRESS, N_KEYS
+};
+static PyObject *keys[N_KEYS];
+static PyObject *s_method, *s_version, *s_status, *s_body_size, *s_user_agent, *s_path,
+    *s_query, *s_xff, *v_https, *v_http, *v_tls;
+
+static PyObject *configure(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyTuple_Check(arg) || PyTuple_GET_SIZE(arg) != N_KEYS) {
+        PyErr_Format(PyExc_TypeError, "configure() takes a tuple of %d attribute keys", N_KEYS);
+        return NULL;
+    }
+    for (int i = 0; i < N_KEYS; i++) {
+        PyObject *k = PyTuple_GET_ITEM(arg, i);
+        if (!PyUnicode_CheckExact(k)) {
+            PyErr_SetString(PyExc_TypeError, "configure(): attribute keys must be str");
+            return NULL;
+        }
+        Py_INCREF(k);
+        Py_XSETREF(keys[i], k);
+    }
+    Py_RETURN_NONE;
+}
+
+/* attrs[key] = value, consuming the reference to value. */
+static int put_new(PyObject *attrs, int key, PyObject *value)
+{
+    if (value == NULL)
+        return -1;
+    int rc = PyDict_SetItem(attrs, keys[key], value);
+    Py_DECREF(value);
+    return rc;
+}
+
+static int put(PyObject *attrs, int key, PyObject *value)
+{
+    return PyDict_SetItem(attrs, keys[key], value);
+}
+
+/* Sets *truthy to the truth of attribute name of o and returns a new reference to it. */
+static PyObject *get_truth(PyObject *o, PyObject *name, int *truthy)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return NULL;
+    *truthy = PyObject_IsTrue(v);
+    if (*truthy < 0) {
+        Py_DECREF(v);
+        return NULL;
+    }
+    return v;
+}
+
+/* server_attrs(req, resp, peer_address, peer_port, tls, local_port, host, truncated,
+ *              ctx_truncated, business) -> (attrs, is_error) | None */
+static PyObject *server_attrs(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 10) {
+        PyErr_Format(PyExc_TypeError, "server_attrs() takes 10 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (keys[0] == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "server_attrs(): configure() was not called");
+        return NULL;
+    }
+    PyObject *req = args[0], *resp = args[1], *peer_address = args[2], *peer_port = args[3];
+    PyObject *local_port = args[5], *host = args[6], *business = args[9];
+    int tls = PyObject_IsTrue(args[4]), truncated = PyObject_IsTrue(args[7]);
+    int ctx_truncated = PyObject_IsTrue(args[8]);
+    if (tls < 0 || truncated < 0 || ctx_truncated < 0)
+        return NULL;
+    if (!PyDict_Check(business)) {
+        PyErr_SetString(PyExc_TypeError, "server_attrs(): business must be a dict");
+        return NULL;
+    }
+    int t;
+    PyObject *xff = get_truth(req, s_xff, &t);
+    if (xff == NULL)
+        return NULL;
+    Py_DECREF(xff);
+    if (t)
+        Py_RETURN_NONE;
+
+    PyObject *attrs = PyDict_New(), *v = NULL;
+    int is_error = 0;
+    if (attrs == NULL)
+        return NULL;
+    if (put_new(attrs, K_METHOD, PyObject_GetAttr(req, s_method)) < 0 ||
+        put_new(attrs, K_VERSION, PyObject_GetAttr(req, s_version)) < 0)
+        goto fail;
+    if (resp != Py_None) {
+        PyObject *status = PyObject_GetAttr(resp, s_status);
+        if (status == NULL || put(attrs, K_STATUS, status) < 0) {
+            Py_XDECREF(status);
+            goto fail;
+        }
+        v = PyObject_GetAttr(resp, s_body_size);
+        if (v == NULL || (v != Py_None && put(attrs, K_RESP_BODY, v) < 0)) {
+            Py_DECREF(status);
+            goto fail;
+        }
+        Py_CLEAR(v);
+        /* resp.status >= 500 (a server span: 4xx is the client's error) */
+        PyObject *limit = PyLong_FromLong(500);
+        int ge = limit == NULL ? -1 : PyObject_RichCompareBool(status, limit, Py_GE);
+        Py_XDECREF(limit);
+        if (ge < 0 || (ge && put_new(attrs, K_ERROR_TYPE, PyObject_Str(status)) < 0)) {
+            Py_DECREF(status);
+            goto fail;
+        }
+        is_error = ge;
+        Py_DECREF(status);
+    }
+    v = PyObject_GetAttr(req, s_body_size);
+    if (v == NULL || (v != Py_None && put(attrs, K_REQ_BODY, v) < 0))
+        goto fail;
+    Py_CLEAR(v);
+    v = get_truth(req, s_user_agent, &t);
+    if (v == NULL || (t && put(attrs, K_USER_AGENT, v) < 0))
+        goto fail;
+    Py_CLEAR(v);
+    int has_peer = PyObject_IsTrue(peer_address);
+    if (has_peer < 0)
+        goto fail;
+    if (has_peer && (put(attrs, K_PEER_ADDRESS, peer_address) < 0 ||
+                     put(attrs, K_PEER_PORT, peer_port) < 0))
+        goto fail;
+    if (truncated && put(attrs, K_TRUNCATED, Py_True) < 0)
+        goto fail;
+    if (ctx_truncated && put(attrs, K_CTX_TRUNCATED, Py_True) < 0)
+        goto fail;
+    if (PyDict_Update(attrs, business) < 0)
+        goto fail;
+    /* SpanAssembler._http_server_attrs */
+    if (put_new(attrs, K_URL_PATH, PyObject_GetAttr(req, s_path)) < 0)
+        goto fail;
+    v = get_truth(req, s_query, &t);
+    if (v == NULL || (t && put(attrs, K_URL_QUERY, v) < 0))
+        goto fail;
+    Py_CLEAR(v);
+    if (put(attrs, K_URL_SCHEME, tls ? v_https : v_http) < 0)
+        goto fail;
+    if (tls && put(attrs, K_TLS_PROTOCOL, v_tls) < 0)
+        goto fail;
+    if (local_port != Py_None && put(attrs, K_SERVER_PORT, local_port) < 0)
+        goto fail;
+    t = PyObject_IsTrue(host);
+    if (t < 0 || (t && put(attrs, K_SERVER_ADDRESS, host) < 0))
+        goto fail;
+    if (has_peer && put(attrs, K_CLIENT_ADDRESS, peer_address) < 0)
+        goto fail;
+    PyObject *out = PyTuple_New(2);
+    if (out == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(out, 0, attrs);
+    PyTuple_SET_ITEM(out, 1, PyBool_FromLong(is_error));
+    return out;
+fail:
+    Py_XDECREF(v);
+    Py_DECREF(attrs);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", (PyCFunction)configure, METH_O,
+     "configure(keys): the attribute keys server_attrs() writes, in kernel_side.assembly's\n"
+     "_FAST_KEYS order."},
+    {"server_attrs", (PyCFunction)(void (*)(void))server_attrs, METH_FASTCALL,
+     "server_attrs(req, resp, peer_address, peer_port, tls, local_port, host, truncated,\n"
+     "ctx_truncated, business) -> (attrs, is_error) | None: server_attrs_py's result."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastspan",
-    "Span assembly's id derivation in C (see kernel_side.assembly.IdSource).",
-    -1, NULL, NULL, NULL, NULL, NULL,
+    "Span assembly's id derivation and HTTP/1 server attributes in C (see kernel_side.assembly).",
+    -1, methods, NULL, NULL, NULL, NULL,
 };
+
+static int intern(PyObject **slot, const char *text)
+{
+    *slot = PyUnicode_InternFromString(text);
+    return *slot == NULL ? -1 : 0;
+}
 
 PyMODINIT_FUNC PyInit__fastspan(void)
 {
     if (PyType_Ready(&IdsType) < 0)
+        return NULL;
+    if (intern(&s_method, "method") < 0 || intern(&s_version, "version") < 0 ||
+        intern(&s_status, "status") < 0 || intern(&s_body_size, "body_size") < 0 ||
+        intern(&s_user_agent, "user_agent") < 0 || intern(&s_path, "path") < 0 ||
+        intern(&s_query, "query") < 0 || intern(&s_xff, "x_forwarded_for") < 0 ||
+        intern(&v_https, "https") < 0 || intern(&v_http, "http") < 0 ||
+        intern(&v_tls, "tls") < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -1,4 +1,7 @@
-"""Optional C id derivation for span assembly (see ``kernel_side.assembly.IdSource``)."""
+"""Optional C parts of span assembly (see ``kernel_side.assembly``)."""
+
+from kernel_side.model import AttrValue
+from kernel_side.protocols.http1 import HttpRequest, HttpResponse
 
 class Ids:
     def __init__(self, salt: bytes) -> None: ...
@@ -6,3 +9,18 @@ class Ids:
     def trace_id(self, exchange_id: int, index: int = 0, /) -> bytes: ...
     def stream_span_id(self, conn_id: int, stream_id: int, /) -> bytes: ...
     def stream_trace_id(self, conn_id: int, stream_id: int, /) -> bytes: ...
+
+def configure(keys: tuple[str, ...], /) -> None: ...
+def server_attrs(
+    req: HttpRequest,
+    resp: HttpResponse | None,
+    peer_address: str | None,
+    peer_port: int,
+    tls: bool,
+    local_port: int | None,
+    host: str | None,
+    truncated: bool,
+    ctx_truncated: bool,
+    business: dict[str, AttrValue],
+    /,
+) -> tuple[dict[str, AttrValue], bool] | None: ...

@@ -330,35 +330,21 @@ class SpanAssembler:
                     self._upgrades.pop(next(iter(self._upgrades)))
                 self._upgrade_tail(ex, resp)
                 continue
-            attrs: dict[str, AttrValue] = {
-                HTTP_REQUEST_METHOD: req.method,
-                NETWORK_PROTOCOL_VERSION: req.version,
-            }
-            status = StatusCode.UNSET
-            if resp is not None:
-                attrs[HTTP_RESPONSE_STATUS_CODE] = resp.status
-                if resp.body_size is not None:
-                    attrs[HTTP_RESPONSE_BODY_SIZE] = resp.body_size
-                if resp.status >= 500 or (not server and resp.status >= 400):
-                    status = StatusCode.ERROR
-                    attrs[ERROR_TYPE] = str(resp.status)
-            if req.body_size is not None:
-                attrs[HTTP_REQUEST_BODY_SIZE] = req.body_size
-            if req.user_agent:
-                attrs[USER_AGENT_ORIGINAL] = req.user_agent
-            if ex.peer_address:
-                attrs[NETWORK_PEER_ADDRESS] = ex.peer_address
-                attrs[NETWORK_PEER_PORT] = ex.peer_port
-            if truncated:
-                attrs[BRIDGE_TRUNCATED] = True
-            if ctx_truncated:
-                attrs[BRIDGE_CONTEXT_TRUNCATED] = True
-            attrs.update(business)
             span_id = self.ids.span_id(ex.exchange_id, idx)
-            if server and idx == 0 and self._sdk_covers_server(ex):
-                continue
             if server:
-                self._http_server_attrs(attrs, req, ex, local_port)
+                if idx == 0 and self._sdk_covers_server(ex):
+                    continue
+                host = _split_host(req.host)[0] if req.host else None
+                built = None
+                if _fast_server_attrs is not None:
+                    built = _fast_server_attrs(req, resp, ex.peer_address, ex.peer_port, ex.tls,
+                                               local_port, host, truncated, ctx_truncated,
+                                               business)
+                if built is None:
+                    built = server_attrs_py(req, resp, ex.peer_address, ex.peer_port, ex.tls,
+                                            local_port, host, truncated, ctx_truncated, business)
+                attrs, failed = built
+                status = StatusCode.ERROR if failed else StatusCode.UNSET
                 name = req.method
                 route = business.get(HTTP_ROUTE)
                 if isinstance(route, str) and route:
@@ -384,6 +370,9 @@ class SpanAssembler:
                     derived = True
                 self._server_final(span, ex.exchange_id, idx, derived)
             else:
+                attrs, failed = _common_attrs(req, resp, ex.peer_address, ex.peer_port, False,
+                                              truncated, ctx_truncated, business)
+                status = StatusCode.ERROR if failed else StatusCode.UNSET
                 self._http_client_attrs(attrs, req, ex)
                 if ex.local_address and ex.peer_address:
                     self._client_keys[span_id] = (ex.local_address, ex.local_port,
@@ -392,25 +381,6 @@ class SpanAssembler:
                                   resource, attrs, status)
                 self._route_client(span, ex, req.traceparent, idx)
         return True
-
-    @staticmethod
-    def _http_server_attrs(attrs: dict[str, AttrValue], req: http1.HttpRequest, ex: Exchange,
-                           local_port: int | None) -> None:
-        attrs[URL_PATH] = req.path
-        if req.query:
-            attrs[URL_QUERY] = req.query
-        attrs[URL_SCHEME] = "https" if ex.tls else "http"
-        if ex.tls:
-            attrs[TLS_PROTOCOL_NAME] = "tls"
-        if local_port is not None:
-            attrs[SERVER_PORT] = local_port
-        host = _split_host(req.host)[0] if req.host else None
-        if host:
-            attrs[SERVER_ADDRESS] = host
-        forwarded = req.x_forwarded_for.split(",")[0].strip() if req.x_forwarded_for else None
-        client = forwarded or ex.peer_address
-        if client:
-            attrs[CLIENT_ADDRESS] = client
 
     @staticmethod
     def _http_client_attrs(attrs: dict[str, AttrValue], req: http1.HttpRequest,
@@ -755,6 +725,79 @@ def _asks_h2c(request: bytes) -> bool:
 
 
 _HOSTS: dict[str, tuple[str | None, int | None]] = {}
+
+
+def _common_attrs(req: http1.HttpRequest, resp: http1.HttpResponse | None,
+                  peer_address: str | None, peer_port: int, server: bool, truncated: bool,
+                  ctx_truncated: bool, business: dict[str, AttrValue]
+                  ) -> tuple[dict[str, AttrValue], bool]:
+    """The attributes HTTP/1 client and server spans share, and whether the span failed (5xx;
+    4xx too for a client: for a server it is the caller's error)."""
+    attrs: dict[str, AttrValue] = {
+        HTTP_REQUEST_METHOD: req.method,
+        NETWORK_PROTOCOL_VERSION: req.version,
+    }
+    failed = False
+    if resp is not None:
+        attrs[HTTP_RESPONSE_STATUS_CODE] = resp.status
+        if resp.body_size is not None:
+            attrs[HTTP_RESPONSE_BODY_SIZE] = resp.body_size
+        if resp.status >= 500 or (not server and resp.status >= 400):
+            failed = True
+            attrs[ERROR_TYPE] = str(resp.status)
+    if req.body_size is not None:
+        attrs[HTTP_REQUEST_BODY_SIZE] = req.body_size
+    if req.user_agent:
+        attrs[USER_AGENT_ORIGINAL] = req.user_agent
+    if peer_address:
+        attrs[NETWORK_PEER_ADDRESS] = peer_address
+        attrs[NETWORK_PEER_PORT] = peer_port
+    if truncated:
+        attrs[BRIDGE_TRUNCATED] = True
+    if ctx_truncated:
+        attrs[BRIDGE_CONTEXT_TRUNCATED] = True
+    attrs.update(business)
+    return attrs, failed
+
+
+def server_attrs_py(req: http1.HttpRequest, resp: http1.HttpResponse | None,
+                    peer_address: str | None, peer_port: int, tls: bool, local_port: int | None,
+                    host: str | None, truncated: bool, ctx_truncated: bool,
+                    business: dict[str, AttrValue]) -> tuple[dict[str, AttrValue], bool]:
+    """The attributes of an HTTP/1 server span and whether it failed. ``host`` is the name
+    part of the request's Host header; the business context goes in before the server's own
+    attributes, which win on a clash. The reference for ``_fastspan.server_attrs``."""
+    attrs, failed = _common_attrs(req, resp, peer_address, peer_port, True, truncated,
+                                  ctx_truncated, business)
+    attrs[URL_PATH] = req.path
+    if req.query:
+        attrs[URL_QUERY] = req.query
+    attrs[URL_SCHEME] = "https" if tls else "http"
+    if tls:
+        attrs[TLS_PROTOCOL_NAME] = "tls"
+    if local_port is not None:
+        attrs[SERVER_PORT] = local_port
+    if host:
+        attrs[SERVER_ADDRESS] = host
+    forwarded = req.x_forwarded_for.split(",")[0].strip() if req.x_forwarded_for else None
+    client = forwarded or peer_address
+    if client:
+        attrs[CLIENT_ADDRESS] = client
+    return attrs, failed
+
+
+_FAST_KEYS: Final = (
+    HTTP_REQUEST_METHOD, NETWORK_PROTOCOL_VERSION, HTTP_RESPONSE_STATUS_CODE,
+    HTTP_RESPONSE_BODY_SIZE, ERROR_TYPE, HTTP_REQUEST_BODY_SIZE, USER_AGENT_ORIGINAL,
+    NETWORK_PEER_ADDRESS, NETWORK_PEER_PORT, BRIDGE_TRUNCATED, BRIDGE_CONTEXT_TRUNCATED, URL_PATH,
+    URL_QUERY, URL_SCHEME, TLS_PROTOCOL_NAME, SERVER_PORT, SERVER_ADDRESS, CLIENT_ADDRESS,
+)
+"""The keys ``_fastspan.server_attrs`` writes, in the order of its enum."""
+
+_fast_server_attrs: Callable[..., tuple[dict[str, AttrValue], bool] | None] | None = None
+if _fastspan is not None:
+    _fastspan.configure(_FAST_KEYS)
+    _fast_server_attrs = _fastspan.server_attrs
 
 
 def _split_host(host: str) -> tuple[str | None, int | None]:

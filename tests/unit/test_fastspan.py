@@ -1,5 +1,7 @@
-"""The C id derivation (``kernel_side._fastspan``) against IdSource's Python methods, which
-stay the reference: the same bytes for every input, edge cases first, then random ones."""
+"""The C parts of span assembly (``kernel_side._fastspan``) against the Python code they
+mirror, which stays the reference: IdSource's ids (the same bytes for every input, edge cases
+first, then random ones) and the HTTP/1 server span's attributes (the same dict, in the same
+order, with values of the same types)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,15 @@ import pytest
 from bridge import _abi
 from kernel_side import assembly
 from kernel_side.assembly import IdSource
+from kernel_side.model import AttrValue
+from kernel_side.protocols import http1
+from kernel_side.semconv import (
+    CLIENT_ADDRESS,
+    HTTP_REQUEST_METHOD,
+    HTTP_ROUTE,
+    SERVER_PORT,
+    URL_PATH,
+)
 
 pytestmark = pytest.mark.skipif(not assembly.ACCELERATED,
                                 reason="kernel_side._fastspan is not built")
@@ -69,3 +80,80 @@ def test_c_ids_refuse_what_python_refuses() -> None:
 
     with pytest.raises(ValueError, match="24 bytes"):
         _fastspan.Ids(b"short")
+
+
+# -- HTTP/1 server span attributes ----------------------------------------------------------
+
+_TEXTS = [None, "", "x", "orders.internal", "::1", "10.0.0.7", "a" * 300, "ünïcode", " sp "]
+
+
+def _request(rng: random.Random) -> http1.HttpRequest:
+    path = rng.choice(["/", "/orders/4711", "", "/a b", "/" + "p" * 500])
+    return http1.HttpRequest(
+        method=rng.choice(["GET", "POST", "PURGE", ""]), target=path,
+        path=path, query=rng.choice([None, "", "a=1", "q=" + "x" * 100]),
+        version=rng.choice(["1.1", "1.0", ""]), host=rng.choice(_TEXTS),
+        traceparent=None, user_agent=rng.choice(_TEXTS),
+        # The C side takes only requests without X-Forwarded-For; mostly none here.
+        x_forwarded_for=rng.choice([None, None, None, None, "", "203.0.113.9, 10.0.0.1"]),
+        body_size=rng.choice([None, 0, 17, 2**40]), chunked=False,
+        head_complete=rng.random() < 0.9, offset=0, length=None)
+
+
+def _response(rng: random.Random) -> http1.HttpResponse | None:
+    if rng.random() < 0.15:
+        return None
+    return http1.HttpResponse(
+        status=rng.choice([100, 101, 200, 204, 301, 404, 499, 500, 503, 599, 999]),
+        reason="R", version="1.1", body_size=rng.choice([None, 0, 6, 10**9]), chunked=False,
+        head_complete=True, offset=0, length=None)
+
+
+def _business(rng: random.Random) -> dict[str, AttrValue]:
+    pool: list[tuple[str, AttrValue]] = [
+        ("tenant_id", "acme"), ("user_id", "u-42"), ("feature_flag", "new-checkout"),
+        ("n", 7), ("ratio", 0.5), ("on", True), (HTTP_ROUTE, "/orders/{id}"),
+        # Business keys that clash with the span's own: the span's values must win where the
+        # Python code writes after the context, and lose where it writes before.
+        (URL_PATH, "/from-context"), (HTTP_REQUEST_METHOD, "FROM-CONTEXT"),
+        (CLIENT_ADDRESS, "ctx"), (SERVER_PORT, 1)]
+    return dict(rng.sample(pool, rng.randint(0, len(pool))))
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14])
+def test_c_server_attrs_equal_python(seed: int) -> None:
+    rng = random.Random(seed)
+    fast = assembly._fast_server_attrs
+    assert fast is not None
+    compared = declined = 0
+    for _ in range(25_000):
+        req = _request(rng)
+        args = (req, _response(rng), rng.choice([None, "", "127.0.0.1", "::ffff:10.1.2.3"]),
+                rng.choice([0, 51000, 65535]), rng.random() < 0.3,
+                rng.choice([None, 0, 8080]), rng.choice(_TEXTS), rng.random() < 0.2,
+                rng.random() < 0.2, _business(rng))
+        want = assembly.server_attrs_py(*args)  # type: ignore[arg-type]
+        got = fast(*args)
+        if got is None:
+            # Declined only for what is left to Python, and then nothing is half-built.
+            assert req.x_forwarded_for
+            declined += 1
+            continue
+        attrs, failed = got
+        assert (list(attrs.items()), failed) == (list(want[0].items()), want[1]), args
+        for key, value in attrs.items():
+            assert type(value) is type(want[0][key]), key
+        compared += 1
+    assert compared > 20_000 and declined > 1_000
+
+
+def test_c_server_attrs_refuse_bad_input() -> None:
+    fast = assembly._fast_server_attrs
+    assert fast is not None
+    req = _request(random.Random(1))
+    with pytest.raises(TypeError):
+        fast(req)
+    with pytest.raises(TypeError):
+        fast(req, None, None, 0, False, None, None, False, False, [])
+    with pytest.raises(AttributeError):
+        fast(object(), None, None, 0, False, None, None, False, False, {})
