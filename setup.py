@@ -14,6 +14,8 @@ and the Python code that each one mirrors runs instead, with the same results
   span).
 - ``kernel_side._fastring``: reads the agent's ring buffer in batches instead of one ctypes
   callback per record.
+- ``kernel_side._fastspan``: span and trace ids, and the attributes of an HTTP/1 server span
+  (0.56 -> 0.36 us for the attributes in a loop).
 """
 
 from setuptools import Extension, setup

@@ -176,7 +176,7 @@ def one_run(
                     "--pid",
                     str(agent.pid),
                     "--rate",
-                    "250",
+                    "1000",
                     "--format",
                     "raw",
                     "--output",

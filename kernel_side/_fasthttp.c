@@ -461,6 +461,23 @@ fallback:
     return fallback_call(requests_py, args, nargs, kwnames);
 }
 
+/* http1.looks_like_request: a known method token, then a space, at the very start. The agent
+ * asks this of every exchange before choosing a parser. */
+static PyObject *looks_like_request(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyBytes_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "looks_like_request() takes bytes, not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    const char *d = PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    Py_ssize_t lim = n < MAX_METHOD_LEN + 1 ? n : MAX_METHOD_LEN + 1;
+    const char *sp = lim > 0 ? memchr(d, ' ', (size_t)lim) : NULL;
+    return PyBool_FromLong(sp != NULL && sp != d && method_index(d, sp - d) >= 0);
+}
+
 /* looks_like_response on data[pos:pos+12]. */
 static int sniff_response(const char *d, Py_ssize_t n, Py_ssize_t pos)
 {
@@ -624,6 +641,8 @@ static PyMethodDef methods_def[] = {
     {"configure", configure, METH_VARARGS,
      "configure(HttpRequest, HttpResponse, parse_requests_py, parse_responses_py): the record\n"
      "types to build and the pure-Python parsers that take every buffer this module does not."},
+    {"looks_like_request", looks_like_request, METH_O,
+     "looks_like_request(data) -> bool, as http1.looks_like_request_py."},
     {"parse_requests", (PyCFunction)(void (*)(void))parse_requests, METH_FASTCALL | METH_KEYWORDS,
      "parse_requests(data, total_len) -> list[HttpRequest], as http1.parse_requests."},
     {"parse_responses", (PyCFunction)(void (*)(void))parse_responses, METH_FASTCALL | METH_KEYWORDS,

@@ -307,11 +307,12 @@ class SpanAssembler:
         order = self.conn_state(ex, "http1")
         base = int(order.get("n", 0))  # type: ignore[call-overload]
         order["n"] = base + len(requests)
-        responses = [
-            r
-            for r in http1.parse_responses(ex.response, ex.resp_bytes, [q.method for q in requests])
-            if not r.informational
-        ]
+        # One request with one final response is nearly every exchange: no list
+        # comprehensions for it (each is a function call on Python 3.11).
+        methods = (requests[0].method,) if len(requests) == 1 else [q.method for q in requests]
+        responses = http1.parse_responses(ex.response, ex.resp_bytes, methods)
+        if len(responses) != 1 or responses[0].status < 200:
+            responses = [r for r in responses if not r.informational]
         business, ctx_truncated = self._business(ex)
         resource = self._procs.resource_for(ex.tgid)
         start = ex.req_start_ns + self._epoch_offset_ns

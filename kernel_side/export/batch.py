@@ -94,6 +94,26 @@ class BatchExporter:
                 self._work.notify()
             return True
 
+    def submit_many(self, spans: list[SpanRecord]) -> int:
+        """Queue ``spans`` in order under one lock round; returns how many were queued. Those
+        past the queue's room, or all of them after shutdown, are dropped and counted."""
+        with self._lock:
+            if self._closed:
+                self._dropped_shutdown += len(spans)
+                return 0
+            size = len(self._queue)
+            room = max(self._max_queue - size, 0)
+            taken = spans if len(spans) <= room else spans[:room]
+            n = len(taken)
+            self._queue.extend(taken)
+            self._accepted += n
+            self._dropped_queue_full += len(spans) - n
+            # The same transitions submit() wakes the worker on: the queue stopped being
+            # empty, or reached a full batch.
+            if n and (size == 0 or size < self._max_batch <= size + n):
+                self._work.notify()
+            return n
+
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Export everything submitted before this call; True if all of it was exported.
 

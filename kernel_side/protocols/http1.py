@@ -31,6 +31,7 @@ __all__ = [
     "HttpRequest",
     "HttpResponse",
     "looks_like_request",
+    "looks_like_request_py",
     "looks_like_response",
     "parse_requests",
     "parse_requests_py",
@@ -122,8 +123,9 @@ class HttpResponse:
         return 100 <= self.status < 200 and self.status != 101
 
 
-def looks_like_request(data: bytes) -> bool:
-    """Cheap sniff: a known method token followed by a space at the very start."""
+def looks_like_request_py(data: bytes) -> bool:
+    """Cheap sniff: a known method token followed by a space at the very start (the reference
+    for ``_fasthttp.looks_like_request``; ``looks_like_request`` is whichever is in use)."""
     sp = data.find(b" ", 0, _MAX_METHOD_LEN + 1)
     return sp > 0 and data[:sp] in _METHOD_BYTES
 
@@ -538,6 +540,7 @@ def parse_responses_py(
 # parses the common heads itself and hands every other buffer to the *_py function, so the
 # rare rules exist once), else the pure-Python ones above. EBPF_BRIDGE_NO_ACCEL=1 selects
 # the pure-Python ones, as it does for the SDK's accelerator.
+looks_like_request: Callable[[bytes], bool] = looks_like_request_py
 parse_requests: Callable[[bytes, int], list[HttpRequest]] = parse_requests_py
 parse_responses: Callable[..., list[HttpResponse]] = parse_responses_py
 ACCELERATED = False
@@ -545,6 +548,7 @@ ACCELERATED = False
 _fasthttp = _accel.load("_fasthttp")
 if _fasthttp is not None:
     _fasthttp.configure(HttpRequest, HttpResponse, parse_requests_py, parse_responses_py)
+    looks_like_request = _fasthttp.looks_like_request
     parse_requests = _fasthttp.parse_requests
     parse_responses = _fasthttp.parse_responses
     ACCELERATED = True

@@ -494,3 +494,49 @@ def test_flush_with_nothing_queued_is_immediate() -> None:
     # Waiting out the flush deadline would take 60 s.
     assert time.monotonic() - started < 30.0
     batch.shutdown()
+
+
+def test_submit_many_keeps_order_counts_overflow_and_wakes_on_a_full_batch() -> None:
+    fake = FakeExporter()
+    # A 60 s interval: only the full-batch wake-up can export before the deadline below.
+    batch = BatchExporter(fake, max_batch=4, max_queue=10, interval_s=60.0)
+    first = [make_span(i) for i in range(3)]
+    assert batch.submit_many(first) == 3
+    more = [make_span(i) for i in range(3, 15)]
+    # 3 queued, room for 7 (unless the worker already took the first 3): never more.
+    taken = batch.submit_many(more)
+    assert 7 <= taken <= 10
+    assert batch.stats()["dropped_queue_full"] == len(more) - taken
+    deadline = time.monotonic() + 5
+    while len(fake.exported) < 8 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert fake.exported[:8] == (first + more)[:8]
+    batch.shutdown(5.0)
+    assert fake.exported == (first + more)[:3 + taken]
+    assert batch.submit_many([make_span(99), make_span(100)]) == 0
+    assert batch.stats()["dropped_shutdown"] == 2
+
+
+def test_submit_many_of_nothing_is_harmless() -> None:
+    fake = FakeExporter()
+    batch = fast_batch(fake)
+    assert batch.submit_many([]) == 0
+    assert batch.flush(5.0) and fake.exported == []
+    batch.shutdown()
+
+
+def test_fanout_holds_until_hand_over_then_every_exporter_gets_each_span() -> None:
+    from kernel_side.agent import Fanout
+
+    a, b = FakeExporter(), FakeExporter()
+    fan = Fanout([fast_batch(a), fast_batch(b)])
+    spans = [make_span(i) for i in range(5)]
+    for s in spans:
+        fan.hold(s)
+    assert fan.stats()["queued"] == 0  # held, not yet with the exporters
+    fan.hand_over()
+    fan.hold(make_span(5))
+    # shutdown() hands over what is still held before it flushes.
+    fan.shutdown(5.0)
+    assert a.exported == b.exported == [*spans, make_span(5)]
+    assert fan.stats()["exported"] == 12

@@ -170,6 +170,24 @@ def test_c_parser_matches_python_on_mutated_buffers(seed: int) -> None:
     assert parsed > 10_000
 
 
+def test_c_sniff_matches_python() -> None:
+    rng = random.Random(7)
+    yes = 0
+    edges = [b"", b" ", b"GET", b"GET ", b" GET /", b"OPTIONS /", b"OPTIONSX /", b"get /",
+             b"PATCH\t/", b"CONNECT a:1", b"\r\nGET / HTTP/1.1", bytearray(b"GET / ")]
+    for data in edges + [_sample(rng) for _ in range(50_000)]:
+        if not isinstance(data, bytes):
+            with pytest.raises(TypeError, match="takes bytes"):
+                http1.looks_like_request(data)  # type: ignore[arg-type]
+            continue
+        got = http1.looks_like_request(data)
+        assert got is http1.looks_like_request_py(data), data
+        yes += got
+    assert http1.looks_like_request is not http1.looks_like_request_py
+    # Both answers were common.
+    assert 10_000 < yes < 45_000, yes
+
+
 def test_every_corpus_message_parses_the_same_whole_and_cut_at_every_byte() -> None:
     for msg in REQUESTS + RESPONSES:
         for cut in range(len(msg) + 1):
