@@ -503,10 +503,11 @@ def _load_bcc() -> Any:
 
 BPF_NOEXIST = 1
 
-def _possible_cpus() -> int:
-    """How many CPUs the kernel may ever run (``/sys/devices/system/cpu/possible``)."""
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many CPUs the kernel may ever run (a CPU list such as ``0-3,8-11`` in ``path``);
+    ``os.cpu_count()`` when it cannot be read."""
     try:
-        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+        text = Path(path).read_text().strip()
         return sum(int(b) - int(a) + 1 for a, _, b in
                    (part.partition("-") if "-" in part else (part, "", part)
                     for part in text.split(",")))
@@ -516,7 +517,7 @@ def _possible_cpus() -> int:
 
 DRAIN_INTERVAL_MAX_S: Final = 0.2
 """The longest the event loop sleeps between ring-buffer drains. The kernel wakes it only
-after a quarter of the ring (WAKEUP_BYTES in bpf/agent.bpf.c), so below that rate this timer
+after an eighth of the ring (WAKEUP_BYTES in bpf/agent.bpf.c), so below that rate this timer
 drains the ring; it runs every ``idle_flush_ms`` (default 100 ms), at most this long and at
 least 10 ms. Each wake-up starts cold, so fewer and larger batches cost less per span (see
 the README's performance notes for the figures)."""
@@ -710,7 +711,7 @@ class Agent:
             f"-DTHREAD_MAX={cfg.max_threads}",
             f"-DRINGBUF_PAGES={pages}",
             # Possible CPUs, not online ones: every one of them may produce into the ring.
-            f"-DNCPUS={_possible_cpus()}",
+            f"-DNCPUS={possible_cpus()}",
             f'-DPIN_CTX_BY_TID="{pin}"',
             f'-DPIN_CTX_BY_CONN="{os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME)}"',
             f'-DPIN_SERVER_BY_TID="{os.path.join(cfg.pin_dir, _abi.SERVER_BY_TID_NAME)}"',
