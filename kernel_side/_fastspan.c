@@ -12,12 +12,18 @@
  * and tests/unit/test_fastspan.py compares both). It returns None, touching nothing, for a
  * request with X-Forwarded-For: taking the first address of that list is left to Python.
  *
+ * Decoder(...).decode_packed(data) turns an EV_EXCHANGE_PACKED ring-buffer event into a
+ * kernel_side.events.Exchange exactly as ExchangeLayout.decode_packed_py does (the reference;
+ * tests/unit/test_fastspan.py compares both), about a microsecond less per event: the header
+ * read without struct, the addresses through the same cache, the slots set directly.
+ *
  * Inputs are taken modulo 2**64 (PyLong_AsUnsignedLongLongMask), which is what the Python
  * code's "& _MASK64" does for the non-negative ids the kernel hands out. Anything that is not
  * an int raises TypeError, as the Python arithmetic would.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 
 #define GOLDEN 0x9E3779B97F4A7C15ULL
@@ -356,6 +362,286 @@ fail:
     return NULL;
 }
 
+/* ---- EV_EXCHANGE_PACKED decoder -------------------------------------------------------- */
+
+/* The header fields of the packed event, in kernel_side.events._HEADER_FIELDS order (without
+ * the trailing ctx). */
+enum {
+    F_TYPE, F_TGID, F_FD, F_ROLE, F_FAMILY, F_PHASE, F_HAS_CTX, F_PEER_PORT, F_LISTEN_FD,
+    F_REQ_TID, F_RESP_TID, F_REQ_CAP, F_RESP_CAP, F_REQ_CALLS, F_RESP_CALLS, F_PEER_ADDR,
+    F_CONN_ID, F_EXCHANGE_ID, F_PARENT_ID, F_REQ_START, F_REQ_END, F_RESP_START, F_RESP_END,
+    F_REQ_BYTES, F_RESP_BYTES, F_LOCAL_ADDR, F_LOCAL_PORT, F_PEER_TRACED, F_TLS, N_FIELDS
+};
+
+/* The Exchange fields, in the dataclass's order. */
+enum {
+    E_TGID, E_FD, E_ROLE, E_PEER_ADDRESS, E_PEER_PORT, E_LISTEN_FD, E_REQ_TID, E_RESP_TID,
+    E_CONN_ID, E_EXCHANGE_ID, E_PARENT_ID, E_REQ_START, E_REQ_END, E_RESP_START, E_RESP_END,
+    E_REQ_BYTES, E_RESP_BYTES, E_REQ_CALLS, E_RESP_CALLS, E_REQUEST, E_RESPONSE, E_CTX,
+    E_LOCAL_ADDRESS, E_LOCAL_PORT, E_PEER_TRACED, E_TLS, E_CLOSED, N_SLOTS
+};
+static const char *const slot_names[N_SLOTS] = {
+    "tgid", "fd", "role", "peer_address", "peer_port", "listen_fd", "req_tid", "resp_tid",
+    "conn_id", "exchange_id", "parent_exchange_id", "req_start_ns", "req_end_ns",
+    "resp_start_ns", "resp_end_ns", "req_bytes", "resp_bytes", "req_calls", "resp_calls",
+    "request", "response", "ctx", "local_address", "local_port", "peer_traced", "tls", "closed",
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyTypeObject *cls;        /* kernel_side.events.Exchange */
+    Py_ssize_t slot_off[N_SLOTS];
+    Py_ssize_t off[N_FIELDS];
+    int size[N_FIELDS];       /* 1, 2, 4 or 8: an unsigned little-endian int; else bytes */
+    Py_ssize_t header_size, packed_off, ctx_size;
+    unsigned long long phase_closed;
+    PyObject *format_addr;    /* events._format_addr: fills the cache on a miss */
+    PyObject *cache;          /* events._ADDR_CACHE: (family, raw) -> str | None */
+    PyObject *fallback;       /* ExchangeLayout.decode_packed_py, for anything unusual */
+    /* The last peer and local address formatted (an address's text never changes): most
+     * events repeat them, so most skip the cache's key tuple too. */
+    unsigned char memo_raw[2][16];
+    unsigned long long memo_family[2];
+    PyObject *memo_text[2];
+} DecoderObject;
+
+static unsigned long long get_le(const unsigned char *p, int size)
+{
+    unsigned long long v = 0;
+    for (int i = size - 1; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static int Decoder_init(DecoderObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *cls, *spec, *fmt, *cache, *fallback;
+    Py_ssize_t packed_off, ctx_size;
+    unsigned long long phase_closed;
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "Decoder() takes no keyword arguments");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(args, "O!OnnKOO!O:Decoder", &PyType_Type, &cls, &spec, &packed_off,
+                          &ctx_size, &phase_closed, &fmt, &PyDict_Type, &cache, &fallback))
+        return -1;
+    PyTypeObject *type = (PyTypeObject *)cls;
+    if (PyObject_HasAttrString(cls, "__post_init__")) {
+        PyErr_SetString(PyExc_TypeError, "Decoder(): the record type has a __post_init__");
+        return -1;
+    }
+    for (int i = 0; i < N_SLOTS; i++) {
+        PyObject *d = PyObject_GetAttrString(cls, slot_names[i]);
+        if (d == NULL)
+            return -1;
+        int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) &&
+                 ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX;
+        if (ok)
+            self->slot_off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        Py_DECREF(d);
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "Decoder(): %.100s.%s is not a slot", type->tp_name,
+                         slot_names[i]);
+            return -1;
+        }
+    }
+    PyObject *seq = PySequence_Fast(spec, "Decoder(): fields must be a sequence");
+    if (seq == NULL)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != N_FIELDS) {
+        PyErr_Format(PyExc_ValueError, "Decoder(): expected %d fields, got %zd", N_FIELDS,
+                     PySequence_Fast_GET_SIZE(seq));
+        Py_DECREF(seq);
+        return -1;
+    }
+    Py_ssize_t end = 0;
+    for (int i = 0; i < N_FIELDS; i++) {
+        Py_ssize_t off;
+        int size;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "ni", &off, &size)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        int addr = i == F_PEER_ADDR || i == F_LOCAL_ADDR;
+        if (off < 0 || (addr ? size != 16 : (size != 1 && size != 2 && size != 4 && size != 8))) {
+            PyErr_Format(PyExc_ValueError, "Decoder(): field %d has offset %zd size %d", i, off,
+                         size);
+            Py_DECREF(seq);
+            return -1;
+        }
+        self->off[i] = off;
+        self->size[i] = size;
+        if (off + size > end)
+            end = off + size;
+    }
+    Py_DECREF(seq);
+    self->header_size = end;
+    self->packed_off = packed_off;
+    self->ctx_size = ctx_size;
+    self->phase_closed = phase_closed;
+    Py_INCREF(cls);
+    Py_XSETREF(self->cls, type);
+    Py_INCREF(fmt);
+    Py_XSETREF(self->format_addr, fmt);
+    Py_INCREF(cache);
+    Py_XSETREF(self->cache, cache);
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    return 0;
+}
+
+static void Decoder_dealloc(DecoderObject *self)
+{
+    Py_XDECREF(self->cls);
+    Py_XDECREF(self->format_addr);
+    Py_XDECREF(self->cache);
+    Py_XDECREF(self->fallback);
+    Py_XDECREF(self->memo_text[0]);
+    Py_XDECREF(self->memo_text[1]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* events._format_addr(family, raw): the memo, the shared cache, else the Python formatter. */
+static PyObject *format_addr_cached(DecoderObject *self, PyObject *family,
+                                    const unsigned char *raw);
+
+static PyObject *format_addr(DecoderObject *self, int which, unsigned long long fam,
+                             PyObject *family, const unsigned char *raw)
+{
+    if (self->memo_text[which] != NULL && self->memo_family[which] == fam &&
+        memcmp(self->memo_raw[which], raw, 16) == 0)
+        return Py_NewRef(self->memo_text[which]);
+    PyObject *text = format_addr_cached(self, family, raw);
+    if (text != NULL) {
+        memcpy(self->memo_raw[which], raw, 16);
+        self->memo_family[which] = fam;
+        Py_XSETREF(self->memo_text[which], Py_NewRef(text));
+    }
+    return text;
+}
+
+static PyObject *format_addr_cached(DecoderObject *self, PyObject *family,
+                                    const unsigned char *raw)
+{
+    PyObject *b = PyBytes_FromStringAndSize((const char *)raw, 16);
+    if (b == NULL)
+        return NULL;
+    PyObject *key = PyTuple_Pack(2, family, b);
+    if (key == NULL) {
+        Py_DECREF(b);
+        return NULL;
+    }
+    PyObject *text = PyDict_GetItemWithError(self->cache, key);
+    Py_DECREF(key);
+    if (text != NULL) {
+        Py_DECREF(b);
+        return Py_NewRef(text);
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(b);
+        return NULL;
+    }
+    PyObject *argv[2] = {family, b};
+    text = PyObject_Vectorcall(self->format_addr, argv, 2, NULL);
+    Py_DECREF(b);
+    return text;
+}
+
+static PyObject *slice(const char *d, Py_ssize_t n, Py_ssize_t from, Py_ssize_t to)
+{
+    /* data[from:to] for non-negative bounds: clamped, as Python slices are. */
+    if (from > n)
+        from = n;
+    if (to > n)
+        to = n;
+    if (to < from)
+        to = from;
+    return PyBytes_FromStringAndSize(d + from, to - from);
+}
+
+static PyObject *Decoder_decode_packed(DecoderObject *self, PyObject *data)
+{
+    if (self->cls == NULL || !PyBytes_CheckExact(data) ||
+        PyBytes_GET_SIZE(data) < self->header_size)
+        return PyObject_CallOneArg(self->fallback, data);
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    unsigned long long v[N_FIELDS];
+    for (int i = 0; i < N_FIELDS; i++)
+        v[i] = (i == F_PEER_ADDR || i == F_LOCAL_ADDR) ? 0 : get_le(d + self->off[i], self->size[i]);
+    PyObject *slots[N_SLOTS] = {NULL};
+    PyObject *family = NULL, *out = NULL;
+    static const struct { int slot, field; } ints[] = {
+        {E_TGID, F_TGID}, {E_FD, F_FD}, {E_ROLE, F_ROLE}, {E_PEER_PORT, F_PEER_PORT},
+        {E_LISTEN_FD, F_LISTEN_FD}, {E_REQ_TID, F_REQ_TID}, {E_RESP_TID, F_RESP_TID},
+        {E_CONN_ID, F_CONN_ID}, {E_EXCHANGE_ID, F_EXCHANGE_ID}, {E_PARENT_ID, F_PARENT_ID},
+        {E_REQ_START, F_REQ_START}, {E_REQ_END, F_REQ_END}, {E_RESP_START, F_RESP_START},
+        {E_RESP_END, F_RESP_END}, {E_REQ_BYTES, F_REQ_BYTES}, {E_RESP_BYTES, F_RESP_BYTES},
+        {E_REQ_CALLS, F_REQ_CALLS}, {E_RESP_CALLS, F_RESP_CALLS}, {E_LOCAL_PORT, F_LOCAL_PORT},
+    };
+    for (size_t i = 0; i < sizeof(ints) / sizeof(ints[0]); i++)
+        if ((slots[ints[i].slot] = PyLong_FromUnsignedLongLong(v[ints[i].field])) == NULL)
+            goto done;
+    if ((family = PyLong_FromUnsignedLongLong(v[F_FAMILY])) == NULL)
+        goto done;
+    if ((slots[E_PEER_ADDRESS] = format_addr(self, 0, v[F_FAMILY], family,
+                                             d + self->off[F_PEER_ADDR])) == NULL)
+        goto done;
+    slots[E_LOCAL_ADDRESS] = v[F_LOCAL_PORT]
+        ? format_addr(self, 1, v[F_FAMILY], family, d + self->off[F_LOCAL_ADDR])
+        : Py_NewRef(Py_None);
+    if (slots[E_LOCAL_ADDRESS] == NULL)
+        goto done;
+    /* Offsets in Python's unbounded ints: caps are u32, so no overflow in Py_ssize_t. */
+    Py_ssize_t req_off = self->packed_off;
+    Py_ssize_t resp_off = req_off + (Py_ssize_t)v[F_REQ_CAP];
+    Py_ssize_t ctx_off = resp_off + (Py_ssize_t)v[F_RESP_CAP];
+    const char *c = (const char *)d;
+    if ((slots[E_REQUEST] = slice(c, n, req_off, resp_off)) == NULL ||
+        (slots[E_RESPONSE] = slice(c, n, resp_off, ctx_off)) == NULL)
+        goto done;
+    slots[E_CTX] = v[F_HAS_CTX] ? slice(c, n, ctx_off, ctx_off + self->ctx_size)
+                                : Py_NewRef(Py_None);
+    if (slots[E_CTX] == NULL)
+        goto done;
+    slots[E_PEER_TRACED] = PyBool_FromLong(v[F_PEER_TRACED] != 0);
+    slots[E_TLS] = PyBool_FromLong(v[F_TLS] != 0);
+    slots[E_CLOSED] = PyBool_FromLong(v[F_PHASE] == self->phase_closed);
+    /* Every slot set directly: the dataclass's __init__ only assigns them (checked for
+     * __post_init__ at construction), and it is a third of the Python decoder's time. */
+    out = self->cls->tp_alloc(self->cls, 0);
+    if (out == NULL)
+        goto done;
+    for (int i = 0; i < N_SLOTS; i++) {
+        *(PyObject **)((char *)out + self->slot_off[i]) = slots[i];
+        slots[i] = NULL;
+    }
+done:
+    Py_XDECREF(family);
+    for (int i = 0; i < N_SLOTS; i++)
+        Py_XDECREF(slots[i]);
+    return out;
+}
+
+static PyMethodDef Decoder_methods[] = {
+    {"decode_packed", (PyCFunction)Decoder_decode_packed, METH_O,
+     "decode_packed(data) -> Exchange: ExchangeLayout.decode_packed_py's result."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject DecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kernel_side._fastspan.Decoder",
+    .tp_basicsize = sizeof(DecoderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Decoder(Exchange, fields, packed_off, ctx_size, phase_closed, format_addr,\n"
+              "cache, fallback): ExchangeLayout's packed-event decoder.",
+    .tp_methods = Decoder_methods,
+    .tp_init = (initproc)Decoder_init,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)Decoder_dealloc,
+};
+
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)configure, METH_O,
      "configure(keys): the attribute keys server_attrs() writes, in kernel_side.assembly's\n"
@@ -380,7 +666,7 @@ static int intern(PyObject **slot, const char *text)
 
 PyMODINIT_FUNC PyInit__fastspan(void)
 {
-    if (PyType_Ready(&IdsType) < 0)
+    if (PyType_Ready(&IdsType) < 0 || PyType_Ready(&DecoderType) < 0)
         return NULL;
     if (intern(&s_method, "method") < 0 || intern(&s_version, "version") < 0 ||
         intern(&s_status, "status") < 0 || intern(&s_body_size, "body_size") < 0 ||
@@ -395,6 +681,12 @@ PyMODINIT_FUNC PyInit__fastspan(void)
     Py_INCREF(&IdsType);
     if (PyModule_AddObject(m, "Ids", (PyObject *)&IdsType) < 0) {
         Py_DECREF(&IdsType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&DecoderType);
+    if (PyModule_AddObject(m, "Decoder", (PyObject *)&DecoderType) < 0) {
+        Py_DECREF(&DecoderType);
         Py_DECREF(m);
         return NULL;
     }

@@ -1,5 +1,8 @@
 """Optional C parts of span assembly (see ``kernel_side.assembly``)."""
 
+from collections.abc import Callable
+
+from kernel_side.events import Exchange
 from kernel_side.model import AttrValue
 from kernel_side.protocols.http1 import HttpRequest, HttpResponse
 
@@ -24,3 +27,18 @@ def server_attrs(
     business: dict[str, AttrValue],
     /,
 ) -> tuple[dict[str, AttrValue], bool] | None: ...
+
+class Decoder:
+    def __init__(
+        self,
+        cls: type[Exchange],
+        fields: tuple[tuple[int, int], ...],
+        packed_off: int,
+        ctx_size: int,
+        phase_closed: int,
+        format_addr: Callable[[int, bytes], str | None],
+        cache: dict[tuple[int, bytes], str | None],
+        fallback: Callable[[bytes], Exchange],
+        /,
+    ) -> None: ...
+    def decode_packed(self, data: bytes, /) -> Exchange: ...

@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
+from kernel_side import _accel
+
 EV_EXCHANGE: Final = 1
 EV_PROC: Final = 2
 EV_CHUNK: Final = 3
@@ -146,6 +148,7 @@ def _format_addr_uncached(family: int, raw: bytes) -> str | None:
 # tens of nanoseconds. Bounded: dropped when full.
 _ADDR_CACHE: dict[tuple[int, bytes], str | None] = {}
 _ADDR_CACHE_MAX: Final = 65_536
+_fastspan = _accel.load("_fastspan")
 
 
 def _format_addr(family: int, raw: bytes) -> str | None:
@@ -178,11 +181,25 @@ class ExchangeLayout:
         """Build the decoder from BCC's ctypes class for the ``conns`` map value."""
         header = _struct_for(leaf, _HEADER_FIELDS)
         names = _HEADER_FIELDS
-        return cls(header, tuple(names), leaf.req.offset, leaf.resp.offset, leaf.ctx.size,
-                   _struct_for(leaf, _HEADER_FIELDS[:-1]), leaf.ctx.offset)
+        layout = cls(header, tuple(names), leaf.req.offset, leaf.resp.offset, leaf.ctx.size,
+                     _struct_for(leaf, _HEADER_FIELDS[:-1]), leaf.ctx.offset)
+        if _fastspan is not None:
+            # The C decoder shadows decode_packed on this instance (decode_packed_py stays the
+            # reference; tests/unit/test_fastspan.py compares both).
+            fields = tuple((getattr(leaf, n).offset, getattr(leaf, n).size)
+                           for n in _HEADER_FIELDS[:-1])
+            layout.decode_packed = _fastspan.Decoder(  # type: ignore[method-assign]
+                Exchange, fields, leaf.ctx.offset, leaf.ctx.size, PHASE_CLOSED, _format_addr,
+                _ADDR_CACHE, layout.decode_packed_py).decode_packed
+        return layout
 
     def decode_packed(self, data: bytes) -> Exchange:
-        """Decode one ``EV_EXCHANGE_PACKED`` ring-buffer event."""
+        """Decode one ``EV_EXCHANGE_PACKED`` ring-buffer event (in C when
+        ``kernel_side._fastspan`` is built)."""
+        return self.decode_packed_py(data)
+
+    def decode_packed_py(self, data: bytes) -> Exchange:
+        """Decode one ``EV_EXCHANGE_PACKED`` ring-buffer event in Python."""
         (
             _type, tgid, fd, role, family, _phase, has_ctx, peer_port, listen_fd, req_tid,
             resp_tid, req_cap, resp_cap, req_calls, resp_calls, peer_addr, conn_id,

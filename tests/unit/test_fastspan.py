@@ -157,3 +157,86 @@ def test_c_server_attrs_refuse_bad_input() -> None:
         fast(req, None, None, 0, False, None, None, False, False, [])
     with pytest.raises(AttributeError):
         fast(object(), None, None, 0, False, None, None, False, False, {})
+
+
+def _random_event(rng: random.Random) -> bytes:
+    """A packed exchange event with random header fields, caps and addresses (IPv4, IPv6,
+    v4-mapped, unknown family), possibly cut short or with trailing bytes."""
+    import ctypes
+
+    from bench.pipeline_bench import _Layout, make_event, pack_event
+
+    ev = _Layout.from_buffer_copy(make_event().ljust(ctypes.sizeof(_Layout), b"\0"))
+    for name, ctype in _Layout._fields_:
+        if name in ("ctx", "req", "resp", "peer_addr", "local_addr") or name.startswith("_"):
+            continue
+        bits = ctypes.sizeof(ctype) * 8
+        edge = rng.choice((0, 1, (1 << bits) - 1, rng.getrandbits(bits)))
+        setattr(ev, name, edge)
+    ev.family = rng.choice((2, 10, 10, 0, 7))
+    ev.phase = rng.choice((0, 1, 2, 3, 3))
+    ev.has_ctx = rng.choice((0, 1, 1, 2))
+    ev.req_cap = rng.choice((0, 5, 40, 1024, 2048))
+    ev.resp_cap = rng.choice((0, 3, 512, 1024))
+    ev.local_port = rng.choice((0, 0, 8080, 65535))
+    for addr in (ev.peer_addr, ev.local_addr):
+        kind = rng.randrange(4)
+        raw = ([0] * 10 + [255, 255] + [rng.randrange(256) for _ in range(4)] if kind == 0
+               else [rng.choice((0, 1, 127, 10))] * 16 if kind == 1
+               else [rng.randrange(256) for _ in range(16)])
+        addr[:] = raw
+    data = pack_event(bytes(ev))
+    cut = rng.random()
+    if cut < 0.1:
+        data = data[: rng.randint(0, len(data))]
+    elif cut < 0.2:
+        data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+    return data
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_c_decoder_equals_python_decoder(seed: int) -> None:
+    from bench.pipeline_bench import _Layout
+    from kernel_side.events import ExchangeLayout
+
+    layout = ExchangeLayout.from_ctypes(_Layout)
+    assert type(layout.decode_packed).__name__ == "builtin_function_or_method"
+    rng = random.Random(seed)
+    short = 0
+    for _ in range(20_000):
+        data = _random_event(rng)
+        try:
+            want = layout.decode_packed_py(data)
+        except Exception as e:  # a cut header: both must refuse it the same way
+            short += 1
+            with pytest.raises(type(e)):
+                layout.decode_packed(data)
+            continue
+        got = layout.decode_packed(data)
+        assert got == want, (data, got, want)
+        # Same types too (dataclass equality alone would let True equal 1).
+        assert [type(getattr(got, f)) for f in got.__slots__] == [
+            type(getattr(want, f)) for f in want.__slots__]
+    assert 0 < short < 2_000
+
+
+def test_c_decoder_takes_only_bytes_of_a_slotted_record() -> None:
+    from bench.pipeline_bench import _Layout, make_event, pack_event
+    from kernel_side import _fastspan  # type: ignore[attr-defined]
+    from kernel_side.events import ExchangeLayout
+
+    layout = ExchangeLayout.from_ctypes(_Layout)
+    packed = pack_event(make_event())
+    # Not bytes: the Python decoder's answer (struct reads a bytearray just as well).
+    assert layout.decode_packed(bytearray(packed)) == layout.decode_packed_py(packed)
+
+    class Plain:
+        tgid = 0
+
+    with pytest.raises(TypeError, match="not a slot"):
+        _fastspan.Decoder(Plain, (), 0, 0, 3, print, {}, print)
+    fields = tuple((getattr(_Layout, n).offset, getattr(_Layout, n).size)
+                   for n, _t in _Layout._fields_[:3])
+    from kernel_side.events import Exchange
+    with pytest.raises(ValueError, match="expected 29 fields"):
+        _fastspan.Decoder(Exchange, fields, 0, 0, 3, print, {}, print)
