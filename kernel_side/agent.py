@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import bpf
 from bridge import _abi
-from kernel_side import assembly, processes, ring
+from kernel_side import assembly, events, processes, ring
 from kernel_side.assembly import IdSource, SpanAssembler
 from kernel_side.config import AgentConfig, ConfigError
 from kernel_side.events import (
@@ -481,7 +481,8 @@ def describe_accelerators() -> str:
     compiler and the Python headers are present; ``EBPF_BRIDGE_NO_ACCEL=1`` turns them off)."""
     parts = {"HTTP/1 parser": http1.ACCELERATED, "OTLP protobuf encoder": otlp_wire.ACCELERATED,
              "OTLP/JSON writer": otlp_json.ACCELERATED, "ring-buffer reader": ring.BATCHED,
-             "span ids": assembly.ACCELERATED}
+             "span ids and HTTP/1 attributes": assembly.ACCELERATED,
+             "event decoder": events.ACCELERATED}
     on = [name for name, used in parts.items() if used]
     off = [name for name, used in parts.items() if not used]
     text = "C: " + (", ".join(on) if on else "none")

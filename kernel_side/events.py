@@ -149,6 +149,8 @@ def _format_addr_uncached(family: int, raw: bytes) -> str | None:
 _ADDR_CACHE: dict[tuple[int, bytes], str | None] = {}
 _ADDR_CACHE_MAX: Final = 65_536
 _fastspan = _accel.load("_fastspan")
+ACCELERATED = _fastspan is not None
+"""Whether packed events are decoded in C (``kernel_side._fastspan.Decoder``)."""
 
 
 def _format_addr(family: int, raw: bytes) -> str | None:

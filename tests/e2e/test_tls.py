@@ -416,7 +416,17 @@ def test_postgres_sslmode_require(harness: Harness, receiver: OtlpReceiver,
         return [s for s in ss if s.attributes.get("db.system.name") == "postgresql"
                 and s.attributes.get("tenant_id") in tenants]
 
-    spans = receiver.wait_for(lambda ss: len(db(ss)) >= len(tenants), timeout_s=30)
+    def complete(ss: list[ReceivedSpan]) -> bool:
+        # Every span asserted on below: one query and one server span per tenant (a server
+        # span can be one export batch behind its query's).
+        paths = {s.attributes.get("url.path") for s in by_service(ss, "pg-tls-app", SERVER)}
+        return all(any(s.attributes["tenant_id"] == t for s in db(ss)) and f"/q/{t}" in paths
+                   for t in tenants)
+
+    try:
+        spans = receiver.wait_for(complete, timeout_s=30)
+    except AssertionError:
+        spans = receiver.spans()
     servers = by_service(spans, "pg-tls-app", SERVER)
     for t in tenants:
         q = [s for s in db(spans) if s.attributes["tenant_id"] == t]
@@ -465,13 +475,22 @@ def test_redis_tls(harness: Harness, receiver: OtlpReceiver, cert: tuple[Path, P
         return [s for s in ss if s.attributes.get("db.system.name") == "redis"
                 and s.attributes.get("tenant_id") in tenants]
 
-    spans = receiver.wait_for(lambda ss: len(cache(ss)) >= 2 * len(tenants), timeout_s=30)
-    for t in tenants:
+    def ops_of(ss: list[ReceivedSpan], t: str) -> list[str]:
         # redis-py also sends HELLO / CLIENT SETINFO when it connects.
-        ops = sorted(s.attributes["db.operation.name"] for s in cache(spans)
-                     if s.attributes["tenant_id"] == t
-                     and s.attributes["db.operation.name"] in ("GET", "SET"))
-        assert ops == ["GET", "SET"], ops
+        return sorted(str(s.attributes["db.operation.name"]) for s in cache(ss)
+                      if s.attributes["tenant_id"] == t
+                      and s.attributes["db.operation.name"] in ("GET", "SET"))
+
+    # Wait for the spans asserted on, not a count: the connection's HELLO and CLIENT SETINFO
+    # spans carry the first tenant too, so a count can be met while the last request's
+    # spans are still in a later export batch (seen once in CI).
+    try:
+        spans = receiver.wait_for(lambda ss: all(len(ops_of(ss, t)) >= 2 for t in tenants),
+                                  timeout_s=30)
+    except AssertionError:
+        spans = receiver.spans()
+    for t in tenants:
+        assert ops_of(spans, t) == ["GET", "SET"], (t, ops_of(spans, t))
     assert all(s.attributes["tls.protocol.name"] == "tls" for s in cache(spans))
     assert not _garbage(spans), [s.attributes for s in _garbage(spans)]
     agent.stop()

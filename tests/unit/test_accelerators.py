@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kernel_side import assembly, ring
+from kernel_side import assembly, events, ring
 from kernel_side.agent import describe_accelerators
 from kernel_side.export import otlp_json, otlp_wire
 from kernel_side.protocols import http1
@@ -22,7 +22,8 @@ def test_the_description_follows_each_module() -> None:
                        ("OTLP protobuf encoder", otlp_wire.ACCELERATED),
                        ("OTLP/JSON writer", otlp_json.ACCELERATED),
                        ("ring-buffer reader", ring.BATCHED),
-                       ("span ids", assembly.ACCELERATED)):
+                       ("span ids and HTTP/1 attributes", assembly.ACCELERATED),
+                       ("event decoder", events.ACCELERATED)):
         assert (name in c_part) == used, text
         assert name in text
 
@@ -32,4 +33,5 @@ def test_no_accel_switch_turns_every_agent_accelerator_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "EBPF_BRIDGE_NO_ACCEL": "1"}, check=True).stdout
     assert out.strip() == ("C: none; pure Python: HTTP/1 parser, OTLP protobuf encoder, "
-                           "OTLP/JSON writer, ring-buffer reader, span ids")
+                           "OTLP/JSON writer, ring-buffer reader, span ids and HTTP/1 attributes, "
+                           "event decoder")
