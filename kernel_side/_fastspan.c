@@ -654,7 +654,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_fastspan",
-    "Span assembly's id derivation and HTTP/1 server attributes in C (see kernel_side.assembly).",
+    "Span assembly's ids, HTTP/1 server attributes and packed-event decoder in C.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
