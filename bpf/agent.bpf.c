@@ -433,7 +433,7 @@ static __always_inline void mark_peer(struct exchange *st)
  * the consumer. The threshold counts bytes, not events, because events range from about 100
  * bytes to a few KB. (A quarter saved another 0.7 us per span at nginx max rate but held
  * 2-3 MB more of the agent's memory in each batch; at 10,000 spans/s the timer drains first
- * either way.) (bpf_ringbuf_query() would give the ring's fill level directly, but BCC 0.26
+ * either way. bpf_ringbuf_query() would give the ring's fill level directly, but BCC 0.26
  * does not rewrite that helper's map argument: "R1 type=scalar expected=map_ptr".) */
 #ifndef NCPUS
 #define NCPUS 1

@@ -195,13 +195,9 @@ class ExchangeLayout:
                 _ADDR_CACHE, layout.decode_packed_py).decode_packed
         return layout
 
-    def decode_packed(self, data: bytes) -> Exchange:
-        """Decode one ``EV_EXCHANGE_PACKED`` ring-buffer event (in C when
-        ``kernel_side._fastspan`` is built)."""
-        return self.decode_packed_py(data)
-
     def decode_packed_py(self, data: bytes) -> Exchange:
-        """Decode one ``EV_EXCHANGE_PACKED`` ring-buffer event in Python."""
+        """Decode one ``EV_EXCHANGE_PACKED`` ring-buffer event in Python. ``decode_packed`` is
+        this, or the C decoder when ``kernel_side._fastspan`` is built."""
         (
             _type, tgid, fd, role, family, _phase, has_ctx, peer_port, listen_fd, req_tid,
             resp_tid, req_cap, resp_cap, req_calls, resp_calls, peer_addr, conn_id,
@@ -220,6 +216,8 @@ class ExchangeLayout:
             _format_addr(family, local_addr) if local_port else None,
             local_port, peer_traced != 0, tls != 0, _phase == PHASE_CLOSED,
         )
+
+    decode_packed = decode_packed_py
 
     def decode(self, data: bytes) -> Exchange:
         """Decode a ``conns`` map value (an exchange as the kernel keeps it), read by user
