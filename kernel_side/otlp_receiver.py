@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import gzip
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -138,6 +140,14 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def setup(self) -> None:
+            super().setup()
+            receiver._track_http_connection(self.connection, True)
+
+        def finish(self) -> None:
+            receiver._track_http_connection(self.connection, False)
+            super().finish()
+
         def do_POST(self) -> None:
             if self.path.split("?", 1)[0] != TRACES_PATH:
                 self._reply(404, "text/plain", b"only POST /v1/traces is served\n")
@@ -211,6 +221,8 @@ class OtlpReceiver:
         self._grpc_server: Any = None
         self._http_server: ThreadingHTTPServer | None = None
         self._http_thread: threading.Thread | None = None
+        self._http_connections: set[socket.socket] = set()
+        self._conn_lock = threading.Lock()
         self.grpc_endpoint = ""
         self.http_endpoint: str | None = None
 
@@ -257,6 +269,20 @@ class OtlpReceiver:
             self._http_server.shutdown()
             self._http_server.server_close()
             self._http_server = None
+            # serve_forever's end leaves kept-alive connections served by their threads: close
+            # them, as a Collector going down does, so a client sees the receiver is gone.
+            with self._conn_lock:
+                live = list(self._http_connections)
+            for conn in live:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def _track_http_connection(self, conn: socket.socket, live: bool) -> None:
+        with self._conn_lock:
+            if live:
+                self._http_connections.add(conn)
+            else:
+                self._http_connections.discard(conn)
 
     def __enter__(self) -> OtlpReceiver:
         return self.start()

@@ -6,15 +6,19 @@ No kernel needed, but real sockets, a real gRPC server and a real HTTP server.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from kernel_side.export import BatchExporter, OtlpGrpcExporter, OtlpHttpExporter, to_otlp_json
 from kernel_side.model import Resource, SpanKind, SpanRecord, StatusCode
@@ -88,6 +92,112 @@ def test_http_exporter_delivers_spans_to_receiver() -> None:
         exporter = OtlpHttpExporter(receiver.http_endpoint)
         assert exporter.export(sent)
         assert_received_like_sent(receiver.wait_for(lambda spans: len(spans) >= 2), sent)
+
+
+class _CountingServer:
+    """A plain HTTP/1.1 server standing in for a Collector (or a proxy): records each request's
+    target and body and the number of TCP connections, and answers with ``status``."""
+
+    def __init__(self, status: int = 200, answer: bytes = b"") -> None:
+        outer = self
+        self.status = status
+        self.answer = answer
+        self.targets: list[str] = []
+        self.bodies: list[bytes] = []
+        self.connections = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                outer.connections += 1
+                super().setup()
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.targets.append(self.path)
+                outer.bodies.append(body)
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(outer.answer)))
+                self.end_headers()
+                self.wfile.write(outer.answer)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = int(self.httpd.server_address[1])
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> _CountingServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_http_exporter_keeps_one_connection_for_every_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with _CountingServer() as server:
+        exporter = OtlpHttpExporter(f"http://127.0.0.1:{server.port}")
+        for n in range(1, 6):
+            assert exporter.export([span(n)])
+        exporter.shutdown()
+    assert server.targets == ["/v1/traces"] * 5
+    assert server.connections == 1
+    decoded = [ExportTraceServiceRequest.FromString(b) for b in server.bodies]
+    assert [r.resource_spans[0].scope_spans[0].spans[0].name for r in decoded] == [
+        f"GET /cart/{n}" for n in range(1, 6)
+    ]
+
+
+def test_http_exporter_reconnects_when_the_receiver_restarted() -> None:
+    port = free_port()
+    exporter = OtlpHttpExporter(f"http://127.0.0.1:{port}", timeout_s=5.0)
+    with OtlpReceiver(http_port=port) as receiver:
+        assert exporter.export([span(1)])
+        receiver.wait_for(lambda spans: len(spans) >= 1)
+    # The kept connection is dead now; the next batch must go out on a new one, once.
+    with OtlpReceiver(http_port=port) as receiver:
+        assert exporter.export([span(2)])
+        received = receiver.wait_for(lambda spans: len(spans) >= 1)
+        assert [r.span_id for r in received] == [(2).to_bytes(8, "big").hex()]
+    exporter.shutdown()
+
+
+def test_http_exporter_error_answer_fails_the_batch_and_keeps_working(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with _CountingServer(status=400, answer=b"bad span") as server:
+        exporter = OtlpHttpExporter(f"http://127.0.0.1:{server.port}")
+        with caplog.at_level(logging.WARNING):
+            assert exporter.export([span(1)]) is False
+        assert "HTTP 400" in caplog.text and "bad span" in caplog.text
+        server.status, server.answer = 200, b""
+        assert exporter.export([span(2)])
+        exporter.shutdown()
+    assert len(server.bodies) == 2
+
+
+def test_http_exporter_goes_through_a_configured_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    with _CountingServer() as proxy:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        # Nothing listens on the collector's port: only the proxy can make this succeed.
+        collector = f"http://collector.invalid:{free_port()}"
+        exporter = OtlpHttpExporter(collector)
+        assert exporter.export([span(1)])
+        exporter.shutdown()
+    # A proxy is asked for the absolute URL.
+    assert proxy.targets == [f"{collector}/v1/traces"]
 
 
 def test_receiver_accepts_otlp_json_as_the_collector_writes_it() -> None:
