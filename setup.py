@@ -24,6 +24,7 @@ from setuptools import Extension, setup
 def _optional(module: str) -> Extension:
     """An extension built when it can be: ``pkg._name`` from ``pkg/_name.c``."""
     return Extension(module, sources=[module.replace(".", "/") + ".c"], optional=True,
+                     depends=["kernel_side/_slots.h"],
                      extra_compile_args=["-O2", "-Wall", "-Wextra"])
 
 

@@ -26,11 +26,15 @@
 
 #include <string.h>
 
+#include "_slots.h"
+
 #define MAX_VALUE_LEN 1024
 #define MAX_METHOD_LEN 7
 #define MAX_LENGTH (1LL << 53)
 
 static PyObject *request_cls, *response_cls, *requests_py, *responses_py;
+/* HttpRequest and HttpResponse built without their dataclass __init__ (see _slots.h). */
+static slot_maker request_maker, response_maker;
 static PyObject *s_versions[10];
 /* Buffers parsed here and buffers handed to the Python parser, for tests and diagnostics. */
 static unsigned long long n_fast, n_fallback;
@@ -400,7 +404,8 @@ static int one_request(PyObject *out, const char *d, Py_ssize_t n, Py_ssize_t po
     PyObject *args[14] = {s_methods[m], target, path, query, s_versions[v], host, tp, ua,
                           Py_None, body, Py_False, h.complete ? Py_True : Py_False, offset,
                           length};
-    rec = PyObject_Vectorcall(request_cls, args, 14, NULL);
+    rec = request_maker.type != NULL ? slot_make(&request_maker, args)
+                                     : PyObject_Vectorcall(request_cls, args, 14, NULL);
     if (rec == NULL || PyList_Append(out, rec) < 0)
         goto done;
     rc = 0;
@@ -585,7 +590,8 @@ static PyObject *parse_responses(PyObject *self, PyObject *const *args, Py_ssize
         if (st && reason && body && length && offset) {
             PyObject *rargs[8] = {st, reason, s_versions[d[pos + 7] - '0'], body, Py_False,
                                   h.complete ? Py_True : Py_False, offset, length};
-            rec = PyObject_Vectorcall(response_cls, rargs, 8, NULL);
+            rec = response_maker.type != NULL ? slot_make(&response_maker, rargs)
+                                              : PyObject_Vectorcall(response_cls, rargs, 8, NULL);
         }
         Py_XDECREF(st);
         Py_XDECREF(reason);
@@ -621,6 +627,10 @@ static PyObject *configure(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "configure() takes four callables");
         return NULL;
     }
+    slot_maker_clear(&request_maker);
+    slot_maker_clear(&response_maker);
+    if (slot_maker_init(&request_maker, rq, 14) < 0 || slot_maker_init(&response_maker, rs, 8) < 0)
+        return NULL;
     Py_XSETREF(request_cls, Py_NewRef(rq));
     Py_XSETREF(response_cls, Py_NewRef(rs));
     Py_XSETREF(requests_py, Py_NewRef(fq));
@@ -635,7 +645,18 @@ static PyObject *counts(PyObject *self, PyObject *unused)
     return Py_BuildValue("(KK)", n_fast, n_fallback);
 }
 
+static PyObject *direct_records(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("(OO)", request_maker.type != NULL ? Py_True : Py_False,
+                         response_maker.type != NULL ? Py_True : Py_False);
+}
+
 static PyMethodDef methods_def[] = {
+    {"direct_records", direct_records, METH_NOARGS,
+     "direct_records() -> (requests, responses): whether each record type is built by storing "
+     "its slots directly (else by calling the class)."},
     {"counts", counts, METH_NOARGS,
      "counts() -> (buffers parsed in C, buffers handed to the Python parser) since import."},
     {"configure", configure, METH_VARARGS,

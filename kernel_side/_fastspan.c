@@ -26,6 +26,8 @@
 #include <structmember.h>
 #include <stdint.h>
 
+#include "_slots.h"
+
 #define GOLDEN 0x9E3779B97F4A7C15ULL
 
 /* splitmix64's finaliser (bridge._abi.mix64). */
@@ -642,7 +644,51 @@ static PyTypeObject DecoderType = {
     .tp_dealloc = (destructor)Decoder_dealloc,
 };
 
+/* -- SpanRecord for an HTTP/1 server span ------------------------------------------------- */
+
+static slot_maker span_maker;
+static PyObject *span_cls, *kind_server, *empty_bytes, *empty_str;
+
+static PyObject *configure_spans(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *cls, *kind;
+    if (!PyArg_ParseTuple(args, "OO:configure_spans", &cls, &kind))
+        return NULL;
+    slot_maker_clear(&span_maker);
+    if (slot_maker_init(&span_maker, cls, 11) < 0)
+        return NULL;
+    Py_XSETREF(span_cls, Py_NewRef(cls));
+    Py_XSETREF(kind_server, Py_NewRef(kind));
+    return PyBool_FromLong(span_maker.type != NULL);
+}
+
+/* server_span(span_id, name, start_ns, end_ns, resource, attributes, status): what
+ * SpanRecord(b"", span_id, None, name, SpanKind.SERVER, start_ns, end_ns, resource,
+ * attributes, status) makes, without the dataclass __init__ frame when the slots allow. */
+static PyObject *server_span(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 7 || span_cls == NULL) {
+        PyErr_SetString(PyExc_TypeError, span_cls == NULL
+                                             ? "server_span(): call configure_spans() first"
+                                             : "server_span() takes 7 arguments");
+        return NULL;
+    }
+    PyObject *full[11] = {empty_bytes, args[0], Py_None, args[1], kind_server, args[2],
+                          args[3], args[4], args[5], args[6], empty_str};
+    if (span_maker.type != NULL)
+        return slot_make(&span_maker, full);
+    return PyObject_Vectorcall(span_cls, full, 11, NULL);
+}
+
 static PyMethodDef methods[] = {
+    {"configure_spans", (PyCFunction)configure_spans, METH_VARARGS,
+     "configure_spans(SpanRecord, SpanKind.SERVER) -> bool: set up server_span(); True when\n"
+     "it stores the slots directly (False: it calls the class)."},
+    {"server_span", (PyCFunction)(void (*)(void))server_span, METH_FASTCALL,
+     "server_span(span_id, name, start_ns, end_ns, resource, attributes, status) -> SpanRecord\n"
+     "of kind SERVER with an empty trace id, no parent and no status message."},
     {"configure", (PyCFunction)configure, METH_O,
      "configure(keys): the attribute keys server_attrs() writes, in kernel_side.assembly's\n"
      "_FAST_KEYS order."},
@@ -674,6 +720,9 @@ PyMODINIT_FUNC PyInit__fastspan(void)
         intern(&s_query, "query") < 0 || intern(&s_xff, "x_forwarded_for") < 0 ||
         intern(&v_https, "https") < 0 || intern(&v_http, "http") < 0 ||
         intern(&v_tls, "tls") < 0)
+        return NULL;
+    if ((empty_bytes = PyBytes_FromStringAndSize("", 0)) == NULL ||
+        (empty_str = PyUnicode_New(0, 0)) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -3,7 +3,7 @@
 from collections.abc import Callable
 
 from kernel_side.events import Exchange
-from kernel_side.model import AttrValue
+from kernel_side.model import AttrValue, Resource, SpanKind, SpanRecord, StatusCode
 from kernel_side.protocols.http1 import HttpRequest, HttpResponse
 
 class Ids:
@@ -42,3 +42,13 @@ class Decoder:
         /,
     ) -> None: ...
     def decode_packed(self, data: bytes, /) -> Exchange: ...
+def configure_spans(span_cls: type[SpanRecord], kind_server: SpanKind) -> bool: ...
+def server_span(
+    span_id: bytes,
+    name: str,
+    start_ns: int,
+    end_ns: int,
+    resource: Resource,
+    attributes: dict[str, AttrValue],
+    status: StatusCode,
+) -> SpanRecord: ...

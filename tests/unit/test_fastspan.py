@@ -240,3 +240,40 @@ def test_c_decoder_takes_only_bytes_of_a_slotted_record() -> None:
     from kernel_side.events import Exchange
     with pytest.raises(ValueError, match="expected 29 fields"):
         _fastspan.Decoder(Exchange, fields, 0, 0, 3, print, {}, print)
+
+
+def test_c_server_span_equals_the_dataclass_and_declines_other_shapes() -> None:
+    from dataclasses import dataclass
+
+    from kernel_side import _fastspan
+    from kernel_side.model import Resource, SpanKind, SpanRecord, StatusCode
+
+    res = Resource((1, 2), {"service.name": "s"})
+    args = (b"\x01" * 8, "GET /x", 10, 20, res, {"k": "v"}, StatusCode.ERROR)
+    made = assembly._new_server_span(*args)
+    assert made == assembly._new_server_span_py(*args)
+    assert made.kind is SpanKind.SERVER and made.trace_id == b"" and made.status_message == ""
+
+    @dataclass(slots=True)
+    class Wider:  # one field more than SpanRecord: storing slots by position would be wrong
+        trace_id: bytes
+        span_id: bytes
+        parent_span_id: bytes | None
+        name: str
+        kind: SpanKind
+        start_ns: int
+        end_ns: int
+        resource: Resource
+        attributes: dict[str, AttrValue]
+        status: StatusCode
+        status_message: str
+        links: tuple[bytes, ...] = ()
+
+    try:
+        assert _fastspan.configure_spans(Wider, SpanKind.SERVER) is False
+        wide = _fastspan.server_span(*args)
+        assert isinstance(wide, Wider) and wide.links == () and wide.name == "GET /x"
+    finally:
+        assert _fastspan.configure_spans(SpanRecord, SpanKind.SERVER) is True
+    with pytest.raises(TypeError, match="7 arguments"):
+        _fastspan.server_span(*args[:6])

@@ -241,3 +241,33 @@ def test_no_accel_switch_selects_the_python_parser() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
                          text=True, check=True).stdout.split()
     assert out == ["False", "True"]
+
+
+def test_c_parser_builds_records_without_their_init_and_declines_when_it_must() -> None:
+    from dataclasses import dataclass
+
+    from kernel_side import _fasthttp
+
+    # The real record types: slots stored directly, records equal to the Python parser's.
+    assert _fasthttp.direct_records() == (True, True)
+    data = REQUESTS[1]
+    assert http1.parse_requests(data, len(data)) == http1.parse_requests_py(data, len(data))
+
+    seen: list[str] = []
+
+    @dataclass(slots=True)
+    class CheckedRequest(http1.HttpRequest):
+        def __post_init__(self) -> None:
+            seen.append(self.method)
+
+    try:
+        # A __post_init__ must run, so the parser has to call the class.
+        _fasthttp.configure(CheckedRequest, http1.HttpResponse, http1.parse_requests_py,
+                            http1.parse_responses_py)
+        assert _fasthttp.direct_records() == (False, True)
+        (req,) = _fasthttp.parse_requests(data, len(data))
+        assert isinstance(req, CheckedRequest) and seen == ["GET"]
+    finally:
+        _fasthttp.configure(http1.HttpRequest, http1.HttpResponse, http1.parse_requests_py,
+                            http1.parse_responses_py)
+    assert _fasthttp.direct_records() == (True, True)
