@@ -33,6 +33,7 @@ from agent_bench import (  # noqa: E402
     parse_stats,
     run_wrk,
     start_nginx,
+    wrk_pacing,
 )
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
@@ -156,7 +157,8 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
             time.sleep(0.01)
         before = agent_programs(agent.pid)
         cpu0 = cpu_seconds(worker)
-        w = run_wrk(port, args.duration, 8, args.rate, tmp)
+        connections, delay_ms = wrk_pacing(8, args.rate) if args.rate else (8, 0)
+        w = run_wrk(port, args.duration, connections, delay_ms, tmp)
         app_us = (cpu_seconds(worker) - cpu0) / w["requests"] * 1e6
         after = agent_programs(agent.pid)
         name_programs(after)
