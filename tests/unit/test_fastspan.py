@@ -243,7 +243,7 @@ def test_c_decoder_takes_only_bytes_of_a_slotted_record() -> None:
 
 
 def test_c_server_span_equals_the_dataclass_and_declines_other_shapes() -> None:
-    from dataclasses import dataclass
+    from dataclasses import field, fields, make_dataclass
 
     from kernel_side import _fastspan
     from kernel_side.model import Resource, SpanKind, SpanRecord, StatusCode
@@ -254,20 +254,12 @@ def test_c_server_span_equals_the_dataclass_and_declines_other_shapes() -> None:
     assert made == assembly._new_server_span_py(*args)
     assert made.kind is SpanKind.SERVER and made.trace_id == b"" and made.status_message == ""
 
-    @dataclass(slots=True)
-    class Wider:  # one field more than SpanRecord: storing slots by position would be wrong
-        trace_id: bytes
-        span_id: bytes
-        parent_span_id: bytes | None
-        name: str
-        kind: SpanKind
-        start_ns: int
-        end_ns: int
-        resource: Resource
-        attributes: dict[str, AttrValue]
-        status: StatusCode
-        status_message: str
-        links: tuple[bytes, ...] = ()
+    # One field more than SpanRecord: storing slots by position would be wrong.
+    Wider = make_dataclass(
+        "Wider",
+        [(f.name, f.type) for f in fields(SpanRecord)] + [("links", tuple, field(default=()))],
+        slots=True,
+    )
 
     try:
         assert _fastspan.configure_spans(Wider, SpanKind.SERVER) is False
