@@ -286,7 +286,11 @@ static PyObject *server_attrs(PyObject *self, PyObject *const *args, Py_ssize_t 
 
     /* Sized for the dozen attributes of a plain span and a few business ones: grown from
      * empty, the dict was allocated three times and rehashed twice on the way to 12 keys. */
+#if PY_VERSION_HEX < 0x030D0000
     PyObject *attrs = _PyDict_NewPresized(16), *v = NULL;
+#else /* private API that later Pythons may not export: the plain call */
+    PyObject *attrs = PyDict_New(), *v = NULL;
+#endif
     int is_error = 0;
     if (attrs == NULL)
         return NULL;

@@ -116,10 +116,11 @@ class IdSource:
 
 
 _DERIVED: Final = b""
+"""In ``_servers``: the trace id is ``IdSource.trace_id(exchange_id)``, recomputed on use."""
+
 # The business attributes of an exchange without a context block. Shared, like the cached
 # dicts ``business`` returns for blocks: span builders copy from them and never write to them.
 _NO_BUSINESS: Final[dict[str, AttrValue]] = {}
-"""In ``_servers``: the trace id is ``IdSource.trace_id(exchange_id)``, recomputed on use."""
 
 _StitchKey = tuple[str, int, str, int, int]
 """(client address, client port, server address, server port, request ordinal)."""
