@@ -65,9 +65,11 @@ def nginx_worker(master: int) -> int:
 
 
 def run_wrk(
-    port: int, duration: int, connections: int, delay_ms: int, tmp: Path
+    port: int, duration: int, connections: int, delay_ms: int, tmp: Path,
+    headers: tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """wrk on CPU 1 against ``port``; ``delay_ms`` > 0 paces each connection (see _live)."""
+    """wrk on CPU 1 against ``port``; ``delay_ms`` > 0 paces each connection (see _live);
+    ``headers`` are sent with every request (``"Connection: close"``: a new connection each)."""
     argv = [
         "taskset",
         "-c",
@@ -82,6 +84,8 @@ def run_wrk(
     if delay_ms:
         # Pace each connection: wrk waits delay() ms between a response and the next request.
         argv[5:5] = ["-s", str(pace_script(tmp, delay_ms))]
+    for h in headers:
+        argv[5:5] = ["-H", h]
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
 

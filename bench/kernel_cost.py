@@ -122,6 +122,10 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=5000, help="paced req/s (0 = max rate)")
     ap.add_argument("--agent-config", metavar="YAML",
                     help="run the agent with this --config (e.g. to try another ringbuf_mb)")
+    ap.add_argument("--connection-close", action="store_true",
+                    help="send `Connection: close`: a new TCP connection per request, as a "
+                    "gunicorn sync worker serves them (accept, close and the socket state "
+                    "changes show up per request)")
     ap.add_argument("--json", default=str(REPO / "bench/results/kernel_cost.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -158,7 +162,8 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
         before = agent_programs(agent.pid)
         cpu0 = cpu_seconds(worker)
         connections, delay_ms = wrk_pacing(8, args.rate) if args.rate else (8, 0)
-        w = run_wrk(port, args.duration, connections, delay_ms, tmp)
+        headers = ("Connection: close",) if args.connection_close else ()
+        w = run_wrk(port, args.duration, connections, delay_ms, tmp, headers)
         app_us = (cpu_seconds(worker) - cpu0) / w["requests"] * 1e6
         after = agent_programs(agent.pid)
         name_programs(after)
@@ -181,6 +186,8 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
     rows.sort(key=lambda r: -float(r["ns_per_req"]))  # type: ignore[arg-type]
     total = sum(float(r["ns_per_req"]) for r in rows)  # type: ignore[arg-type]
     load = f"paced at {args.rate} req/s" if args.rate else "max rate"
+    if args.connection_close:
+        load += ", a new connection per request"
     print(f"\nagent BPF programs, nginx 6-byte body {load}, {reqs} requests "
           f"({stats.get('exchanges', 0)} exchanges); calls and run time from the kernel's BPF "
           "statistics (all processes' calls, as the programs fire system-wide)")
