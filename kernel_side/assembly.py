@@ -346,9 +346,10 @@ class SpanAssembler:
                 continue
             span_id = self.ids.span_id(ex.exchange_id, idx)
             if server:
-                # The flag test first: most context blocks name no SDK span.
-                if (idx == 0 and ctx is not None and ctx[3] & _abi.CTX_F_SDK_SPAN
-                        and self._sdk_covers_server(ex)):
+                # The flag test first: most context blocks name no SDK span (and a cut
+                # block names none, as sdk_span_of says).
+                if (idx == 0 and ctx is not None and len(ctx) > 3
+                        and ctx[3] & _abi.CTX_F_SDK_SPAN and self._sdk_covers_server(ex)):
                     continue
                 host = _split_host(req.host)[0] if req.host else None
                 built = None

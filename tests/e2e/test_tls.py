@@ -437,8 +437,13 @@ def test_postgres_sslmode_require(harness: Harness, receiver: OtlpReceiver,
         assert len(srv) == 1 and q[0].parent_span_id == srv[0].span_id
     assert not _garbage(spans), [s.attributes for s in _garbage(spans)]
     agent.stop()
-    st = _stats(agent.log_text())
-    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, st
+    log = agent.log_text()
+    st = _stats(log)
+    # The counters and what the agent logged about them, so a failure says which it was.
+    assert st["unknown_protocol"] == 0 and st["parse_errors"] == 0, (
+        {k: st.get(k) for k in ("unknown_protocol", "parse_errors", "exchanges", "tls_uprobes")},
+        [ln for ln in log.splitlines() if "could not" in ln or "Error" in ln][-20:],
+    )
 
 
 # --- Redis over TLS ------------------------------------------------------------------------
