@@ -25,6 +25,9 @@ TRACES_PATH = "/v1/traces"
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 PROTOBUF_CONTENT_TYPE = "application/x-protobuf"
 
+# What writing to, or reading from, a kept connection the peer has closed raises.
+_STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 # gRPC's default reconnect backoff grows to 120 s, so after a collector outage the agent would
@@ -251,17 +254,13 @@ class OtlpHttpExporter(SpanExporter):
                 conn.request("POST", self._target, body=body, headers=self._headers)
                 reply = conn.getresponse()
                 answer = reply.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            except BaseException as exc:
                 conn.close()
                 self._conn = None
                 # An idle kept connection the receiver had closed: no answer came, so nothing
                 # was processed; once more on a fresh connection. A fresh one failing is real.
-                if attempt == 1 and reused:
+                if attempt == 1 and reused and isinstance(exc, _STALE_CONNECTION):
                     continue
-                raise
-            except BaseException:
-                conn.close()
-                self._conn = None
                 raise
             if reply.will_close:
                 conn.close()
