@@ -1,11 +1,13 @@
 """``bridge.annotate()`` against an OpenTelemetry SDK span carrying the same attributes.
 
-The annotate rows run against a real ``ctx_by_tid``-shaped hash map pinned under
-/sys/fs/bpf (created here, as tests/e2e/test_sdk_map.py does; root needed):
+The annotate rows run against real maps of the agent's shapes pinned under /sys/fs/bpf (created
+here, as tests/e2e/test_sdk_map.py does; root needed), twice: with ``ctx_cells`` (the thread's
+context is memory this process maps; no syscall) and with ``ctx_by_tid`` alone (one ``bpf()``
+update per call; what a write-only member of the app group gets):
 
-- ``annotate steady``: repeated calls within one request (the entry exists: one syscall);
+- ``annotate steady``: repeated calls within one request (the entry exists);
 - ``annotate new request``: the kernel cleared the entry first, as before the first annotate
-  of every request (two syscalls); the clear is timed alone and subtracted.
+  of every request; the clear is timed alone and subtracted.
 
 The SDK rows create and end one span with the same attributes through a ``TracerProvider``
 with a ``BatchSpanProcessor`` (defaults) and an exporter that drops batches; its export
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -116,30 +119,64 @@ def sdk_rows(n: int, repeat: int) -> tuple[dict[str, dict[str, list[float]]], di
 def annotate_rows(n: int, repeat: int) -> tuple[dict[str, dict[str, list[float]]], str]:
     if os.geteuid() != 0 or not os.path.ismount("/sys/fs/bpf"):
         return {}, "not root or no bpffs: annotate rows not measured"
-    base = Path(f"/sys/fs/bpf/ebpf_bridge_bench_vs_{os.getpid()}")
+    rows: dict[str, dict[str, list[float]]] = {}
+    notes = []
+    # Cells first (what a root app gets from today's agent), then the map alone (what a member
+    # of the app group gets, and every app before the cells).
+    for cells in (True, False):
+        part, note = _annotate_rows(n, repeat, cells)
+        rows.update(part)
+        if note:
+            notes.append(note)
+    return rows, "; ".join(notes)
+
+
+def _annotate_rows(n: int, repeat: int,
+                   cells: bool) -> tuple[dict[str, dict[str, list[float]]], str]:
+    base = Path(f"/sys/fs/bpf/ebpf_bridge_bench_vs_{os.getpid()}_{int(cells)}")
     base.mkdir()
+    suffix = "" if cells else ", bpf() (no ctx_cells)"
     fd = _bpf.map_create(
         _abi.CTX_KEY.size, _abi.CTX_VALUE_SIZE, _abi.CTX_MAX_ENTRIES, name="bridge_bench"
     )
+    cfd = -1
     rows: dict[str, dict[str, list[float]]] = {}
     try:
         _bpf.obj_pin(fd, str(base / _abi.CTX_BY_TID_NAME))
+        if cells:
+            cfd = _bpf.map_create(4, _abi.CTX_CELL_SIZE, _abi.CTX_CELLS,
+                                  map_type=_bpf.BPF_MAP_TYPE_ARRAY,
+                                  map_flags=_bpf.BPF_F_MMAPABLE, name="bridge_cells")
+            _bpf.obj_pin(cfd, str(base / _abi.CTX_CELLS_NAME))
         os.environ[_env.EBPF_BRIDGE_PIN_DIR] = str(base)
         if not _writer.reconnect():
             raise SystemExit(f"could not open the bench map: {bridge.status().last_error}")
-        key = _abi.CTX_KEY.pack(os.stat("/proc/self/ns/pid").st_ino, threading.get_native_id(), 0)
+        if cells and not bridge.status().cells:
+            return {}, f"ctx_cells not used: {bridge.status().cells_note}"
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+        tid = threading.get_native_id()
+        key = _abi.CTX_KEY.pack(pidns, tid, 0)
         kmem = ctypes.create_string_buffer(key, len(key))
         attr = _bpf.MapElemAttr(map_fd=fd, key=ctypes.addressof(kmem), value=0, flags=0)
         ptr = ctypes.c_void_p(ctypes.addressof(attr))
+        if cells:
+            # What the probes do when a new request starts on the thread: clear ``live``.
+            view = mmap.mmap(cfd, _abi.CTX_CELLS * _abi.CTX_CELL_SIZE, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+            live = _abi.cell_index(_abi.cell_owner(pidns, tid)) * _abi.CTX_CELL_SIZE + 8
+            zero = bytes(4)
 
-        def delete() -> None:
-            _bpf.syscall(_bpf.NR_BPF, _bpf.CMD_DELETE, ptr, _bpf.ELEM_ATTR_SIZE)
+            def delete() -> None:
+                view[live:live + 4] = zero
+        else:
+            def delete() -> None:
+                _bpf.syscall(_bpf.NR_BPF, _bpf.CMD_DELETE, ptr, _bpf.ELEM_ATTR_SIZE)
 
         for label, kw in (("1 attr", ATTRS_1), ("3 attrs", ATTRS_3)):
             bridge.clear()
             bridge.annotate(**kw)
-            rows[f"annotate steady, {label}"] = measure(lambda kw=kw: bridge.annotate(**kw),
-                                                        n, repeat)
+            rows[f"annotate steady, {label}{suffix}"] = measure(
+                lambda kw=kw: bridge.annotate(**kw), n, repeat)
 
             def both(kw: dict[str, str] = kw) -> None:
                 delete()
@@ -147,12 +184,16 @@ def annotate_rows(n: int, repeat: int) -> tuple[dict[str, dict[str, list[float]]
 
             whole = measure(both, n, repeat)
             alone = measure(delete, n, repeat)
-            rows[f"annotate new request, {label}"] = minus(whole, alone)
+            rows[f"annotate new request, {label}{suffix}"] = minus(whole, alone)
         bridge.clear()
         status = bridge.status()
         note = f"unexpected: {status}" if status.errors or status.map_full else ""
+        if cells and status.cell_fallbacks:
+            note = f"{note} the bench thread's cell was taken".strip()
     finally:
         os.close(fd)
+        if cfd >= 0:
+            os.close(cfd)
         shutil.rmtree(base, ignore_errors=True)
     return rows, note
 

@@ -278,6 +278,11 @@ BPF_HASH(exec_names, struct exec_name, __u8, 256);
 BPF_ARRAY(default_ns, struct proc_info, 1);
 BPF_TABLE_PINNED("lru_hash", struct bridge_ctx_key, struct bridge_ctx_value, ctx_by_tid,
                  BRIDGE_CTX_MAX_ENTRIES, PIN_CTX_BY_TID);
+#ifndef PIN_CTX_CELLS
+#define PIN_CTX_CELLS BRIDGE_CTX_CELLS_PIN
+#endif
+BPF_TABLE_PINNED("array", __u32, struct bridge_ctx_cell, ctx_cells, BRIDGE_CTX_CELLS,
+                 PIN_CTX_CELLS, BPF_F_MMAPABLE);
 /* The loader passes the pin path; the fallback is the default pin directory. */
 #ifndef PIN_CTX_BY_CONN
 #define PIN_CTX_BY_CONN BRIDGE_CTX_BY_CONN_PIN
@@ -360,6 +365,19 @@ static __always_inline int ns_conn_key(__u32 tgid, __u32 fd, struct bridge_conn_
     return 0;
 }
 
+/* The current thread's ctx_cells cell if it claimed one, else 0 (it uses ctx_by_tid). */
+static __always_inline struct bridge_ctx_cell *own_cell(__u64 pidns_ino, __u32 tid)
+{
+    if (pidns_ino >> 32)
+        return 0;
+    __u64 owner = bridge_cell_owner(pidns_ino, tid);
+    __u32 idx = bridge_cell_index(owner);
+    struct bridge_ctx_cell *c = ctx_cells.lookup(&idx);
+    if (c && c->owner == owner)
+        return c;
+    return 0;
+}
+
 /* The context for I/O on (tgid, fd) by the current thread: the connection's entry wins over
  * the thread's. */
 static __always_inline struct bridge_ctx_value *lookup_ctx(__u32 tgid, __u32 fd)
@@ -377,6 +395,9 @@ static __always_inline struct bridge_ctx_value *lookup_ctx(__u32 tgid, __u32 fd)
     struct bridge_ctx_value *cv = ctx_by_conn.lookup(&ck);
     if (cv)
         return cv;
+    struct bridge_ctx_cell *cell = own_cell(pi->ns_ino, ns.pid);
+    if (cell)
+        return cell->live ? &cell->value : 0;
     struct bridge_ctx_key key = {.pidns_ino = pi->ns_ino, .tid = ns.pid, ._pad = 0};
     return ctx_by_tid.lookup(&key);
 }
@@ -560,9 +581,15 @@ static __always_inline void start_exchange(struct exchange *st, struct sock_key 
          * many requests at once and the SDK keeps its entry in step with the running task. */
         struct bridge_ctx_key key = {};
         if (ns_ctx_key(k->tgid, &key) == 0) {
-            struct bridge_ctx_value *old = ctx_by_tid.lookup(&key);
-            if (old && !(old->flags & BRIDGE_CTX_F_TASK_SCOPED))
-                ctx_by_tid.delete(&key);
+            struct bridge_ctx_cell *cell = own_cell(key.pidns_ino, key.tid);
+            if (cell) {
+                if (cell->live && !(cell->value.flags & BRIDGE_CTX_F_TASK_SCOPED))
+                    cell->live = 0;
+            } else {
+                struct bridge_ctx_value *old = ctx_by_tid.lookup(&key);
+                if (old && !(old->flags & BRIDGE_CTX_F_TASK_SCOPED))
+                    ctx_by_tid.delete(&key);
+            }
             /* A thread serves request after request: overwrite its entry in place (an update
              * of an LRU hash allocates and swaps an element every time). */
             __u64 *sv = server_by_tid.lookup(&key);
@@ -1507,6 +1534,12 @@ static __always_inline void forget_thread_ctx(__u32 tgid)
         return;
     key.pidns_ino = pi->ns_ino;
     key.tid = ns.pid;
+    struct bridge_ctx_cell *cell = own_cell(key.pidns_ino, key.tid);
+    if (cell) {
+        /* The thread is gone: its cell is free for whichever thread hashes to it next. */
+        cell->live = 0;
+        cell->owner = 0;
+    }
     ctx_by_tid.delete(&key);
     server_by_tid.delete(&key);
 }

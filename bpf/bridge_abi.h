@@ -15,6 +15,7 @@
 #define BRIDGE_PIN_DIR "/sys/fs/bpf/ebpf_bridge/v1"
 #define BRIDGE_CTX_BY_TID_PIN "/sys/fs/bpf/ebpf_bridge/v1/ctx_by_tid"
 #define BRIDGE_CTX_BY_CONN_PIN "/sys/fs/bpf/ebpf_bridge/v1/ctx_by_conn"
+#define BRIDGE_CTX_CELLS_PIN "/sys/fs/bpf/ebpf_bridge/v1/ctx_cells"
 
 #define BRIDGE_CTX_MAX_ENTRIES 16384
 
@@ -85,5 +86,35 @@ struct bridge_ctx_value {
     __u8 _pad2[7];
     __u8 data[BRIDGE_ATTR_BYTES];
 };
+
+/* ctx_cells: the same per-thread context in memory the application maps (an mmapable array),
+ * so that annotate is a memory write instead of a bpf() call. Cell i belongs to the thread whose
+ * owner word hashes to i (bridge_cell_index) and that claimed it (owner == its word, 0 = free);
+ * a thread whose cell another thread holds, or whose PID namespace inode does not fit 32 bits,
+ * uses ctx_by_tid instead. A cell is read and written only by its own thread (annotate in user
+ * space; the probes in that thread's syscalls), so it needs no lock. The kernel clears ``live``
+ * where it deletes a ctx_by_tid entry and frees the cell when the thread exits. Mapping needs a
+ * read-write fd, so the pin stays 0600 root whatever --app-group says: members of the group
+ * keep the write-only ctx_by_tid and cannot read other threads' context. */
+#define BRIDGE_CTX_CELLS 16384
+#define BRIDGE_CTX_CELL_BITS 14
+#define BRIDGE_CELL_HASH 0x9E3779B97F4A7C15ULL
+
+struct bridge_ctx_cell {
+    __u64 owner; /* (pidns_ino << 32) | tid of the claiming thread; 0 = free */
+    __u32 live;  /* 1: value holds the thread's context (a ctx_by_tid entry would exist) */
+    __u32 _pad;
+    struct bridge_ctx_value value;
+};
+
+static inline __u64 bridge_cell_owner(__u64 pidns_ino, __u32 tid)
+{
+    return (pidns_ino << 32) | tid;
+}
+
+static inline __u32 bridge_cell_index(__u64 owner)
+{
+    return (__u32)((owner * BRIDGE_CELL_HASH) >> (64 - BRIDGE_CTX_CELL_BITS));
+}
 
 #endif

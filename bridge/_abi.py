@@ -20,6 +20,14 @@ CTX_BY_TID_PIN: Final = f"{PIN_DIR}/{CTX_BY_TID_NAME}"
 CTX_BY_CONN_NAME: Final = "ctx_by_conn"
 CTX_BY_CONN_PIN: Final = f"{PIN_DIR}/{CTX_BY_CONN_NAME}"
 CTX_MAX_ENTRIES: Final = 16384
+CTX_CELLS_NAME: Final = "ctx_cells"
+CTX_CELLS_PIN: Final = f"{PIN_DIR}/{CTX_CELLS_NAME}"
+CTX_CELLS: Final = 16384
+"""Cells of the mmapable per-thread context map (see ``bridge_ctx_cell`` in the header)."""
+CTX_CELL_BITS: Final = 14
+CELL_HASH: Final = 0x9E3779B97F4A7C15
+CTX_CELL_HEADER: Final = struct.Struct("<QI4x")
+"""struct bridge_ctx_cell before its value: owner (u64), live (u32), padding."""
 # The other direction (agent -> app), readable by the app group: the server exchange each thread
 # is serving (key as ctx_by_tid, value u64 exchange id), and the salt the agent derives span and
 # trace ids from (one entry, 24 bytes). bridge.current_span_context() combines the two.
@@ -110,12 +118,26 @@ CONN_KEY: Final = struct.Struct("<QII")
 # unknown); the agent parents client exchanges under that connection's server exchange.
 CTX_VALUE_HEADER: Final = struct.Struct("<HBBHH16s8sB7x")
 CTX_VALUE_SIZE: Final = CTX_VALUE_HEADER.size + ATTR_BYTES
+CTX_CELL_SIZE: Final = CTX_CELL_HEADER.size + CTX_VALUE_SIZE
 _ATTR_HEAD: Final = struct.Struct("<BBH")
 _I64: Final = struct.Struct("<q")
 _F64: Final = struct.Struct("<d")
 
 AttrValue = str | int | float | bool
 """The value types ``bridge.annotate`` accepts."""
+
+
+def cell_owner(pidns_ino: int, tid: int) -> int:
+    """The owner word of a thread's ``ctx_cells`` cell: 0 when the namespace inode does not fit
+    32 bits (such a thread uses ``ctx_by_tid``)."""
+    if pidns_ino >> 32 or not 0 < tid < 1 << 32:
+        return 0
+    return (pidns_ino << 32) | tid
+
+
+def cell_index(owner: int) -> int:
+    """The cell a thread with owner word ``owner`` may claim (``bridge_cell_index``)."""
+    return ((owner * CELL_HASH) & _MASK64) >> (64 - CTX_CELL_BITS)
 
 
 def valid_key(key: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from bridge._abi import CTX_BY_CONN_NAME, CTX_BY_TID_NAME, PIN_DIR
+from bridge._abi import CTX_BY_CONN_NAME, CTX_BY_TID_NAME, CTX_CELLS_NAME, PIN_DIR
 
 EBPF_BRIDGE_PIN_DIR: Final = "EBPF_BRIDGE_PIN_DIR"
 """Overrides the pin directory (default ``bridge._abi.PIN_DIR``); tests point it elsewhere."""
@@ -30,6 +30,11 @@ def pin_dir() -> str:
 def ctx_by_tid_pin() -> str:
     """The pin path of the per-thread context map ``ctx_by_tid``."""
     return os.path.join(pin_dir(), CTX_BY_TID_NAME)
+
+
+def ctx_cells_pin() -> str:
+    """The pin path of the mmapable per-thread context map ``ctx_cells``."""
+    return os.path.join(pin_dir(), CTX_CELLS_NAME)
 
 
 def ctx_by_conn_pin() -> str:

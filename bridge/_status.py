@@ -36,3 +36,10 @@ class BridgeStatus:
     """Other failed map operations."""
     last_error: str | None
     """The most recent failure (including why the map could not be opened), if any."""
+    cells: bool = False
+    """Whether thread context is written as memory (the mapped ``ctx_cells``) instead of with
+    ``bpf()`` calls: needs the C accelerator and a read-write open of the pin (root)."""
+    cell_fallbacks: int = 0
+    """Threads that found their cell held by another thread and use ``ctx_by_tid`` instead."""
+    cells_note: str | None = None
+    """Why ``ctx_cells`` is not mapped, when the writer tried."""

@@ -677,8 +677,8 @@ class Agent:
         them within a second (the SDK watches the pin's identity), and only context set before
         the restart is lost. With CAP_SYS_ADMIN the maps are reused and keep that context."""
         pins = [os.path.join(self.cfg.pin_dir, name) for name in (
-            _abi.CTX_BY_TID_NAME, _abi.CTX_BY_CONN_NAME, _abi.SERVER_BY_TID_NAME,
-            _abi.ID_SALT_NAME)]
+            _abi.CTX_BY_TID_NAME, _abi.CTX_BY_CONN_NAME, _abi.CTX_CELLS_NAME,
+            _abi.SERVER_BY_TID_NAME, _abi.ID_SALT_NAME)]
         left = [pin for pin in pins if os.path.exists(pin)]
         if not left or _has_effective_cap(_CAP_SYS_ADMIN):
             return
@@ -715,6 +715,7 @@ class Agent:
             f"-DNCPUS={possible_cpus()}",
             f'-DPIN_CTX_BY_TID="{pin}"',
             f'-DPIN_CTX_BY_CONN="{os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME)}"',
+            f'-DPIN_CTX_CELLS="{os.path.join(cfg.pin_dir, _abi.CTX_CELLS_NAME)}"',
             f'-DPIN_SERVER_BY_TID="{os.path.join(cfg.pin_dir, _abi.SERVER_BY_TID_NAME)}"',
             f'-DPIN_ID_SALT="{os.path.join(cfg.pin_dir, _abi.ID_SALT_NAME)}"',
             "-Wno-macro-redefined",
@@ -741,6 +742,9 @@ class Agent:
             raise AgentError(f"attaching the syscall exit tracepoints failed: {e}") from None
         self._secure_pin(pin)
         self._secure_pin(os.path.join(cfg.pin_dir, _abi.CTX_BY_CONN_NAME))
+        # Mapping the cells takes a read-write fd, which would let a member of the app group
+        # read every thread's context: only root (and the agent) map them, whatever the group.
+        os.chmod(os.path.join(cfg.pin_dir, _abi.CTX_CELLS_NAME), stat.S_IRUSR | stat.S_IWUSR)
         # Span ids are not secrets: the app group may read which exchange a thread serves.
         self._secure_pin(os.path.join(cfg.pin_dir, _abi.SERVER_BY_TID_NAME),
                          group_mode=stat.S_IRGRP)

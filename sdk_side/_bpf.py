@@ -31,6 +31,7 @@ BPF_OBJ_GET: Final = 7
 
 # enum bpf_map_type
 BPF_MAP_TYPE_HASH: Final = 1
+BPF_MAP_TYPE_ARRAY: Final = 2
 
 # BPF_MAP_UPDATE_ELEM flags
 BPF_ANY: Final = 0
@@ -44,6 +45,7 @@ BPF_F_WRONLY: Final = 1 << 4
 
 # BPF_MAP_CREATE map_flags
 BPF_F_NO_PREALLOC: Final = 1
+BPF_F_MMAPABLE: Final = 1 << 10
 
 
 class MapElemAttr(ctypes.Structure):
@@ -180,6 +182,13 @@ fast_setup: Callable[..., None] | None
 """``_fastbpf.setup``: register the writer's thread-local, context variable and caches."""
 fast_gate: Callable[[bool, float, int], None] | None
 """``_fastbpf.gate``: whether the C entry may write, until when, for which map generation."""
+map_cells: Callable[[int, int], None] | None
+"""``_fastbpf.map_cells``: map ``ctx_cells`` (see bpf/bridge_abi.h), or None without the
+accelerator (threads then use ``ctx_by_tid`` alone)."""
+release_cell: Callable[[object], bool] | None
+"""``_fastbpf.release_cell``: free the cell of the thread an argument's key names."""
+cell_stats: Callable[[], tuple[bool, int, int]] | None
+"""``_fastbpf.cell_stats``: (mapped, cells claimed, cells found held by another thread)."""
 fast_handled: Callable[[], int] | None
 """``_fastbpf.handled_calls``: calls the C entry completed since the last setup."""
 
@@ -191,6 +200,7 @@ except ImportError:
     ACCELERATED = False
     elem_handle, elem_update, elem_delete = _ctypes_handle, _ctypes_update, _ctypes_delete
     fast_annotate = fast_entry = fast_setup = fast_gate = fast_handled = None
+    map_cells = cell_stats = release_cell = None
     _Slot: type = PySlot
 else:
     ACCELERATED = True
@@ -211,6 +221,15 @@ else:
     fast_annotate = cast(FastAnnotate, _fastbpf.annotate)
     fast_entry, fast_setup = _fastbpf.Entry, _fastbpf.setup
     fast_gate, fast_handled = _fastbpf.gate, _fastbpf.handled_calls
+    _fastbpf.configure_cells(
+        count=_abi.CTX_CELLS,
+        bits=_abi.CTX_CELL_BITS,
+        size=_abi.CTX_CELL_SIZE,
+        value_off=_abi.CTX_CELL_HEADER.size,
+        hash=_abi.CELL_HASH,
+    )
+    map_cells, cell_stats = _fastbpf.map_cells, _fastbpf.cell_stats
+    release_cell = _fastbpf.release_cell
     _Slot = _fastbpf.Slot
 
 if TYPE_CHECKING:

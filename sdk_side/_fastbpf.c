@@ -16,6 +16,10 @@
  *    loop without one: the Python part of a steady annotate took 0.73 us with the syscall
  *    stubbed out and about 1.1 us around the real one (measured on the 2-core VM), so every
  *    bytecode left around the call costs more than it seems.
+ * 3. map_cells(): where this process may map ctx_cells (root), every update and delete of a
+ *    thread's own ctx_by_tid entry that passes through 1. or 2. is done on the thread's cell in
+ *    memory instead, with the same answers (0, EEXIST, ENOENT) the map would give, so the writer's
+ *    logic is unchanged and no bpf(2) call is made. See bridge_ctx_cell in bpf/bridge_abi.h.
  *
  * sdk_side._bpf falls back to ctypes and pure Python when this module is not built; both return
  * 0 or an errno and never raise for kernel errors.
@@ -28,11 +32,122 @@
 #include <string.h>
 #include <time.h>
 #include <linux/bpf.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 /* The BPF_MAP_*_ELEM member of union bpf_attr: map_fd, pad, key, value, flags. */
 #define ELEM_ATTR_SIZE 32
+
+/* --- ctx_cells ---------------------------------------------------------------------------- */
+
+/* Set by configure_cells() from bridge._abi and by map_cells(). Touched only with the GIL held,
+ * as are the cells: map_cells() never unmaps memory another thread is writing. */
+static struct {
+    int ready;
+    Py_ssize_t count, size, value_off;
+    int bits;
+    unsigned long long hash;
+    unsigned char *base; /* the mapping, or NULL */
+    size_t len;
+    int tid_fd; /* the fd number of ctx_by_tid the writer's arguments carry */
+    Py_ssize_t claimed, taken;
+} cells = {0, 0, 0, 0, 0, 0, NULL, 0, -1, 0, 0};
+
+#define NOT_A_CELL (-1)
+
+static unsigned long long cell_owner(const unsigned char *key)
+{
+    unsigned long long ino;
+    unsigned tid;
+    memcpy(&ino, key, 8);
+    memcpy(&tid, key + 8, 4);
+    if ((ino >> 32) != 0 || tid == 0)
+        return 0;
+    return (ino << 32) | tid;
+}
+
+static unsigned char *cell_at(unsigned long long owner)
+{
+    unsigned long long idx = (owner * cells.hash) >> (64 - cells.bits);
+    return cells.base + (size_t)idx * (size_t)cells.size;
+}
+
+/* The cell of the thread a MapElemAttr's key names, when that thread claimed it. */
+static unsigned char *cell_of(const unsigned char *attr)
+{
+    unsigned map_fd;
+    unsigned long long key, owner, held;
+    unsigned char *cell;
+    if (cells.base == NULL)
+        return NULL;
+    memcpy(&map_fd, attr, 4);
+    if ((int)map_fd != cells.tid_fd)
+        return NULL;
+    memcpy(&key, attr + 8, 8);
+    if (key == 0)
+        return NULL;
+    owner = cell_owner((const unsigned char *)(uintptr_t)key);
+    if (owner == 0)
+        return NULL;
+    cell = cell_at(owner);
+    memcpy(&held, cell, 8);
+    return held == owner ? cell : NULL;
+}
+
+/* BPF_MAP_UPDATE_ELEM/DELETE_ELEM on the attr's cell: 0 or the errno the map would give, or
+ * NOT_A_CELL when the key's thread has no cell (then the map is used). */
+static int cell_cmd(const unsigned char *attr, int cmd)
+{
+    unsigned char *cell = cell_of(attr);
+    unsigned live;
+    if (cell == NULL)
+        return NOT_A_CELL;
+    memcpy(&live, cell + 8, 4);
+    if (cmd == BPF_MAP_DELETE_ELEM) {
+        if (!live)
+            return ENOENT;
+        live = 0;
+    } else {
+        unsigned long long value, flags;
+        memcpy(&value, attr + 16, 8);
+        memcpy(&flags, attr + 24, 8);
+        if (value == 0 || flags > BPF_EXIST)
+            return EINVAL;
+        if (flags == BPF_NOEXIST && live)
+            return EEXIST;
+        if (flags == BPF_EXIST && !live)
+            return ENOENT;
+        memcpy(cell + cells.value_off, (const void *)(uintptr_t)value,
+               (size_t)(cells.size - cells.value_off));
+        live = 1;
+    }
+    memcpy(cell + 8, &live, 4);
+    return 0;
+}
+
+/* Claim the cell of the thread ``key`` names (the calling thread, binding its state): 1 when
+ * it is this thread's now, 0 when another thread holds it. A cell already holding this owner
+ * word was left by an earlier thread with the same id that died while no agent ran (or this
+ * thread's previous state): its context is not this state's, so it is cleared. */
+static int cell_claim(const unsigned char *key)
+{
+    unsigned long long owner = cell_owner(key), expected = 0;
+    unsigned char *cell;
+    unsigned zero = 0;
+    if (cells.base == NULL || owner == 0)
+        return 0;
+    cell = cell_at(owner);
+    if (!__atomic_compare_exchange_n((unsigned long long *)cell, &expected, owner, 0,
+                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST) &&
+        expected != owner) {
+        cells.taken += 1;
+        return 0;
+    }
+    memcpy(cell + 8, &zero, 4);
+    cells.claimed += 1;
+    return 1;
+}
 
 static PyObject *elem_cmd(PyObject *attr, int cmd)
 {
@@ -48,10 +163,14 @@ static PyObject *elem_cmd(PyObject *attr, int cmd)
                      view.len);
         return NULL;
     }
-    /* The kernel reads only the first 32 bytes of the union for these commands. */
-    rc = syscall(__NR_bpf, cmd, view.buf, (unsigned int)ELEM_ATTR_SIZE);
-    if (rc != 0)
-        err = errno;
+    err = cell_cmd((const unsigned char *)view.buf, cmd);
+    if (err == NOT_A_CELL) {
+        err = 0;
+        /* The kernel reads only the first 32 bytes of the union for these commands. */
+        rc = syscall(__NR_bpf, cmd, view.buf, (unsigned int)ELEM_ATTR_SIZE);
+        if (rc != 0)
+            err = errno;
+    }
     PyBuffer_Release(&view);
     return PyLong_FromLong(err);
 }
@@ -195,6 +314,14 @@ static PyObject *slot_bind(Slot *s, PyObject *const *args, Py_ssize_t nargs)
     s->a_noexist = nx;
     s->a_any = any;
     s->bound = 1;
+    if (cells.base != NULL && ex.len == ELEM_ATTR_SIZE) {
+        unsigned map_fd;
+        unsigned long long key;
+        memcpy(&map_fd, ex.buf, 4);
+        memcpy(&key, (unsigned char *)ex.buf + 8, 8);
+        if ((int)map_fd == cells.tid_fd && key != 0)
+            cell_claim((const unsigned char *)(uintptr_t)key);
+    }
     Py_RETURN_NONE;
 fail_nx:
     PyBuffer_Release(&nx);
@@ -337,6 +464,9 @@ static void fill(Slot *s, Py_ssize_t count, const char *data, Py_ssize_t total, 
 
 static int elem_update(Py_buffer *attr)
 {
+    int err = cell_cmd((const unsigned char *)attr->buf, BPF_MAP_UPDATE_ELEM);
+    if (err != NOT_A_CELL)
+        return err;
     if (syscall(__NR_bpf, BPF_MAP_UPDATE_ELEM, attr->buf, (unsigned int)ELEM_ATTR_SIZE) == 0)
         return 0;
     return errno;
@@ -877,7 +1007,122 @@ static PyObject *configure(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *configure_cells(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"count", "bits", "size", "value_off", "hash", NULL};
+    Py_ssize_t count, size, value_off;
+    int bits;
+    unsigned long long hash;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$ninnK", names, &count, &bits, &size,
+                                     &value_off, &hash))
+        return NULL;
+    if (!abi.ready || bits <= 0 || bits > 30 || count != ((Py_ssize_t)1 << bits) ||
+        value_off < 16 || value_off % 8 != 0 || size != value_off + abi.value_size ||
+        size % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent ctx_cells layout (configure first)");
+        return NULL;
+    }
+    cells.count = count;
+    cells.bits = bits;
+    cells.size = size;
+    cells.value_off = value_off;
+    cells.hash = hash;
+    cells.ready = 1;
+    Py_RETURN_NONE;
+}
+
+/* map_cells(tid_fd, cells_fd): map ctx_cells through cells_fd (which may be closed afterwards)
+ * for writes whose arguments name fd number tid_fd; cells_fd < 0 unmaps. Raises OSError. */
+static PyObject *map_cells(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int tid_fd, cells_fd;
+    size_t len;
+    long page;
+    void *base;
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "map_cells(tid_fd, cells_fd) takes 2 arguments");
+        return NULL;
+    }
+    {
+        long a = PyLong_AsLong(args[0]), b;
+        if (a == -1 && PyErr_Occurred())
+            return NULL;
+        b = PyLong_AsLong(args[1]);
+        if (b == -1 && PyErr_Occurred())
+            return NULL;
+        if (a < -1 || a > 0x7fffffffL || b < -1 || b > 0x7fffffffL) {
+            PyErr_SetString(PyExc_ValueError, "fd numbers must be -1 or non-negative ints");
+            return NULL;
+        }
+        tid_fd = (int)a;
+        cells_fd = (int)b;
+    }
+    if (cells_fd < 0) {
+        if (cells.base != NULL)
+            munmap(cells.base, cells.len);
+        cells.base = NULL;
+        cells.len = 0;
+        cells.tid_fd = -1;
+        Py_RETURN_NONE;
+    }
+    if (!cells.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "_fastbpf.configure_cells() was not called");
+        return NULL;
+    }
+    page = sysconf(_SC_PAGESIZE);
+    len = (size_t)cells.count * (size_t)cells.size;
+    len = (len + (size_t)page - 1) / (size_t)page * (size_t)page;
+    base = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, cells_fd, 0);
+    if (base == MAP_FAILED)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (cells.base != NULL)
+        munmap(cells.base, cells.len);
+    cells.base = (unsigned char *)base;
+    cells.len = len;
+    cells.tid_fd = tid_fd;
+    Py_RETURN_NONE;
+}
+
+/* release_cell(attr): free the cell of the thread the attr's key names, if it holds one. For a
+ * dead thread's state (its thread can no longer use the cell); the probes do the same when a
+ * thread exits while an agent runs. */
+static PyObject *release_cell(PyObject *self, PyObject *attr)
+{
+    Py_buffer view;
+    unsigned char *cell;
+    unsigned zero = 0;
+    (void)self;
+    if (get_attr_view(attr, &view) < 0)
+        return NULL;
+    cell = cell_of((const unsigned char *)view.buf);
+    PyBuffer_Release(&view);
+    if (cell == NULL)
+        Py_RETURN_FALSE;
+    memcpy(cell + 8, &zero, 4);
+    __atomic_store_n((unsigned long long *)cell, 0ULL, __ATOMIC_SEQ_CST);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *cell_stats(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("(Onn)", cells.base != NULL ? Py_True : Py_False, cells.claimed,
+                         cells.taken);
+}
+
 static PyMethodDef methods[] = {
+    {"configure_cells", (PyCFunction)(void (*)(void))configure_cells,
+     METH_VARARGS | METH_KEYWORDS,
+     "configure_cells(*, count, bits, size, value_off, hash): the ctx_cells layout."},
+    {"map_cells", (PyCFunction)(void (*)(void))map_cells, METH_FASTCALL,
+     "map_cells(tid_fd, cells_fd): write thread context to ctx_cells (cells_fd < 0: stop)."},
+    {"release_cell", release_cell, METH_O,
+     "release_cell(attr) -> bool: free the cell of the thread the attr's key names."},
+    {"cell_stats", cell_stats, METH_NOARGS,
+     "cell_stats() -> (mapped, cells claimed, cells found held by another thread)."},
     {"update", update, METH_O,
      "update(attr) -> errno: BPF_MAP_UPDATE_ELEM with a 32-byte MapElemAttr; 0 on success."},
     {"delete", delete_, METH_O,

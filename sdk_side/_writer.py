@@ -89,6 +89,8 @@ class _Process:
         self.dropped_attrs = 0
         self.errors = 0
         self.last_error: str | None = None
+        self.cells = False  # ctx_cells is mapped: thread writes are memory writes
+        self.cells_note: str | None = None  # why it is not, when it was tried
 
 
 _P = _Process()
@@ -219,8 +221,13 @@ class _Thread(_bpf.SlotBase):
         # A dead thread's entry would otherwise outlive it and, once its tid is reused, label
         # another thread's syscalls (and hold a slot of a bounded map).
         try:
-            if self.holds and self.pid == os.getpid() and _P.connected and self.gen == _P.gen:
-                _elem_delete(self.a_delete)
+            if self.pid == os.getpid() and _P.connected and self.gen == _P.gen:
+                if self.holds:
+                    _elem_delete(self.a_delete)
+                if _P.cells and _bpf.release_cell is not None:
+                    # Its cell too, for the next thread that hashes there (the probes free it
+                    # at thread exit, but only while an agent runs).
+                    _bpf.release_cell(self.a_delete)
         except Exception:
             # Interpreter shutdown may already have torn down the globals used above.
             pass
@@ -264,6 +271,9 @@ def _install(newfd: int) -> None:
 def _release() -> None:
     """Drop our reference to the map (so an agent restart frees it) but keep the fd number."""
     _P.connected = False
+    if _bpf.map_cells is not None:
+        _bpf.map_cells(-1, -1)
+    _P.cells = False
     if not _fd_is_ours():
         _P.fd = -1
         _P.fd_ident = None
@@ -339,9 +349,34 @@ def _reconnect_locked() -> None:
         _P.pin_path = path
         return
     _install(newfd)
+    _map_cells()
     _P.pin_path = path
     _P.pin_ident = ident
     _P.connected = True
+
+
+def _map_cells() -> None:
+    """Map ``ctx_cells`` where this process may (root, with the accelerator): thread-scoped
+    writes then go to the thread's cell in memory, not through ``bpf(2)``. Anything else (an
+    agent without the map, a write-only member of the app group) keeps the map alone."""
+    if _bpf.map_cells is None:
+        return
+    _P.cells = False
+    try:
+        cfd = _bpf.obj_get(_env.ctx_cells_pin(), 0)
+    except OSError as exc:
+        _bpf.map_cells(-1, -1)
+        _P.cells_note = f"ctx_cells not mapped ({exc.strerror}): annotate uses bpf() calls"
+        return
+    try:
+        _bpf.map_cells(_P.fd, cfd)
+        _P.cells = True
+        _P.cells_note = None
+    except OSError as exc:
+        _bpf.map_cells(-1, -1)
+        _P.cells_note = f"mmap ctx_cells: {exc.strerror}: annotate uses bpf() calls"
+    finally:
+        os.close(cfd)
 
 
 def reconnect() -> bool:
@@ -372,6 +407,8 @@ def _after_fork_in_child() -> None:
     _P = _Process()
     _P.fd, _P.fd_ident, _P.connected, _P.gen = old.fd, old.fd_ident, old.connected, old.gen
     _P.pin_path, _P.pin_ident = old.pin_path, old.pin_ident
+    # The mapping of ctx_cells is inherited; the child's threads claim cells of their own.
+    _P.cells, _P.cells_note = old.cells, old.cells_note
     _lock = threading.Lock()
     _tls = threading.local()
     _CONN.mirrors.clear()
@@ -1006,6 +1043,9 @@ def status() -> BridgeStatus:
         dropped_attrs=p.dropped_attrs,
         errors=p.errors,
         last_error=p.last_error,
+        cells=p.cells,
+        cell_fallbacks=0 if _bpf.cell_stats is None else _bpf.cell_stats()[2],
+        cells_note=p.cells_note,
     )
 
 

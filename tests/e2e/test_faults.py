@@ -94,6 +94,8 @@ def test_kill_9_under_load_then_restart(harness: Harness, receiver: OtlpReceiver
     st = _status(port)
     assert st["annotate_exceptions"] == 0 and st["errors"] == 0, st
     assert st["connected"] is True, st
+    # A root app writes its context as memory, and found the cells again after the restart.
+    assert st["cells"] is True and st["cell_fallbacks"] == 0, st
     assert agent2.stop() == 0
     log = agent2.log_text()
     assert "Traceback" not in log

@@ -1,10 +1,11 @@
 """The C entry of ``annotate`` (sdk_side/_fastbpf.c) against the Python writer, on real maps.
 
 One seeded random sequence of annotate, clear, bind_request, set_sdk_span and kernel-side
-deletes (a new request) runs three ways: through the C entry as installed, through the Python
-``annotate`` of the same process, and in a child process without the accelerator
-(``EBPF_BRIDGE_NO_ACCEL=1``: ctypes writes, the pure-Python thread state). After every step the
-map entry's bytes, the thread's mirror and the status counters must be identical.
+deletes (a new request) runs four ways: through the C entry as installed, the same with
+``ctx_cells`` mapped (the thread's context is written to its cell in memory, not with bpf()),
+through the Python ``annotate`` of the same process, and in a child process without the
+accelerator (``EBPF_BRIDGE_NO_ACCEL=1``: ctypes writes, the pure-Python thread state). After
+every step the entry's bytes, the thread's mirror and the status counters must be identical.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def test_c_entry_leaves_what_the_python_writer_leaves(
     seed: int, pin_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fast, handled = fastpath_trace.trace(seed, STEPS, pin_root / "c")
+    # The same build with ctx_cells beside the map: the writes go to the thread's cell in
+    # memory, which must hold what the map entry held, step for step.
+    in_cells, cells_handled = fastpath_trace.trace(seed, STEPS, pin_root / "cells", cells=True)
 
     with monkeypatch.context() as m:
         m.setattr(_writer, "annotate", _writer._annotate_py)
@@ -75,6 +79,7 @@ def test_c_entry_leaves_what_the_python_writer_leaves(
     # The sequence must have exercised the C entry, and the other two runs must not have.
     annotates = sum(1 for s in fast if s["op"] == "annotate")
     assert handled > annotates // 3, (handled, annotates)
+    assert cells_handled > annotates // 3, (cells_handled, annotates)
     assert slow_handled == 0
     assert child["accelerated"] is False and child["handled"] == 0
     # ...and reached every kind of entry the writer can leave.
@@ -83,5 +88,6 @@ def test_c_entry_leaves_what_the_python_writer_leaves(
     assert any(s["state"][0] for s in fast), "no truncated entry in the sequence"
     assert any(s["entry"] is None for s in fast) and any(s["entry"] for s in fast)
 
+    assert fast == in_cells, first_difference(fast, in_cells)
     assert fast == slow, first_difference(fast, slow)
     assert fast == child["trace"], first_difference(fast, child["trace"])

@@ -28,6 +28,7 @@ import bridge.asyncio
 from bridge import _abi, _env
 from bridge._abi import AttrValue
 from sdk_side import _bpf, _writer
+from tests.e2e.fastpath_trace import Cells
 
 pytestmark = [
     pytest.mark.e2e,
@@ -46,6 +47,7 @@ class PinnedMap:
 
     dir: Path
     fd: int  # read-write: the test plays the agent
+    cells: Cells | None = None  # ctx_cells beside the map, read as the probes read it
 
     @property
     def pin(self) -> Path:
@@ -64,15 +66,23 @@ class PinnedMap:
 
     def raw(self, tid: int | None = None, pidns: int | None = None) -> bytes | None:
         key = thread_key(threading.get_native_id() if tid is None else tid, pidns)
+        if self.cells is not None:
+            return self.cells.lookup(self.fd, key)
         return _bpf.map_lookup(self.fd, key, _abi.CTX_VALUE_SIZE)
 
     def delete(self, tid: int | None = None) -> None:
         """What the kernel side does when a new inbound request starts on the thread."""
         key = thread_key(threading.get_native_id() if tid is None else tid)
+        if self.cells is not None:
+            self.cells.delete(self.fd, key)
+            return
         _bpf.map_delete(self.fd, key)
 
     def thread_keys(self) -> list[tuple[int, int]]:
-        return [_abi.CTX_KEY.unpack(k)[:2] for k in _bpf.map_keys(self.fd, _abi.CTX_KEY.size)]
+        keys = [_abi.CTX_KEY.unpack(k)[:2] for k in _bpf.map_keys(self.fd, _abi.CTX_KEY.size)]
+        if self.cells is not None:
+            keys += self.cells.owners()
+        return keys
 
 
 def my_pidns() -> int:
@@ -118,7 +128,7 @@ def use_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], bool]]
     _writer.reconnect()
 
 
-@pytest.fixture(params=["accelerated", "ctypes"])
+@pytest.fixture(params=["accelerated", "cells", "ctypes"])
 def pinned(
     request: pytest.FixtureRequest,
     pin_base: Path,
@@ -127,7 +137,8 @@ def pinned(
 ) -> Iterator[PinnedMap]:
     """A fresh pinned map the SDK is connected to, once through each write path: the C
     accelerator (what ``pip install`` builds: ``annotate``'s common calls in C) and the
-    fallback without it (the Python ``annotate`` over ctypes)."""
+    fallback without it (the Python ``annotate`` over ctypes); and the accelerator with
+    ``ctx_cells`` beside the map, as the agent pins it (root apps write memory, not the map)."""
     if request.param == "ctypes":
         # Before connecting: the new map's thread states are built with the fallback handles.
         monkeypatch.setattr(_bpf, "elem_handle", _bpf._ctypes_handle)
@@ -139,10 +150,18 @@ def pinned(
     elif not _bpf.ACCELERATED:
         pytest.fail("sdk_side._fastbpf is not built: run scripts/install.sh (pip install -e .)")
     m = make_pinned(pin_base / "v1")
+    if request.param == "cells":
+        m.cells = Cells(m.dir)
     assert use_dir(m.dir)
+    assert bridge.status().cells == (request.param == "cells"), bridge.status()
     bridge.clear()
     yield m
     bridge.clear()
+    if m.cells is not None:
+        # The writer's mapping goes with the connection; ours with the test.
+        monkeypatch.undo()
+        _writer.reconnect()
+        m.cells.close()
     os.close(m.fd)
     # Thread states hold handles of this test's write path: none may outlive it.
     _writer._P.gen += 1
@@ -696,3 +715,76 @@ def test_sdk_span_follows_the_running_asyncio_task(pinned: PinnedMap) -> None:
     assert len(seen) == 4
     for name, what, span_id, (active_id, tenant) in seen:
         assert (active_id, tenant) == (span_id, name), (name, what)
+
+
+# --- ctx_cells ------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def with_cells(pin_base: Path, use_dir: Callable[[Path], bool]) -> Iterator[PinnedMap]:
+    if not _bpf.ACCELERATED:
+        pytest.fail("sdk_side._fastbpf is not built: run scripts/install.sh (pip install -e .)")
+    m = make_pinned(pin_base / "v1")
+    m.cells = Cells(m.dir)
+    assert use_dir(m.dir) and bridge.status().cells, bridge.status()
+    yield m
+    bridge.clear()
+    _writer._P.gen += 1
+    m.cells.close()
+    os.close(m.fd)
+
+
+def _run_in_thread(fn: Callable[[], Any]) -> Any:
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_thread_whose_cell_is_taken_writes_the_map(with_cells: PinnedMap) -> None:
+    assert with_cells.cells is not None
+    cells = with_cells.cells
+    mem = cells.mem
+
+    def work() -> tuple[int, int, bytes | None, bytes]:
+        tid = threading.get_native_id()
+        owner = _abi.cell_owner(my_pidns(), tid)
+        off = _abi.cell_index(owner) * _abi.CTX_CELL_SIZE
+        # Another thread (same id, another PID namespace) holds the cell, with live context.
+        other = (0xFFFFFFFF << 32) | tid
+        before = other.to_bytes(8, "little") + (1).to_bytes(4, "little") + bytes(4) + \
+            b"\x07" * _abi.CTX_VALUE_SIZE
+        mem[off : off + _abi.CTX_CELL_SIZE] = before
+        fallbacks = bridge.status().cell_fallbacks
+        bridge.annotate(tenant_id="collided")
+        in_map = _bpf.map_lookup(with_cells.fd, thread_key(tid), _abi.CTX_VALUE_SIZE)
+        return tid, bridge.status().cell_fallbacks - fallbacks, in_map, \
+            bytes(mem[off : off + _abi.CTX_CELL_SIZE])
+
+    tid, fallbacks, in_map, cell_after = _run_in_thread(work)
+    assert fallbacks == 1
+    assert in_map is not None
+    _, count, _, data_len, *_ = _abi.CTX_VALUE_HEADER.unpack_from(in_map)
+    off = _abi.CTX_VALUE_HEADER.size
+    assert _abi.decode_attrs(in_map[off : off + data_len], count) == {"tenant_id": "collided"}
+    # The holder's cell is untouched.
+    other = (0xFFFFFFFF << 32) | tid
+    assert cell_after[:8] == other.to_bytes(8, "little")
+    assert cell_after[16:] == b"\x07" * _abi.CTX_VALUE_SIZE
+
+
+def test_cell_of_a_dead_thread_is_freed(with_cells: PinnedMap) -> None:
+    assert with_cells.cells is not None
+    cells = with_cells.cells
+
+    def work() -> tuple[int, int | None]:
+        bridge.annotate(tenant_id="short-lived")
+        key = thread_key(threading.get_native_id())
+        return threading.get_native_id(), cells.offset(key)
+
+    tid, off = _run_in_thread(work)
+    assert off is not None, "the thread did not claim its cell"
+    # The thread's state dies with its thread-local: the entry is deleted and the cell freed.
+    wait_for(lambda: _abi.CTX_CELL_HEADER.unpack_from(cells.mem, off) == (0, 0))
+    assert with_cells.raw(tid) is None

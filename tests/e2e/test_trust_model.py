@@ -108,7 +108,14 @@ def test_app_group_members_write_but_never_read(harness: Harness, receiver: Otlp
             else:
                 assert not mode & (stat.S_IRGRP | stat.S_IROTH), f"{p} is readable: {oct(mode)}"
         assert {p.name for p in Path(pin_dir).iterdir()} == {
-            _abi.CTX_BY_TID_NAME, _abi.CTX_BY_CONN_NAME, *readable}
+            _abi.CTX_BY_TID_NAME, _abi.CTX_BY_CONN_NAME, _abi.CTX_CELLS_NAME, *readable}
+        # The memory cells need a read-write fd to map: root only, whatever the group.
+        cells_pin = f"{pin_dir}/{_abi.CTX_CELLS_NAME}"
+        st_c = os.stat(cells_pin)
+        assert stat.S_IMODE(st_c.st_mode) == 0o600 and st_c.st_uid == 0
+        for who in (member, outsider):
+            assert _probe(who, cells_pin) == {"rdonly": errno.EACCES, "rdwr": errno.EACCES,
+                                              "wronly": errno.EACCES}
         spans_pin = f"{pin_dir}/{_abi.SERVER_BY_TID_NAME}"
         assert _probe(member, spans_pin) == {"rdonly": 0, "rdwr": errno.EACCES,
                                              "wronly": errno.EACCES}
@@ -152,6 +159,9 @@ def test_app_group_members_write_but_never_read(harness: Harness, receiver: Otlp
         st_o = requests.get(f"http://127.0.0.1:{apps['app-outsider'][1]}/bridge-status",
                             timeout=10).json()
         assert st_m["connected"] and st_m["writes"] >= 5 and st_m["annotate_exceptions"] == 0
+        # The member writes through its write-only map fd, never through the cells.
+        assert st_m["cells"] is False, st_m
+        assert "Permission denied" in str(st_m["cells_note"]), st_m
         assert not st_o["connected"] and st_o["noop_calls"] >= 5, st_o
         assert st_o["annotate_exceptions"] == 0
         assert agent.stop() == 0

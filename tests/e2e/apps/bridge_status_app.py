@@ -3,6 +3,9 @@ and trust-model e2e tests.
 
   GET /bridge-status   bridge.status() as JSON, plus "annotate_exceptions": how many times
                        bridge.annotate raised in this process (it never should)
+  GET /take-cell       mark this thread's ctx_cells cell as held by another thread (the case of
+                       two threads whose ids hash to one cell); send it on a keep-alive
+                       connection before any annotated request, so its thread uses ctx_by_tid
   GET /anything        bridge.annotate(tenant_id=<X-Tenant-ID>) then 200 with a short body
 
     python bridge_status_app.py --port 0 --ready-file PATH
@@ -47,6 +50,9 @@ class Handler(BaseHTTPRequestHandler):
                 doc["annotate_exceptions"] = _annotate_exceptions
             self._send(json.dumps(doc).encode(), "application/json")
             return
+        if self.path == "/take-cell":
+            self._send(_take_cell().encode())
+            return
         tenant = self.headers.get("X-Tenant-ID")
         if tenant:
             try:
@@ -55,6 +61,31 @@ class Handler(BaseHTTPRequestHandler):
                 with _lock:
                     _annotate_exceptions += 1
         self._send(f"ok {self.path}\n".encode())
+
+
+def _take_cell() -> str:
+    """Write another owner word into the calling thread's cell; returns what it did."""
+    import mmap
+    import os
+
+    from bridge import _abi, _env
+    from sdk_side import _bpf
+
+    owner = _abi.cell_owner(os.stat("/proc/self/ns/pid").st_ino, threading.get_native_id())
+    fd = _bpf.obj_get(_env.ctx_cells_pin(), 0)
+    try:
+        mem = mmap.mmap(fd, _abi.CTX_CELLS * _abi.CTX_CELL_SIZE, mmap.MAP_SHARED,
+                        mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    off = _abi.cell_index(owner) * _abi.CTX_CELL_SIZE
+    # The same thread id in a PID namespace no process has (inode numbers stop short of
+    # 2**32 - 1): the probes and every writer see the cell as someone else's.
+    other = (0xFFFFFFFF << 32) | (owner & 0xFFFFFFFF)
+    assert other != owner
+    mem[off : off + 8] = other.to_bytes(8, "little")
+    mem.close()
+    return json.dumps({"cell": off // _abi.CTX_CELL_SIZE, "owner": other})
 
 
 def main() -> None:
