@@ -185,6 +185,8 @@ fast_gate: Callable[[bool, float, int], None] | None
 map_cells: Callable[[int, int], None] | None
 """``_fastbpf.map_cells``: map ``ctx_cells`` (see bpf/bridge_abi.h), or None without the
 accelerator (threads then use ``ctx_by_tid`` alone)."""
+configure_strs: Callable[..., None] | None
+"""``_fastbpf.configure_strs``: how the C entry encodes a str value the cache lacks."""
 release_cell: Callable[[object], bool] | None
 """``_fastbpf.release_cell``: free the cell of the thread an argument's key names."""
 cell_stats: Callable[[], tuple[bool, int, int]] | None
@@ -200,7 +202,7 @@ except ImportError:
     ACCELERATED = False
     elem_handle, elem_update, elem_delete = _ctypes_handle, _ctypes_update, _ctypes_delete
     fast_annotate = fast_entry = fast_setup = fast_gate = fast_handled = None
-    map_cells = cell_stats = release_cell = None
+    map_cells = cell_stats = release_cell = configure_strs = None
     _Slot: type = PySlot
 else:
     ACCELERATED = True
@@ -230,6 +232,7 @@ else:
     )
     map_cells, cell_stats = _fastbpf.map_cells, _fastbpf.cell_stats
     release_cell = _fastbpf.release_cell
+    configure_strs = _fastbpf.configure_strs
     _Slot = _fastbpf.Slot
 
 if TYPE_CHECKING:

@@ -515,6 +515,57 @@ static PyObject *join(PyObject **recs, Py_ssize_t n, Py_ssize_t total)
 
 #define NOT_HANDLED (-1)
 
+/* Set by configure_strs() from sdk_side._writer: how a str record is built and cached. */
+static struct {
+    int ready;
+    Py_ssize_t max_str_len, per_key_max;
+    unsigned attr_str;
+} strenc;
+
+/* The record of str value ``v`` under validated key ``k`` when the writer's cache has none,
+ * built as sdk_side._writer._record builds it and cached the same way (the per-key dict is
+ * cleared when full). Borrowed (the cache holds it); NULL without an exception when the Python
+ * path must encode (a value over MAX_STR_LEN is truncated and counted there; one that is not
+ * valid UTF-8 is encoded with "replace" there). */
+static PyObject *encode_str(PyObject *k, PyObject *v, PyObject *known)
+{
+    const char *kb, *vb;
+    Py_ssize_t kl, vl;
+    PyObject *rec;
+    unsigned char *p;
+
+    if (!strenc.ready || !PyUnicode_CheckExact(k))
+        return NULL;
+    kb = PyUnicode_AsUTF8AndSize(k, &kl);
+    if (kb == NULL)
+        goto declined;
+    vb = PyUnicode_AsUTF8AndSize(v, &vl);
+    if (vb == NULL)
+        goto declined;
+    if (vl > strenc.max_str_len || kl > 255)
+        return NULL;
+    rec = PyBytes_FromStringAndSize(NULL, 4 + kl + vl);
+    if (rec == NULL)
+        return NULL;
+    p = (unsigned char *)PyBytes_AS_STRING(rec);
+    p[0] = (unsigned char)strenc.attr_str;
+    p[1] = (unsigned char)kl;
+    put_u16(p + 2, (unsigned)vl);
+    memcpy(p + 4, kb, (size_t)kl);
+    memcpy(p + 4 + kl, vb, (size_t)vl);
+    if (PyDict_GET_SIZE(known) >= strenc.per_key_max)
+        PyDict_Clear(known);
+    if (PyDict_SetItem(known, v, rec) < 0) {
+        Py_DECREF(rec);
+        return NULL;
+    }
+    Py_DECREF(rec);
+    return rec;
+declined:
+    PyErr_Clear();
+    return NULL;
+}
+
 /* annotate(slot, attrs, strs) -> int
  *
  * The writer's annotate for one thread-scoped call once the writer is connected. Handled: every
@@ -549,6 +600,8 @@ static PyObject *core(Slot *s, PyObject *const *names, PyObject *const *vals, Py
         if (known == NULL || !PyDict_CheckExact(known))
             goto not_handled;
         rec = PyDict_GetItemWithError(known, v);
+        if (rec == NULL && !PyErr_Occurred())
+            rec = encode_str(k, v, known);
         if (rec == NULL || !PyBytes_CheckExact(rec))
             goto not_handled;
         keys[i] = k;
@@ -1007,6 +1060,26 @@ static PyObject *configure(PyObject *self, PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *configure_strs(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"max_str_len", "per_key_max", "attr_str", NULL};
+    Py_ssize_t max_str_len, per_key_max;
+    unsigned attr_str;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$nnI", names, &max_str_len, &per_key_max,
+                                     &attr_str))
+        return NULL;
+    if (max_str_len <= 0 || max_str_len > 0xffff || per_key_max <= 0 || attr_str > 255) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent string record settings");
+        return NULL;
+    }
+    strenc.max_str_len = max_str_len;
+    strenc.per_key_max = per_key_max;
+    strenc.attr_str = attr_str;
+    strenc.ready = 1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *configure_cells(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"count", "bits", "size", "value_off", "hash", NULL};
@@ -1114,6 +1187,9 @@ static PyObject *cell_stats(PyObject *self, PyObject *unused)
 }
 
 static PyMethodDef methods[] = {
+    {"configure_strs", (PyCFunction)(void (*)(void))configure_strs,
+     METH_VARARGS | METH_KEYWORDS,
+     "configure_strs(*, max_str_len, per_key_max, attr_str): encode uncached str values."},
     {"configure_cells", (PyCFunction)(void (*)(void))configure_cells,
      METH_VARARGS | METH_KEYWORDS,
      "configure_cells(*, count, bits, size, value_off, hash): the ctx_cells layout."},

@@ -315,6 +315,9 @@ def _sync_gate() -> None:
 
 
 def _setup_fast() -> None:
+    if _bpf.configure_strs is not None:
+        _bpf.configure_strs(max_str_len=_MAX_STR_LEN, per_key_max=_STRS_PER_KEY_MAX,
+                            attr_str=_abi.ATTR_STR)
     if _bpf.fast_setup is not None:
         _bpf.fast_setup(tls=_tls, ctxvar=_task_ctx, modules=_modules, strs=_strs)
 
@@ -362,6 +365,10 @@ def _map_cells() -> None:
     if _bpf.map_cells is None:
         return
     _P.cells = False
+    if os.environ.get("EBPF_BRIDGE_NO_CELLS"):
+        _bpf.map_cells(-1, -1)
+        _P.cells_note = "ctx_cells disabled by EBPF_BRIDGE_NO_CELLS: annotate uses bpf() calls"
+        return
     try:
         cfd = _bpf.obj_get(_env.ctx_cells_pin(), 0)
     except OSError as exc:

@@ -40,6 +40,13 @@ def _value(rng: random.Random, key: str) -> AttrValue:
         return rng.random() < 0.5
     if roll < 0.16:
         return "x" * rng.choice((129, 200))  # over MAX_STR_LEN: truncated, never cached
+    if roll < 0.26:
+        # Values seen once (a user id): never in the cache, and they churn it.
+        return f"{key[:3]}-{rng.randrange(10**9):09d}" + "z" * rng.randrange(116)  # <= 128
+    if roll < 0.29:
+        return f"ünï-{rng.randrange(3)}-€"  # multi-byte UTF-8
+    if roll < 0.30:
+        return "bad-\udcff"  # a lone surrogate: encoded with "replace"
     return f"{key[:3]}-{rng.randrange(5)}"
 
 
