@@ -91,6 +91,7 @@ class _Process:
         self.last_error: str | None = None
         self.cells = False  # ctx_cells is mapped: thread writes are memory writes
         self.cells_note: str | None = None  # why it is not, when it was tried
+        self.cells_ident: tuple[int, int] | None = None  # the ctx_cells pin when connecting
 
 
 _P = _Process()
@@ -342,7 +343,9 @@ def _reconnect_locked() -> None:
         _P.pin_path = path
         _P.pin_ident = None
         return
-    if _P.connected and ident == _P.pin_ident and path == _P.pin_path and _fd_is_ours():
+    cells = _cells_ident()
+    if (_P.connected and ident == _P.pin_ident and path == _P.pin_path and _fd_is_ours()
+            and cells == _P.cells_ident):
         return
     try:
         newfd = _bpf.obj_get(path, _bpf.BPF_F_WRONLY)
@@ -352,10 +355,22 @@ def _reconnect_locked() -> None:
         _P.pin_path = path
         return
     _install(newfd)
+    _P.cells_ident = cells
     _map_cells()
     _P.pin_path = path
     _P.pin_ident = ident
     _P.connected = True
+
+
+def _cells_ident() -> tuple[int, int] | None:
+    """The identity of the ``ctx_cells`` pin, or None: a change (an agent replaced its maps
+    between our two opens, say) reconnects, so the cells never belong to another map."""
+    if _bpf.map_cells is None:
+        return None
+    try:
+        return _ident(os.stat(_env.ctx_cells_pin()))
+    except OSError:
+        return None
 
 
 def _map_cells() -> None:
@@ -415,7 +430,7 @@ def _after_fork_in_child() -> None:
     _P.fd, _P.fd_ident, _P.connected, _P.gen = old.fd, old.fd_ident, old.connected, old.gen
     _P.pin_path, _P.pin_ident = old.pin_path, old.pin_ident
     # The mapping of ctx_cells is inherited; the child's threads claim cells of their own.
-    _P.cells, _P.cells_note = old.cells, old.cells_note
+    _P.cells, _P.cells_note, _P.cells_ident = old.cells, old.cells_note, old.cells_ident
     _lock = threading.Lock()
     _tls = threading.local()
     _CONN.mirrors.clear()

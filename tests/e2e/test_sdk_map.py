@@ -788,3 +788,18 @@ def test_cell_of_a_dead_thread_is_freed(with_cells: PinnedMap) -> None:
     # The thread's state dies with its thread-local: the entry is deleted and the cell freed.
     wait_for(lambda: _abi.CTX_CELL_HEADER.unpack_from(cells.mem, off) == (0, 0))
     assert with_cells.raw(tid) is None
+
+
+def test_replaced_cells_are_mapped_again(with_cells: PinnedMap) -> None:
+    bridge.annotate(tenant_id="one")
+    key = thread_key(threading.get_native_id())
+    assert with_cells.cells is not None and with_cells.cells.offset(key) is not None
+    # An agent replaces ctx_cells alone (or between the writer's two opens): the writer maps
+    # the new one at its next check instead of writing cells nobody reads.
+    with_cells.cells.close()
+    with_cells.cells = Cells(with_cells.dir)
+    assert _writer.reconnect()
+    assert bridge.status().cells
+    bridge.annotate(tenant_id="two")
+    assert with_cells.cells.offset(key) is not None
+    assert with_cells.entry() == {"tenant_id": "two"}
