@@ -31,38 +31,59 @@ _MAX_LEN: Final = 1 << 30  # the server's own limit on a message
 _I32: Final = struct.Struct(">i")
 _I16: Final = struct.Struct(">h")
 _TWO_I32: Final = struct.Struct(">ii")
+_CHR: Final = [chr(i) for i in range(256)]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """One protocol message. ``body`` is what was captured of it; ``complete`` says whether
-    that is all of it."""
+    that is all of it. Treat as read-only: ``split_messages`` hands the same objects to every
+    caller that splits the same bytes. (Not frozen: a frozen dataclass took 260 ns to build
+    against 94, and an exchange builds about twenty.)"""
 
     type: str
     body: bytes
     complete: bool
 
 
+_last_split: tuple[bytes, frozenset[int], tuple[list[Message], bool]] | None = None
+
+
 def split_messages(data: bytes, allowed: frozenset[int]) -> tuple[list[Message], bool]:
     """Split typed messages (type byte + int32 length including itself).
 
     Returns the messages and whether the bytes were well formed up to where they stop (a last
-    message cut by the capture is well formed; an unknown type or a bad length is not).
+    message cut by the capture is well formed; an unknown type or a bad length is not). The
+    list is shared with the next caller that splits the same ``data`` object (detection, then
+    parsing, split each exchange's bytes twice): do not modify it.
     """
+    global _last_split
+    last = _last_split
+    if last is not None and last[0] is data and last[1] is allowed:
+        return last[2]
+    result = _split(data, allowed)
+    _last_split = (data, allowed, result)
+    return result
+
+
+def _split(data: bytes, allowed: frozenset[int]) -> tuple[list[Message], bool]:
     out: list[Message] = []
+    append = out.append
+    unpack = _I32.unpack_from
     pos, n = 0, len(data)
     while pos < n:
         t = data[pos]
         if t not in allowed:
             return out, False
         if pos + 5 > n:
-            out.append(Message(chr(t), b"", False))
+            append(Message(_CHR[t], b"", False))
             return out, True
-        (length,) = _I32.unpack_from(data, pos + 1)
+        (length,) = unpack(data, pos + 1)
         if length < 4 or length > _MAX_LEN:
             return out, False
         end = pos + 1 + length
-        out.append(Message(chr(t), data[pos + 5 : min(end, n)], end <= n))
+        # A slice stops at the end of the bytes by itself: a cut last message keeps what came.
+        append(Message(_CHR[t], data[pos + 5 : end], end <= n))
         pos = end
     return out, True
 
