@@ -163,9 +163,8 @@ def _span(asm: SpanAssembler, ex: Exchange, state: dict[str, object], index: int
         attrs[semconv.DB_NAMESPACE] = db
     op = coll = None
     if text:
-        op = sql.operation_name(text)
-        coll = sql.collection_name(text)
-        attrs[semconv.DB_QUERY_TEXT] = text if RAW_QUERY_TEXT else sql.obfuscate(text)
+        shown, op, coll = sql.describe(text, RAW_QUERY_TEXT)
+        attrs[semconv.DB_QUERY_TEXT] = shown
     if op:
         attrs[semconv.DB_OPERATION_NAME] = op
     if coll:

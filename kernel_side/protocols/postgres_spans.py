@@ -9,7 +9,6 @@ whether the connection switched to TLS (then nothing more on it is readable).
 from __future__ import annotations
 
 from collections import OrderedDict
-from functools import lru_cache
 from typing import Final
 
 from kernel_side import semconv
@@ -36,13 +35,6 @@ def detect(ex: Exchange) -> bool:
     if (ex.tgid, ex.conn_id) in _encrypted:
         return True
     return pg.looks_like_frontend(ex.request, ex.req_bytes)
-
-
-@lru_cache(maxsize=2048)
-def _describe(query: str, raw: bool) -> tuple[str, str | None, str | None]:
-    """(query text for the span, operation, collection) of one SQL text."""
-    text = query if raw else sql.obfuscate(query)
-    return text, sql.operation_name(query), sql.collection_name(query)
 
 
 def build(asm: SpanAssembler, ex: Exchange) -> None:
@@ -86,7 +78,7 @@ def build(asm: SpanAssembler, ex: Exchange) -> None:
         if isinstance(db, str) and db:
             attrs[semconv.DB_NAMESPACE] = db
         if query is not None:
-            text, op, coll = _describe(query, RAW_QUERY_TEXT)
+            text, op, coll = sql.describe(query, RAW_QUERY_TEXT)
             attrs[semconv.DB_QUERY_TEXT] = text
             if op:
                 attrs[semconv.DB_OPERATION_NAME] = op

@@ -7,6 +7,7 @@ malformed text, and never raises: a query captured from the wire is untrusted by
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Final
 
 _IDENT_START: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
@@ -304,3 +305,12 @@ def _collection(query: str) -> str | None:
 def _paren_before(text: str, pos: int) -> bool:
     """Whether ``pos`` sits inside an unclosed parenthesis."""
     return text.count("(", 0, pos) > text.count(")", 0, pos)
+
+
+@lru_cache(maxsize=2048)
+def describe(query: str, raw: bool) -> tuple[str, str | None, str | None]:
+    """(text for ``db.query.text``: ``query`` itself when ``raw``, else obfuscated; operation;
+    collection) of one SQL text. Cached: an app sends the same few statements again and again,
+    and obfuscating one took most of a MySQL span's parse cost."""
+    text = query if raw else obfuscate(query)
+    return text, operation_name(query), collection_name(query)
