@@ -93,9 +93,10 @@ _AGG_KINDS: Final = {
 REPLY_TYPE_BYTES: Final = frozenset(_LINE_KINDS) | frozenset(_BLOB_KINDS) | frozenset(_AGG_KINDS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RedisCommand:
-    """One command seen (at least its name) in a captured request buffer."""
+    """One command seen (at least its name) in a captured request buffer. Read-only by
+    convention (not frozen: a frozen dataclass costs about 2.5x as much to build)."""
 
     name: str
     """The command name, uppercase (``GET``, ``CLIENT``, ``JSON.GET``)."""
@@ -108,9 +109,10 @@ class RedisCommand:
     inline: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RedisReply:
-    """One reply (top-level RESP value) seen in a captured response buffer."""
+    """One reply (top-level RESP value) seen in a captured response buffer. Read-only by
+    convention, like ``RedisCommand``."""
 
     kind: str
     """``simple``, ``error``, ``integer``, ``bulk``, ``null``, ``double``, ``boolean``,
