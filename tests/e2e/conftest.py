@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +163,23 @@ def receiver() -> Iterator[OtlpReceiver]:
     """A real OTLP/gRPC receiver on loopback."""
     with OtlpReceiver(http_port=0) as r:
         yield r
+
+
+def warm_up_context(receiver: OtlpReceiver, send: Callable[[str], object],
+                    matches: Callable[[ReceivedSpan], bool] = lambda _s: True) -> None:
+    """Send marked requests (``send(tenant)``) until a span (one ``matches`` accepts) arrives
+    carrying the tenant: an app that imported bridge before the agent pinned its maps re-checks
+    at most once a second (a documented reconnect window)."""
+    for attempt in range(30):
+        tenant = f"warmup-{attempt}"
+        send(tenant)
+        try:
+            receiver.wait_for(lambda ss, t=tenant: any(  # type: ignore[misc]
+                s.attributes.get("tenant_id") == t and matches(s) for s in ss), timeout_s=2)
+            return
+        except AssertionError:
+            continue
+    raise AssertionError("the app never picked up the agent's context map")
 
 
 def by_service(spans: Sequence[ReceivedSpan], service: str,

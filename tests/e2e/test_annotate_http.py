@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 
 from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.e2e.conftest import CLIENT, EXAMPLES, SERVER, Harness, by_service
+from tests.e2e.conftest import CLIENT, EXAMPLES, SERVER, Harness, by_service, warm_up_context
 
 THREADS = 6
 PER_THREAD = 5
@@ -58,17 +58,8 @@ def warm_up(receiver: OtlpReceiver, port: int) -> None:
     second (a documented reconnect window), so send marked requests until one arrives
     annotated. Their spans use the path /orders/warm and are left out of the checks.
     """
-    for attempt in range(30):
-        tenant = f"warmup-{attempt}"
-        requests.get(f"http://127.0.0.1:{port}/orders/warm", headers={"X-Tenant-ID": tenant},
-                     timeout=10)
-        try:
-            receiver.wait_for(lambda ss, t=tenant: any(  # type: ignore[misc]
-                s.attributes.get("tenant_id") == t for s in ss), timeout_s=2)
-            return
-        except AssertionError:
-            continue
-    raise AssertionError("the app never picked up the agent's context map")
+    warm_up_context(receiver, lambda tenant: requests.get(
+        f"http://127.0.0.1:{port}/orders/warm", headers={"X-Tenant-ID": tenant}, timeout=10))
 
 
 def _not_warmup(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:

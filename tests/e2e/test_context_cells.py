@@ -14,7 +14,7 @@ import requests
 from bridge import _abi
 from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
 from sdk_side import _bpf
-from tests.e2e.conftest import APPS, SERVER, Harness, by_service
+from tests.e2e.conftest import APPS, SERVER, Harness, by_service, warm_up_context
 
 APP = APPS / "bridge_status_app.py"
 PER_SESSION = 6
@@ -45,18 +45,8 @@ def test_cells_and_a_taken_cell_both_label_every_request(harness: Harness,
     app, port = harness.python_service("cells-app", APP)
     agent = harness.agent("--pid", str(app.pid), receiver=receiver)
     url = f"http://127.0.0.1:{port}"
-    # The app finds the agent's maps within a second: wait until one request is labelled.
-    for attempt in range(30):
-        requests.get(f"{url}/warm/{attempt}", headers={"X-Tenant-ID": f"warm-{attempt}"},
-                     timeout=10)
-        try:
-            receiver.wait_for(lambda ss, a=attempt: any(  # type: ignore[misc]
-                s.attributes.get("tenant_id") == f"warm-{a}" for s in ss), timeout_s=1)
-            break
-        except AssertionError:
-            continue
-    else:
-        raise AssertionError("the app never picked up the agent's maps")
+    warm_up_context(receiver, lambda tenant: requests.get(
+        f"{url}/warm/{tenant}", headers={"X-Tenant-ID": tenant}, timeout=10))
     status = requests.get(f"{url}/bridge-status", timeout=10).json()
     assert status["cells"] is True, status
 

@@ -17,7 +17,7 @@ import pytest
 from bridge import _abi
 from kernel_side.otlp_receiver import OtlpReceiver
 from sdk_side import _bpf
-from tests.e2e.conftest import PYTHON, REPO, Harness
+from tests.e2e.conftest import PYTHON, REPO, Harness, warm_up_context
 
 # Waits for "go", then a worker thread writes a context entry for itself, reports its key and
 # exits; the process stays alive (only the thread is gone) until stdin closes.
@@ -83,18 +83,12 @@ def test_agent_restart_mid_request_keeps_the_context(harness: Harness,
     app, port = harness.python_service("hold", APPS / "hold_app.py", "--dir", str(hold_dir),
                                        "--upstream", f"http://127.0.0.1:{inv_port}")
     first = harness.agent("--pid", str(app.pid), "--pid", str(inv.pid), receiver=receiver)
-    for attempt in range(30):  # until the app's writer has found the map
-        (hold_dir / f"go-w{attempt}").write_text("")
-        requests.get(f"http://127.0.0.1:{port}/hold/w{attempt}",
-                     headers={"X-Tenant-ID": f"warm{attempt}"}, timeout=20)
-        try:
-            receiver.wait_for(lambda ss, a=attempt: any(  # type: ignore[misc]
-                s.attributes.get("tenant_id") == f"warm{a}" for s in ss), timeout_s=2)
-            break
-        except AssertionError:
-            continue
-    else:
-        raise AssertionError("the app never picked up the agent's context map")
+    def warm(tenant: str) -> None:  # until the app's writer has found the map
+        (hold_dir / f"go-{tenant}").write_text("")
+        requests.get(f"http://127.0.0.1:{port}/hold/{tenant}",
+                     headers={"X-Tenant-ID": tenant}, timeout=20)
+
+    warm_up_context(receiver, warm)
 
     answers: list[int] = []
     held = threading.Thread(target=lambda: answers.append(requests.get(

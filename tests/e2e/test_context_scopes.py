@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.e2e.conftest import APPS, CLIENT, EXAMPLES, SERVER, Harness, by_service
+from tests.e2e.conftest import APPS, CLIENT, EXAMPLES, SERVER, Harness, by_service, warm_up_context
 from tests.e2e.test_redis import redis_port  # noqa: F401  (fixture)
 
 APP = APPS / "frameworks_app.py"
@@ -21,16 +21,7 @@ ENV = {"EBPF_BRIDGE_HEADERS": "X-Tenant-ID=tenant_id"}
 
 def _warm(receiver: OtlpReceiver, get: Callable[[str], object]) -> None:
     """Send marked requests until one arrives annotated (the app's SDK found the map)."""
-    for attempt in range(30):
-        tenant = f"warmup-{attempt}"
-        get(tenant)
-        try:
-            receiver.wait_for(lambda ss, t=tenant: any(  # type: ignore[misc]
-                s.attributes.get("tenant_id") == t for s in ss), timeout_s=2)
-            return
-        except AssertionError:
-            continue
-    raise AssertionError("the app never picked up the agent's context map")
+    warm_up_context(receiver, get)
 
 
 def _real(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:

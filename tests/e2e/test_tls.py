@@ -24,7 +24,16 @@ import pytest
 import requests
 
 from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.e2e.conftest import APPS, CLIENT, PYTHON, SERVER, Harness, Proc, by_service
+from tests.e2e.conftest import (
+    APPS,
+    CLIENT,
+    PYTHON,
+    SERVER,
+    Harness,
+    Proc,
+    by_service,
+    warm_up_context,
+)
 
 NODE = shutil.which("node")
 NGINX = "/usr/sbin/nginx"
@@ -126,19 +135,11 @@ def test_python_https_server_and_client_with_tenant(harness: Harness, receiver: 
 
 def _warm_https(receiver: OtlpReceiver, port: int, ca: Path, db: str | None = None) -> None:
     """Until a span (of database system ``db`` if given) carries the warm-up tenant."""
-    for attempt in range(30):
-        tenant = f"warmup-{attempt}"
-        requests.get(f"https://127.0.0.1:{port}/warm", headers={"X-Tenant-ID": tenant},
-                     verify=str(ca), timeout=10)
-        try:
-            receiver.wait_for(lambda ss, t=tenant: any(  # type: ignore[misc]
-                s.attributes.get("tenant_id") == t
-                and (db is None or s.attributes.get("db.system.name") == db)
-                for s in ss), timeout_s=2)
-            return
-        except AssertionError:
-            continue
-    raise AssertionError("the app never picked up the agent's context map")
+    warm_up_context(
+        receiver,
+        lambda tenant: requests.get(f"https://127.0.0.1:{port}/warm",
+                                    headers={"X-Tenant-ID": tenant}, verify=str(ca), timeout=10),
+        lambda s: db is None or s.attributes.get("db.system.name") == db)
 
 
 # --- nginx with TLS, curl: unmodified peers ------------------------------------------------
