@@ -185,8 +185,6 @@ fast_gate: Callable[[bool, float, int], None] | None
 map_cells: Callable[[int, int], None] | None
 """``_fastbpf.map_cells``: map ``ctx_cells`` (see bpf/bridge_abi.h), or None without the
 accelerator (threads then use ``ctx_by_tid`` alone)."""
-configure_strs: Callable[..., None] | None
-"""``_fastbpf.configure_strs``: how the C entry encodes a str value the cache lacks."""
 release_cell: Callable[[object], bool] | None
 """``_fastbpf.release_cell``: free the cell of the thread an argument's key names."""
 cell_stats: Callable[[], tuple[bool, int, int]] | None
@@ -202,7 +200,7 @@ except ImportError:
     ACCELERATED = False
     elem_handle, elem_update, elem_delete = _ctypes_handle, _ctypes_update, _ctypes_delete
     fast_annotate = fast_entry = fast_setup = fast_gate = fast_handled = None
-    map_cells = cell_stats = release_cell = configure_strs = None
+    map_cells = cell_stats = release_cell = None
     _Slot: type = PySlot
 else:
     ACCELERATED = True
@@ -219,20 +217,17 @@ else:
         attr_bytes=_abi.ATTR_BYTES,
         f_truncated=_abi.CTX_F_TRUNCATED,
         f_sdk_span=_abi.CTX_F_SDK_SPAN,
+        cells=_abi.CTX_CELLS,
+        cell_bits=_abi.CTX_CELL_BITS,
+        cell_size=_abi.CTX_CELL_SIZE,
+        cell_value_off=_abi.CTX_CELL_HEADER.size,
+        cell_hash=_abi.CELL_HASH,
     )
     fast_annotate = cast(FastAnnotate, _fastbpf.annotate)
     fast_entry, fast_setup = _fastbpf.Entry, _fastbpf.setup
     fast_gate, fast_handled = _fastbpf.gate, _fastbpf.handled_calls
-    _fastbpf.configure_cells(
-        count=_abi.CTX_CELLS,
-        bits=_abi.CTX_CELL_BITS,
-        size=_abi.CTX_CELL_SIZE,
-        value_off=_abi.CTX_CELL_HEADER.size,
-        hash=_abi.CELL_HASH,
-    )
     map_cells, cell_stats = _fastbpf.map_cells, _fastbpf.cell_stats
     release_cell = _fastbpf.release_cell
-    configure_strs = _fastbpf.configure_strs
     _Slot = _fastbpf.Slot
 
 if TYPE_CHECKING:

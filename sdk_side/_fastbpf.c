@@ -41,7 +41,7 @@
 
 /* --- ctx_cells ---------------------------------------------------------------------------- */
 
-/* Set by configure_cells() from bridge._abi and by map_cells(). Touched only with the GIL held,
+/* Set by configure() from bridge._abi and by map_cells(). Touched only with the GIL held,
  * as are the cells: map_cells() never unmaps memory another thread is writing. */
 static struct {
     int ready;
@@ -515,7 +515,7 @@ static PyObject *join(PyObject **recs, Py_ssize_t n, Py_ssize_t total)
 
 #define NOT_HANDLED (-1)
 
-/* Set by configure_strs() from sdk_side._writer: how a str record is built and cached. */
+/* Set by setup() from sdk_side._writer: how a str record is built and cached. */
 static struct {
     int ready;
     Py_ssize_t max_str_len, per_key_max;
@@ -773,16 +773,29 @@ static struct {
 
 static PyObject *setup(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *names[] = {"tls", "ctxvar", "modules", "strs", NULL};
+    static char *names[] = {"tls", "ctxvar", "modules", "strs", "max_str_len", "per_key_max",
+                            "attr_str", NULL};
     PyObject *tls, *ctxvar, *modules, *strs;
+    Py_ssize_t max_str_len, per_key_max;
+    unsigned attr_str;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO!O!", names, &tls, &ctxvar,
-                                     &PyDict_Type, &modules, &PyDict_Type, &strs))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO!O!nnI", names, &tls, &ctxvar,
+                                     &PyDict_Type, &modules, &PyDict_Type, &strs, &max_str_len,
+                                     &per_key_max, &attr_str))
         return NULL;
     if (!PyContextVar_CheckExact(ctxvar)) {
         PyErr_SetString(PyExc_TypeError, "ctxvar must be a contextvars.ContextVar");
         return NULL;
     }
+    if (max_str_len <= 0 || max_str_len > 0xffff || per_key_max <= 0 || attr_str > 255) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent string record settings");
+        return NULL;
+    }
+    /* How a str record the cache lacks is built and cached (see encode_str). */
+    strenc.max_str_len = max_str_len;
+    strenc.per_key_max = per_key_max;
+    strenc.attr_str = attr_str;
+    strenc.ready = 1;
     if (gate.s_name == NULL) {
         gate.s_name = PyUnicode_InternFromString("s");
         gate.asyncio_name = PyUnicode_InternFromString("asyncio");
@@ -1033,18 +1046,28 @@ static PyTypeObject EntryType = {
 static PyObject *configure(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"abi_version", "data_off", "sdk_off", "sdk_size", "value_size",
-                            "max_attrs", "attr_bytes", "f_truncated", "f_sdk_span", NULL};
+                            "max_attrs", "attr_bytes", "f_truncated", "f_sdk_span", "cells",
+                            "cell_bits", "cell_size", "cell_value_off", "cell_hash", NULL};
     unsigned version, ft, fs;
     Py_ssize_t data_off, sdk_off, sdk_size, value_size, max_attrs, attr_bytes;
+    Py_ssize_t count, size, value_off;
+    int bits;
+    unsigned long long hash;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$InnnnnnII", names, &version, &data_off,
-                                     &sdk_off, &sdk_size, &value_size, &max_attrs, &attr_bytes,
-                                     &ft, &fs))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$InnnnnnIIninnK", names, &version,
+                                     &data_off, &sdk_off, &sdk_size, &value_size, &max_attrs,
+                                     &attr_bytes, &ft, &fs, &count, &bits, &size, &value_off,
+                                     &hash))
         return NULL;
     if (data_off < 8 || sdk_off < 8 || sdk_off + sdk_size > data_off || attr_bytes <= 0 ||
         data_off + attr_bytes != value_size || max_attrs <= 0 || max_attrs > MAX_ATTRS_CAP ||
         max_attrs > 255 || attr_bytes > 0xffff) {
         PyErr_SetString(PyExc_ValueError, "inconsistent context value layout");
+        return NULL;
+    }
+    if (bits <= 0 || bits > 30 || count != ((Py_ssize_t)1 << bits) || value_off < 16 ||
+        value_off % 8 != 0 || size != value_off + value_size || size % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "inconsistent ctx_cells layout");
         return NULL;
     }
     abi.abi_version = version;
@@ -1057,45 +1080,6 @@ static PyObject *configure(PyObject *self, PyObject *args, PyObject *kwargs)
     abi.f_truncated = ft;
     abi.f_sdk_span = fs;
     abi.ready = 1;
-    Py_RETURN_NONE;
-}
-
-static PyObject *configure_strs(PyObject *self, PyObject *args, PyObject *kwargs)
-{
-    static char *names[] = {"max_str_len", "per_key_max", "attr_str", NULL};
-    Py_ssize_t max_str_len, per_key_max;
-    unsigned attr_str;
-    (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$nnI", names, &max_str_len, &per_key_max,
-                                     &attr_str))
-        return NULL;
-    if (max_str_len <= 0 || max_str_len > 0xffff || per_key_max <= 0 || attr_str > 255) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent string record settings");
-        return NULL;
-    }
-    strenc.max_str_len = max_str_len;
-    strenc.per_key_max = per_key_max;
-    strenc.attr_str = attr_str;
-    strenc.ready = 1;
-    Py_RETURN_NONE;
-}
-
-static PyObject *configure_cells(PyObject *self, PyObject *args, PyObject *kwargs)
-{
-    static char *names[] = {"count", "bits", "size", "value_off", "hash", NULL};
-    Py_ssize_t count, size, value_off;
-    int bits;
-    unsigned long long hash;
-    (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$ninnK", names, &count, &bits, &size,
-                                     &value_off, &hash))
-        return NULL;
-    if (!abi.ready || bits <= 0 || bits > 30 || count != ((Py_ssize_t)1 << bits) ||
-        value_off < 16 || value_off % 8 != 0 || size != value_off + abi.value_size ||
-        size % 8 != 0) {
-        PyErr_SetString(PyExc_ValueError, "inconsistent ctx_cells layout (configure first)");
-        return NULL;
-    }
     cells.count = count;
     cells.bits = bits;
     cells.size = size;
@@ -1141,7 +1125,7 @@ static PyObject *map_cells(PyObject *self, PyObject *const *args, Py_ssize_t nar
         Py_RETURN_NONE;
     }
     if (!cells.ready) {
-        PyErr_SetString(PyExc_RuntimeError, "_fastbpf.configure_cells() was not called");
+        PyErr_SetString(PyExc_RuntimeError, "_fastbpf.configure() was not called");
         return NULL;
     }
     page = sysconf(_SC_PAGESIZE);
@@ -1187,12 +1171,6 @@ static PyObject *cell_stats(PyObject *self, PyObject *unused)
 }
 
 static PyMethodDef methods[] = {
-    {"configure_strs", (PyCFunction)(void (*)(void))configure_strs,
-     METH_VARARGS | METH_KEYWORDS,
-     "configure_strs(*, max_str_len, per_key_max, attr_str): encode uncached str values."},
-    {"configure_cells", (PyCFunction)(void (*)(void))configure_cells,
-     METH_VARARGS | METH_KEYWORDS,
-     "configure_cells(*, count, bits, size, value_off, hash): the ctx_cells layout."},
     {"map_cells", (PyCFunction)(void (*)(void))map_cells, METH_FASTCALL,
      "map_cells(tid_fd, cells_fd): write thread context to ctx_cells (cells_fd < 0: stop)."},
     {"release_cell", release_cell, METH_O,
@@ -1206,14 +1184,16 @@ static PyMethodDef methods[] = {
     {"annotate", (PyCFunction)(void (*)(void))fast_annotate, METH_FASTCALL,
      "annotate(slot, attrs, strs) -> 0, -1 (not handled) or an errno; see the C source."},
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
-     "setup(*, tls, ctxvar, modules, strs): what Entry reads; closes the gate."},
+     "setup(*, tls, ctxvar, modules, strs, max_str_len, per_key_max, attr_str): what Entry\n"
+     "reads, and how it encodes a str value the cache lacks; closes the gate."},
     {"gate", (PyCFunction)(void (*)(void))set_gate, METH_FASTCALL,
      "gate(open, deadline, gen): whether Entry may write, until when, for which map."},
     {"handled_calls", handled_calls, METH_NOARGS,
      "handled_calls() -> int: calls Entry completed (one write each) since setup."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "configure(*, abi_version, data_off, sdk_off, sdk_size, value_size, max_attrs,\n"
-     "attr_bytes, f_truncated, f_sdk_span): the context value layout from bridge._abi."},
+     "attr_bytes, f_truncated, f_sdk_span, cells, cell_bits, cell_size, cell_value_off,\n"
+     "cell_hash): the context value and ctx_cells layouts from bridge._abi."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -316,11 +316,10 @@ def _sync_gate() -> None:
 
 
 def _setup_fast() -> None:
-    if _bpf.configure_strs is not None:
-        _bpf.configure_strs(max_str_len=_MAX_STR_LEN, per_key_max=_STRS_PER_KEY_MAX,
-                            attr_str=_abi.ATTR_STR)
     if _bpf.fast_setup is not None:
-        _bpf.fast_setup(tls=_tls, ctxvar=_task_ctx, modules=_modules, strs=_strs)
+        _bpf.fast_setup(tls=_tls, ctxvar=_task_ctx, modules=_modules, strs=_strs,
+                        max_str_len=_MAX_STR_LEN, per_key_max=_STRS_PER_KEY_MAX,
+                        attr_str=_abi.ATTR_STR)
 
 
 def _reconnect_locked() -> None:
