@@ -79,3 +79,52 @@ BPF_HASH(abi_conn, struct bridge_conn_key, struct bridge_ctx_value, 1);
         assert bytes(conn(77, 1234, 9)) == _abi.CONN_KEY.pack(77, 1234, 9)
     finally:
         b.cleanup()
+
+
+def test_ctx_cells_layout_and_hash_match_python() -> None:
+    """The cell struct as BCC lays it out, and the cell a thread hashes to as the BPF program
+    computes it (bridge_cell_index, run in the kernel), against bridge/_abi.py."""
+    from bcc import BPF
+
+    d = _defines()
+    assert d["BRIDGE_CTX_CELLS_PIN"].strip('"') == _abi.CTX_CELLS_PIN
+    assert _abi.CTX_CELLS_PIN.endswith("/" + _abi.CTX_CELLS_NAME)
+    assert int(d["BRIDGE_CTX_CELLS"]) == _abi.CTX_CELLS == 1 << _abi.CTX_CELL_BITS
+    assert int(d["BRIDGE_CTX_CELL_BITS"]) == _abi.CTX_CELL_BITS
+    assert int(d["BRIDGE_CELL_HASH"].rstrip("ULL"), 0) == _abi.CELL_HASH
+    owners = [_abi.cell_owner(4026531836, 1), _abi.cell_owner(4026531836, 4194303),
+              _abi.cell_owner(4026532512, 77), _abi.cell_owner(1, 1)]
+    b = BPF(text="""
+#include "bridge_abi.h"
+BPF_ARRAY(cells_check, struct bridge_ctx_cell, 1);
+BPF_ARRAY(owners, __u64, 4);
+BPF_ARRAY(index_out, __u32, 4);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+{
+    for (int i = 0; i < 4; i++) {
+        int k = i;
+        __u64 *o = owners.lookup(&k);
+        __u32 *out = index_out.lookup(&k);
+        if (o && out)
+            *out = bridge_cell_index(*o) + 1;
+    }
+    return 0;
+}
+""", cflags=[f"-I{bpf.SOURCE_DIR}"])
+    try:
+        import ctypes
+        import os
+
+        leaf = b["cells_check"].Leaf
+        assert ctypes.sizeof(leaf) == _abi.CTX_CELL_SIZE
+        assert leaf.owner.offset == 0 and leaf.live.offset == 8
+        assert leaf.value.offset == _abi.CTX_CELL_HEADER.size
+        table = b["owners"]
+        for i, owner in enumerate(owners):
+            table[table.Key(i)] = table.Leaf(owner)
+        os.getppid()
+        got = [v.value - 1 for v in b["index_out"].values()]
+        assert got == [_abi.cell_index(o) for o in owners]
+        assert all(0 <= i < _abi.CTX_CELLS for i in got)
+    finally:
+        b.cleanup()
