@@ -91,7 +91,7 @@ def test_ctx_cells_layout_and_hash_match_python() -> None:
     assert _abi.CTX_CELLS_PIN.endswith("/" + _abi.CTX_CELLS_NAME)
     assert int(d["BRIDGE_CTX_CELLS"]) == _abi.CTX_CELLS == 1 << _abi.CTX_CELL_BITS
     assert int(d["BRIDGE_CTX_CELL_BITS"]) == _abi.CTX_CELL_BITS
-    assert int(d["BRIDGE_CELL_HASH"].rstrip("ULL"), 0) == _abi.CELL_HASH
+    assert int(d["BRIDGE_CELL_HASH"].removesuffix("ULL"), 0) == _abi.CELL_HASH
     owners = [_abi.cell_owner(4026531836, 1), _abi.cell_owner(4026531836, 4194303),
               _abi.cell_owner(4026532512, 77), _abi.cell_owner(1, 1)]
     b = BPF(text="""
