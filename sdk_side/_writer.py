@@ -379,25 +379,22 @@ def _map_cells() -> None:
     if _bpf.map_cells is None:
         return
     _P.cells = False
-    if os.environ.get("EBPF_BRIDGE_NO_CELLS"):
-        _bpf.map_cells(-1, -1)
-        _P.cells_note = "ctx_cells disabled by EBPF_BRIDGE_NO_CELLS: annotate uses bpf() calls"
-        return
-    try:
-        cfd = _bpf.obj_get(_env.ctx_cells_pin(), 0)
-    except OSError as exc:
-        _bpf.map_cells(-1, -1)
-        _P.cells_note = f"ctx_cells not mapped ({exc.strerror}): annotate uses bpf() calls"
-        return
-    try:
-        _bpf.map_cells(_P.fd, cfd)
-        _P.cells = True
-        _P.cells_note = None
-    except OSError as exc:
-        _bpf.map_cells(-1, -1)
-        _P.cells_note = f"mmap ctx_cells: {exc.strerror}: annotate uses bpf() calls"
-    finally:
-        os.close(cfd)
+    _bpf.map_cells(-1, -1)  # nothing of an earlier map stays mapped
+    why = "disabled by EBPF_BRIDGE_NO_CELLS" if os.environ.get("EBPF_BRIDGE_NO_CELLS") else None
+    if why is None:
+        try:
+            cfd = _bpf.obj_get(_env.ctx_cells_pin(), 0)
+        except OSError as exc:
+            why = f"not mapped ({exc.strerror})"
+        else:
+            try:
+                _bpf.map_cells(_P.fd, cfd)
+                _P.cells = True
+            except OSError as exc:
+                why = f"mmap failed ({exc.strerror})"
+            finally:
+                os.close(cfd)
+    _P.cells_note = None if why is None else f"ctx_cells {why}: annotate uses bpf() calls"
 
 
 def reconnect() -> bool:
