@@ -73,21 +73,29 @@ static unsigned char *cell_at(unsigned long long owner)
     return cells.base + (size_t)idx * (size_t)cells.size;
 }
 
-/* The cell of the thread a MapElemAttr's key names, when that thread claimed it. */
-static unsigned char *cell_of(const unsigned char *attr)
+/* The thread key a MapElemAttr names when it is a write to ctx_by_tid with cells mapped. */
+static const unsigned char *tid_key_of(const unsigned char *attr)
 {
     unsigned map_fd;
-    unsigned long long key, owner, held;
-    unsigned char *cell;
+    unsigned long long key;
     if (cells.base == NULL)
         return NULL;
     memcpy(&map_fd, attr, 4);
     if ((int)map_fd != cells.tid_fd)
         return NULL;
     memcpy(&key, attr + 8, 8);
-    if (key == 0)
+    return (const unsigned char *)(uintptr_t)key;
+}
+
+/* The cell of the thread a MapElemAttr's key names, when that thread claimed it. */
+static unsigned char *cell_of(const unsigned char *attr)
+{
+    const unsigned char *key = tid_key_of(attr);
+    unsigned long long owner, held;
+    unsigned char *cell;
+    if (key == NULL)
         return NULL;
-    owner = cell_owner((const unsigned char *)(uintptr_t)key);
+    owner = cell_owner(key);
     if (owner == 0)
         return NULL;
     cell = cell_at(owner);
@@ -314,13 +322,10 @@ static PyObject *slot_bind(Slot *s, PyObject *const *args, Py_ssize_t nargs)
     s->a_noexist = nx;
     s->a_any = any;
     s->bound = 1;
-    if (cells.base != NULL && ex.len == ELEM_ATTR_SIZE) {
-        unsigned map_fd;
-        unsigned long long key;
-        memcpy(&map_fd, ex.buf, 4);
-        memcpy(&key, (unsigned char *)ex.buf + 8, 8);
-        if ((int)map_fd == cells.tid_fd && key != 0)
-            cell_claim((const unsigned char *)(uintptr_t)key);
+    if (ex.len == ELEM_ATTR_SIZE) {
+        const unsigned char *key = tid_key_of((const unsigned char *)ex.buf);
+        if (key != NULL)
+            cell_claim(key);
     }
     Py_RETURN_NONE;
 fail_nx:
