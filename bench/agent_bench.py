@@ -66,10 +66,11 @@ def nginx_worker(master: int) -> int:
 
 def run_wrk(
     port: int, duration: int, connections: int, delay_ms: int, tmp: Path,
-    headers: tuple[str, ...] = (),
+    headers: tuple[str, ...] = (), path: str = "/",
 ) -> dict[str, float]:
-    """wrk on CPU 1 against ``port``; ``delay_ms`` > 0 paces each connection (see _live);
-    ``headers`` are sent with every request (``"Connection: close"``: a new connection each)."""
+    """wrk on CPU 1 against ``port`` and ``path``; ``delay_ms`` > 0 paces each connection (see
+    _live); ``headers`` are sent with every request (``"Connection: close"``: a new connection
+    each)."""
     argv = [
         "taskset",
         "-c",
@@ -79,7 +80,7 @@ def run_wrk(
         f"-c{connections}",
         f"-d{duration}s",
         "--latency",
-        f"http://127.0.0.1:{port}/",
+        f"http://127.0.0.1:{port}{path}",
     ]
     if delay_ms:
         # Pace each connection: wrk waits delay() ms between a response and the next request.

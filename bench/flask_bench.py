@@ -273,7 +273,10 @@ class Session:
             self.agent_log = tmp / "agent.log"
             t0 = time.monotonic()
             self.agent = subprocess.Popen(
-                ["taskset", "-c", str(args.load_cpu), sys.executable, "-m", "kernel_side.cli",
+                ["taskset", "-c", str(args.load_cpu),
+                 *(["chrt", "--idle", "0"] if args.agent_sched == "idle" else []),
+                 *(["nice", "-n", "19"] if args.agent_sched == "nice" else []),
+                 sys.executable, "-m", "kernel_side.cli",
                  # --pid covers the children a process forks after the agent starts; the
                  # worker already exists, so it is named too.
                  "agent", "--pid", str(self.gunicorn.pid), "--pid", str(self.worker),
@@ -488,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-cap", type=float, default=0.7,
                     help="paced rate at most this fraction of the first bare max-rate run")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--agent-sched", choices=("normal", "nice", "idle"), default="normal",
+                    help="the agent's CPU scheduling: normal, nice 19, or SCHED_IDLE")
     ap.add_argument("--agent-protocol", choices=("http/protobuf", "grpc"),
                     default="http/protobuf",
                     help="how the agent exports to the receiver (the SDK mode always uses "

@@ -1,13 +1,14 @@
 """Where the kernel-side cost per request goes: the agent's BPF programs, one by one.
 
 Turns on the kernel's BPF run-time statistics (sysctl kernel.bpf_stats_enabled, restored
-afterwards), runs nginx under wrk with the agent attached, and reads each of the agent's
-programs' run count and total run time from the kernel (BPF_OBJ_GET_INFO_BY_FD). Prints, per
-program, calls per request and ns per request, next to the whole CPU-per-request difference
-that agent_bench.py measures (which also holds what the statistics cannot see: the
-tracepoint dispatch before a program runs, and cache effects). Prints a table and writes JSON.
+afterwards), runs nginx (or gunicorn, ``--target``) under wrk, first bare and then with the
+agent attached, and reads each of the agent's programs' run count and total run time from the
+kernel (BPF_OBJ_GET_INFO_BY_FD). Prints, per program, calls per request and ns per request,
+next to the worker's whole CPU-per-request difference between the two runs (which also holds
+what the statistics cannot see: the tracepoint dispatch before a program runs, and cache
+effects). Prints a table and writes JSON.
 
-    sudo .venv/bin/python bench/kernel_cost.py [--duration 5] [--rate 5000]
+    sudo .venv/bin/python bench/kernel_cost.py [--duration 5] [--rate 5000] [--target gunicorn]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from agent_bench import (  # noqa: E402
     start_nginx,
     wrk_pacing,
 )
+from flask_bench import wait_port  # noqa: E402
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
 _BPF_PROG_GET_FD_BY_ID = 13
@@ -126,6 +128,9 @@ def main() -> int:
                     help="send `Connection: close`: a new TCP connection per request, as a "
                     "gunicorn sync worker serves them (accept, close and the socket state "
                     "changes show up per request)")
+    ap.add_argument("--target", choices=("nginx", "gunicorn"), default="nginx",
+                    help="the traced server: nginx (6 bytes) or gunicorn serving the Flask "
+                    "bench app's /hello (one sync worker, which closes every connection)")
     ap.add_argument("--json", default=str(REPO / "bench/results/kernel_cost.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -141,34 +146,62 @@ def main() -> int:
         stats_path.write_text(old)
 
 
+def start_target(tmp: Path, target: str, port: int) -> tuple[subprocess.Popen[bytes], int, str]:
+    """The traced server on ``port``: (master process, its one worker pinned to CPU 1, the
+    path wrk asks for). nginx returns 6 bytes; gunicorn serves bench/flask_app.py's /hello
+    with one sync worker (the app the Flask bench drives, without annotate)."""
+    if target == "nginx":
+        ngx = start_nginx(tmp, port)
+        worker, path = nginx_worker(ngx.pid), "/"
+    else:
+        env = dict(os.environ, BENCH_MODE="agent-only",
+                   PYTHONPATH=f"{REPO}:{REPO / 'bench'}")
+        ngx = subprocess.Popen(
+            ["taskset", "-c", "1", str(Path(sys.executable).parent / "gunicorn"), "-w", "1",
+             "-k", "sync", "-b", f"127.0.0.1:{port}", "--log-level", "warning",
+             "flask_app:app"],
+            env=env, cwd=REPO / "bench", stdout=(tmp / "gunicorn.log").open("wb"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        wait_port(port, ngx, "gunicorn")
+        worker, path = nginx_worker(ngx.pid), "/hello"
+    subprocess.run(["taskset", "-pc", "1", str(worker)], capture_output=True, check=True)
+    return ngx, worker, path
+
+
 def _run(tmp: Path, args: argparse.Namespace) -> int:
     port = free_port()
-    ngx = start_nginx(tmp, port)
-    worker = nginx_worker(ngx.pid)
-    subprocess.run(["taskset", "-pc", "1", str(worker)], capture_output=True, check=True)
+    ngx, worker, path = start_target(tmp, args.target, port)
+    connections, delay_ms = wrk_pacing(8, args.rate) if args.rate else (8, 0)
+    headers = ("Connection: close",) if args.connection_close else ()
     ready = tmp / "agent.ready"
-    with (tmp / "agent.log").open("w") as log:
-        agent = subprocess.Popen(
-            ["taskset", "-c", "0", sys.executable, "-m", "kernel_side.cli", "agent", "--pid",
-             str(ngx.pid), "--pid", str(worker), "--exporter", "jsonl", "--jsonl",
-             str(tmp / "spans.jsonl"), "--ready-file", str(ready), "--stats-interval", "0",
-             *(["--config", args.agent_config] if args.agent_config else [])],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    agent: subprocess.Popen[bytes] | None = None
     try:
+        # The same server and load without the agent first: the whole CPU difference per
+        # request, next to which the programs' run time says how much is theirs.
+        run_wrk(port, 1, connections, delay_ms, tmp, headers, path)  # warm-up
+        cpu0 = cpu_seconds(worker)
+        w = run_wrk(port, args.duration, connections, delay_ms, tmp, headers, path)
+        bare_us = (cpu_seconds(worker) - cpu0) / w["requests"] * 1e6
+        with (tmp / "agent.log").open("w") as log:
+            agent = subprocess.Popen(
+                ["taskset", "-c", "0", sys.executable, "-m", "kernel_side.cli", "agent",
+                 "--pid", str(ngx.pid), "--pid", str(worker), "--exporter", "jsonl",
+                 "--jsonl", str(tmp / "spans.jsonl"), "--ready-file", str(ready),
+                 "--stats-interval", "0",
+                 *(["--config", args.agent_config] if args.agent_config else [])],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         while not ready.exists():
             if agent.poll() is not None:
                 raise RuntimeError((tmp / "agent.log").read_text())
             time.sleep(0.01)
         before = agent_programs(agent.pid)
         cpu0 = cpu_seconds(worker)
-        connections, delay_ms = wrk_pacing(8, args.rate) if args.rate else (8, 0)
-        headers = ("Connection: close",) if args.connection_close else ()
-        w = run_wrk(port, args.duration, connections, delay_ms, tmp, headers)
+        w = run_wrk(port, args.duration, connections, delay_ms, tmp, headers, path)
         app_us = (cpu_seconds(worker) - cpu0) / w["requests"] * 1e6
         after = agent_programs(agent.pid)
         name_programs(after)
     finally:
-        if agent.poll() is None:
+        if agent is not None and agent.poll() is None:
             os.kill(agent.pid, signal.SIGINT)
             agent.wait(60)
         os.killpg(ngx.pid, signal.SIGTERM)
@@ -188,7 +221,9 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
     load = f"paced at {args.rate} req/s" if args.rate else "max rate"
     if args.connection_close:
         load += ", a new connection per request"
-    print(f"\nagent BPF programs, nginx 6-byte body {load}, {reqs} requests "
+    what = ("nginx 6-byte body" if args.target == "nginx"
+            else "gunicorn (1 sync worker) Flask /hello")
+    print(f"\nagent BPF programs, {what} {load}, {reqs} requests "
           f"({stats.get('exchanges', 0)} exchanges); calls and run time from the kernel's BPF "
           "statistics (all processes' calls, as the programs fire system-wide)")
     print(f"{'program':<34} {'calls/req':>10} {'ns/call':>10} {'ns/req':>10}")
@@ -196,10 +231,12 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
         print(f"{r['program']:<34} {r['calls_per_req']:>10.2f} {r['ns_per_call']:>10.0f} "
               f"{r['ns_per_req']:>10.0f}")
     print(f"{'total':<34} {'':>10} {'':>10} {total:>10.0f}")
-    print(f"nginx worker CPU with the agent: {app_us:.2f} µs/request (agent_bench.py gives the "
-          "difference against bare)")
+    print(f"worker CPU per request: {bare_us:.2f} µs bare, {app_us:.2f} µs with the agent "
+          f"(+{app_us - bare_us:.2f} µs, of which {total / 1000:.2f} µs is program run time "
+          "counted system-wide; one run each, so a few µs of it is noise)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"config": vars(args), "requests": reqs,
+                                           "app_cpu_us_per_req_bare": bare_us,
                                            "app_cpu_us_per_req": app_us, "programs": rows},
                                           indent=2))
     print(f"\nJSON: {args.json}")

@@ -3,11 +3,13 @@ and the event loop's drain timer."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import pytest
 
+from kernel_side import ring
 from kernel_side.agent import DRAIN_INTERVAL_MAX_S, drain_interval_s, possible_cpus
 
 
@@ -38,3 +40,46 @@ def test_drain_interval_follows_idle_flush_within_bounds() -> None:
     assert drain_interval_s(1) == 0.01
     assert drain_interval_s(0) == 0.01
     assert drain_interval_s(5_000) == DRAIN_INTERVAL_MAX_S == 0.2
+
+
+class _FakeClock:
+    """perf_counter_ns for the drain: each handled record moves it by ``step_ns``."""
+
+    def __init__(self, step_ns: int) -> None:
+        self.now = 0
+        self.step_ns = step_ns
+
+    def perf_counter_ns(self) -> int:
+        return self.now
+
+
+def _reader(handle: object) -> ring.RingReader:
+    r = ring.RingReader.__new__(ring.RingReader)
+    r._handle = handle  # type: ignore[assignment]
+    return r
+
+
+@pytest.mark.parametrize(("step_us", "records", "yields"), [
+    (1, 150, 0),     # 150 µs of work: under one slice, never yields
+    (50, 40, 10),    # 2 ms of work: a yield after every 4 records (200 µs)
+    (300, 5, 5),     # one slow record already overruns the slice: a yield after each
+])
+def test_a_long_drain_offers_the_cpu_between_records(
+    monkeypatch: pytest.MonkeyPatch, step_us: int, records: int, yields: int
+) -> None:
+    clock = _FakeClock(step_us * 1000)
+    monkeypatch.setattr(ring, "time", clock)
+    yielded: list[int] = []
+    monkeypatch.setattr(ring.os, "sched_yield", lambda: yielded.append(clock.now))
+    seen: list[bytes] = []
+
+    def handle(raw: bytes) -> None:
+        seen.append(raw)
+        clock.now += clock.step_ns
+
+    batch = [bytes([i]) for i in range(records)]
+    _reader(handle)._hand_over(batch)
+    assert seen == batch  # every record, once, in ring order
+    assert len(yielded) == yields
+    gaps = [b - a for a, b in itertools.pairwise([0, *yielded])]
+    assert all(g <= ring.YIELD_AFTER_NS + clock.step_ns for g in gaps)
