@@ -7,6 +7,7 @@ context map with an agent someone else runs on the machine at the same time.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -303,3 +304,35 @@ class Agent:
         if self.proc is not None and self.proc.poll() is None:
             stop_group(self.proc, signal.SIGINT)
         shutil.rmtree(f"/sys/fs/bpf/ebpf_bridge_bench_{os.getpid()}", ignore_errors=True)
+
+
+OPENLOOP_SRC = Path(__file__).resolve().parent / "openloop.c"
+
+
+def openloop_binary() -> Path:
+    """bench/openloop.c compiled into bench/build/ (again whenever the source is newer)."""
+    out = OPENLOOP_SRC.parent / "build" / "openloop"
+    if not out.exists() or out.stat().st_mtime < OPENLOOP_SRC.stat().st_mtime:
+        out.parent.mkdir(exist_ok=True)
+        try:
+            subprocess.run(["cc", "-O2", "-Wall", "-o", str(out), str(OPENLOOP_SRC)],
+                           check=True, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise RuntimeError("no C compiler (cc) to build bench/openloop.c: "
+                               "apt-get install gcc") from None
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"building bench/openloop.c failed:\n{e.stderr}") from None
+    return out
+
+
+def run_openloop(port: int, path: str, rate: float, duration: int, cpu: int) -> dict[str, float]:
+    """``bench/openloop`` on ``cpu``: ``rate`` requests a second on schedule, each on a new
+    connection, whatever the server does; latency runs from each request's scheduled start.
+    Returns its JSON (requests = completed)."""
+    out = subprocess.run(["taskset", "-c", str(cpu), str(openloop_binary()), "127.0.0.1",
+                          str(port), path, f"{rate:g}", str(duration)],
+                         capture_output=True, text=True, check=True).stdout
+    r: dict[str, float] = json.loads(out)
+    r["requests"] = r["completed"]
+    r["socket_errors"] = r.pop("errors")
+    return r

@@ -18,15 +18,19 @@ Redis GET per request against a throwaway PostgreSQL and redis-server started he
 - ``agent-only``: the same agent, the app does not annotate (separates the two costs).
 
 Each mode gets a fresh gunicorn (and agent); each endpoint is driven by ``wrk -t1 -cN`` closed
-loop ("max") and then paced ("paced": wrk waits ``delay()`` ms between a response and the next
-request on a connection, so the offered rate is at most ``--rate``; the achieved rate is
-reported). The load generator, the agent, the receiver, PostgreSQL and Redis share
-``--load-cpu``; the app has ``--app-cpu`` to itself. Mode order rotates between repeats.
+loop ("max") and then at a fixed rate ("fixed": ``bench/openloop.c`` starts ``--rate``
+requests a second on schedule, each on a new connection, whatever the server does, and times
+each from its scheduled start; ``--fixed-rate-driver wrk`` restores the older "paced" phase,
+where wrk waits ``delay()`` ms after each response, so a slower server is offered less and
+the achieved rate is reported). The load generator, the agent, the receiver, PostgreSQL and
+Redis share ``--load-cpu``; the app has ``--app-cpu`` to itself. Mode order rotates between
+repeats.
 
-Reported per phase: req/s, p50/p99 (wrk), app CPU us per request (the worker's utime+stime
-from /proc, which includes the OTel SDK's export thread and the kernel-side cost of the
-agent's probes in the worker's syscalls), spans received per request, agent CPU us per span,
-agent events lost. Prints a table and writes JSON; never decides pass/fail.
+Reported per phase: req/s, p50/p99 (wrk or openloop; openloop also reports requests it could
+not start because 512 were already open, ``skipped``), app CPU us per request (the worker's
+utime+stime from /proc, which includes the OTel SDK's export thread and the kernel-side cost
+of the agent's probes in the worker's syscalls), spans received per request, agent CPU us per
+span, agent events lost. Prints a table and writes JSON; never decides pass/fail.
 
     sudo .venv/bin/python bench/flask_bench.py [--duration 8] [--repeat 3] [--rate 2000]
 """
@@ -53,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _live import cpu_seconds, cpu_split, pace_script
+from _live import cpu_seconds, cpu_split, openloop_binary, pace_script, run_openloop
 
 from kernel_side.health import parse_metrics
 
@@ -356,7 +360,11 @@ def phase(s: Session, endpoint: str, rate: float, args: argparse.Namespace,
     a0 = cpu_seconds(s.agent.pid) if s.agent else 0.0
     (u0, k0), w0 = cpu_split(s.worker), cpu_seconds(s.worker)
     t0 = time.monotonic()
-    r = run_wrk(s.port, f"/{endpoint}", args.duration, args.connections, rate, args.load_cpu, tmp)
+    if rate and args.fixed_rate_driver == "openloop":
+        r = run_openloop(s.port, f"/{endpoint}", rate, args.duration, args.load_cpu)
+    else:
+        r = run_wrk(s.port, f"/{endpoint}", args.duration, args.connections, rate,
+                    args.load_cpu, tmp)
     # Let the exporters drain: the agent (idle flush 100 ms, OTLP batches) or the SDK's
     # BatchSpanProcessor (5 s schedule). Stop once every expected span arrived or none came
     # for a while. CPU is read after the drain so that the export work is counted.
@@ -412,7 +420,7 @@ def median(vals: list[float]) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
-ROWS = ("rps", "p50_ms", "p99_ms", "app_cpu_us_per_req", "app_user_us_per_req",
+ROWS = ("rps", "p50_ms", "p99_ms", "skipped", "app_cpu_us_per_req", "app_user_us_per_req",
         "app_sys_us_per_req", "spans_per_req",
         "agent_cpu_us_per_span", "events_lost", "export_dropped", "context_hits",
         "socket_errors", "other_agents", "loadavg_1m")
@@ -487,9 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--rate", type=int, default=2000,
-                    help="paced offered rate, req/s; capped at --rate-cap of bare max")
-    ap.add_argument("--rate-cap", type=float, default=0.7,
-                    help="paced rate at most this fraction of the first bare max-rate run")
+                    help="fixed offered rate, req/s; capped at --rate-cap of bare max")
+    ap.add_argument("--rate-cap", type=float, default=0.5,
+                    help="fixed rate at most this fraction of the first bare max-rate run "
+                    "(an open-loop rate near capacity measures queueing, not the agent)")
+    ap.add_argument("--fixed-rate-driver", choices=("openloop", "wrk"), default="openloop",
+                    help="openloop (bench/openloop.c): requests start on schedule whatever the "
+                    "server does, latency from the scheduled start; wrk: each connection "
+                    "waits delay() ms after a response, so a slower server is offered less")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--agent-sched", choices=("normal", "nice", "idle"), default="normal",
                     help="the agent's CPU scheduling: normal, nice 19, or SCHED_IDLE")
@@ -515,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{', '.join(missing)} not found in {VENV_BIN}: install the bench extras with "
               f"{VENV_BIN / 'pip'} install -e '.[agent,bench]'", file=sys.stderr)
         return 1
+    if args.fixed_rate_driver == "openloop":
+        openloop_binary()  # build it (or fail) before the first session starts
     os.sched_setaffinity(0, {args.load_cpu})  # this driver hosts the OTLP receiver
     recv = SpanCounter()
     runs: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -541,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
                                                else args.rate)
                                         rates[ep] = float(min(args.rate, int(cap)))
                                     rate = rates[ep]
-                                    key = f"/{ep} paced {rate:.0f}/s"
+                                    how = ("fixed" if args.fixed_rate_driver == "openloop"
+                                           else "paced")
+                                    key = f"/{ep} {how} {rate:.0f}/s"
                                 else:
                                     rate, key = 0, f"/{ep} max"
                                 r = phase(s, ep, rate, args, tmp)

@@ -175,13 +175,17 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
     headers = ("Connection: close",) if args.connection_close else ()
     ready = tmp / "agent.ready"
     agent: subprocess.Popen[bytes] | None = None
-    try:
-        # The same server and load without the agent first: the whole CPU difference per
-        # request, next to which the programs' run time says how much is theirs.
-        run_wrk(port, 1, connections, delay_ms, tmp, headers, path)  # warm-up
+    def bare_run() -> float:
         cpu0 = cpu_seconds(worker)
         w = run_wrk(port, args.duration, connections, delay_ms, tmp, headers, path)
-        bare_us = (cpu_seconds(worker) - cpu0) / w["requests"] * 1e6
+        return (cpu_seconds(worker) - cpu0) / w["requests"] * 1e6
+
+    try:
+        # The same server and load without the agent, before and after the agent's run: the
+        # whole CPU difference per request, next to which the programs' run time says how
+        # much is theirs (two bare runs bracket the drift of a shared machine).
+        run_wrk(port, 2, connections, delay_ms, tmp, headers, path)  # warm-up
+        bare_us = [bare_run()]
         with (tmp / "agent.log").open("w") as log:
             agent = subprocess.Popen(
                 ["taskset", "-c", "0", sys.executable, "-m", "kernel_side.cli", "agent",
@@ -200,6 +204,9 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
         app_us = (cpu_seconds(worker) - cpu0) / w["requests"] * 1e6
         after = agent_programs(agent.pid)
         name_programs(after)
+        os.kill(agent.pid, signal.SIGINT)
+        agent.wait(60)
+        bare_us.append(bare_run())
     finally:
         if agent is not None and agent.poll() is None:
             os.kill(agent.pid, signal.SIGINT)
@@ -231,12 +238,15 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
         print(f"{r['program']:<34} {r['calls_per_req']:>10.2f} {r['ns_per_call']:>10.0f} "
               f"{r['ns_per_req']:>10.0f}")
     print(f"{'total':<34} {'':>10} {'':>10} {total:>10.0f}")
-    print(f"worker CPU per request: {bare_us:.2f} µs bare, {app_us:.2f} µs with the agent "
-          f"(+{app_us - bare_us:.2f} µs, of which {total / 1000:.2f} µs is program run time "
-          "counted system-wide; one run each, so a few µs of it is noise)")
+    bare = sum(bare_us) / len(bare_us)
+    print(f"worker CPU per request: {bare:.2f} µs bare (runs before and after: "
+          f"{bare_us[0]:.2f}, {bare_us[1]:.2f}), {app_us:.2f} µs with the agent "
+          f"({app_us - bare:+.2f} µs, of which {total / 1000:.2f} µs is program run time "
+          "counted system-wide; at low rates the bare runs alone differ by several µs)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"config": vars(args), "requests": reqs,
                                            "app_cpu_us_per_req_bare": bare_us,
+                                           "app_cpu_us_per_req_bare_mean": bare,
                                            "app_cpu_us_per_req": app_us, "programs": rows},
                                           indent=2))
     print(f"\nJSON: {args.json}")

@@ -3,8 +3,9 @@
 Runs, in order: annotate_vs_sdk (annotate() vs an OpenTelemetry SDK span), otel_processor
 (what BridgeSpanProcessor adds to an SDK span), pipeline_bench (agent user-space cost per span
 by stage), agent_bench at max rate and paced (nginx worst case), flask_bench (bare vs
-OpenTelemetry auto-instrumentation vs agent + annotate, at max rate and paced), kernel_cost
-(per BPF program), inject and stitch, protocol_bench (parser cost per protocol, and live
+OpenTelemetry auto-instrumentation vs agent + annotate, at max rate and at a fixed open-loop
+rate), kernel_cost (per BPF program, under nginx and under the Flask bench's gunicorn), inject
+and stitch, protocol_bench (parser cost per protocol, and live
 capacity under redis-benchmark, pgbench, mariadb-slap, grpcio and wrk) and tls_bench (HTTPS vs
 HTTP at a fixed rate). Each writes its own JSON under bench/results/; this prints every table
 and writes bench/results/all.json with all of them. Never decides pass/fail.
@@ -72,6 +73,9 @@ def benches(quick: bool) -> dict[str, list[str]]:
                               "--rate", "10000", "--exporter", "jsonl"],
         "flask": ["bench/flask_bench.py", "--duration", d, "--repeat", rep],
         "kernel_cost": ["bench/kernel_cost.py", "--duration", d],
+        # The Flask bench's app: a new connection per request, and Python's syscalls.
+        "kernel_cost_gunicorn": ["bench/kernel_cost.py", "--duration", d, "--target",
+                                 "gunicorn", "--rate", "1000"],
         "inject": ["bench/inject_bench.py", "--duration", d, "--repeat", "2"],
         "stitch": ["bench/stitch_bench.py", "--duration", "4" if quick else "8", "--repeat", "2"],
         "protocols": ["bench/protocol_bench.py", "--seconds", "3" if quick else "6",
