@@ -106,9 +106,9 @@ struct sock_info {
     __u8 tls_checks; /* request-direction I/Os looked at for a TLS record head so far */
 };
 
-/* A TCP socket's own address, learned from sock:inet_sock_set_state (keyed by the kernel's
- * socket address, which the syscall tracepoints never see) and tied to (tgid, fd) by
- * sock:sock_send_length/sock_recv_length, which fire inside the syscall. */
+/* A TCP socket's own address, read from the kernel's socket (which the syscall tracepoints
+ * never see) by sock:sock_send_length/sock_recv_length, which fire inside the syscall and so
+ * tie it to the (tgid, fd) in flight. */
 struct sk_tuple {
     __u8 saddr[16];
     __u16 sport;
@@ -262,7 +262,6 @@ BPF_HASH(active_io, __u32, struct io_args, THREAD_MAX);
 BPF_HASH(active_conn, __u32, struct conn_args, THREAD_MAX);
 BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
 BPF_PERCPU_ARRAY(chunk_scratch, struct chunk, 1);
-BPF_TABLE("lru_hash", __u64, struct sk_tuple, sk_ports, SOCK_MAX);
 BPF_TABLE("lru_hash", struct addr_port, __u8, client_by_port, SOCK_MAX);
 BPF_PERCPU_ARRAY(stats, __u64, ST_SLOTS);
 BPF_ARRAY(id_counter, __u64, 1);
@@ -1381,39 +1380,58 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 
 /* --- socket addresses (for same-node stitching) ------------------------------------------ */
 
-#define TCP_ESTABLISHED_ 1
-#define TCP_CLOSE_ 7
 #define IPPROTO_TCP_ 6
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+/* The head of struct sock_common, whose layout has not changed since Linux 2.6: both IPv4
+ * addresses, then the hash, the peer port (network order) and the local port (host order),
+ * then the family. */
+struct sk_head {
+    __u8 daddr[4];
+    __u8 rcv_saddr[4];
+    __u32 hash;
+    __u16 dport_be;
+    __u16 num;
+    __u16 family;
+};
+
+/* Where struct sock_common keeps the IPv6 addresses on this kernel: found in its BTF by user
+ * space (kernel_side/btf.py); 0 when unknown, and then only IPv4 sockets are learned. */
+#ifndef SKC_V6_DADDR_OFF
+#define SKC_V6_DADDR_OFF 0
+#define SKC_V6_RCV_SADDR_OFF 0
+#endif
+
+/* A TCP socket's addresses, read from the kernel's socket itself. This used to come from
+ * sock:inet_sock_set_state, which fires for every TCP state change of every socket on the
+ * machine (10 runs per short connection, 1.4 µs in all) to fill a map most sockets were never
+ * looked up in. Returns 0 when *t is filled. */
+static __always_inline int read_sk(const void *skp, struct sk_tuple *t)
 {
-    if (args->protocol != IPPROTO_TCP_)
-        return 0;
-    __u64 sk = (__u64)args->skaddr;
-    if (args->newstate == TCP_CLOSE_) {
-        sk_ports.delete(&sk);
+    struct sk_head h = {};
+    if (bpf_probe_read_kernel(&h, sizeof(h), skp))
+        return -1;
+    t->family = h.family;
+    t->sport = h.num;
+    t->dport = (h.dport_be >> 8) | ((h.dport_be & 0xff) << 8);
+    if (h.family == AF_INET_) {
+        __builtin_memcpy(t->saddr, h.rcv_saddr, 4);
+        __builtin_memcpy(t->daddr, h.daddr, 4);
         return 0;
     }
-    if (args->newstate != TCP_ESTABLISHED_)
+    if (h.family == AF_INET6_ && SKC_V6_DADDR_OFF) {
+        if (bpf_probe_read_kernel(t->saddr, 16, (const __u8 *)skp + SKC_V6_RCV_SADDR_OFF) ||
+            bpf_probe_read_kernel(t->daddr, 16, (const __u8 *)skp + SKC_V6_DADDR_OFF))
+            return -1;
         return 0;
-    struct sk_tuple t = {};
-    t.sport = args->sport;
-    t.family = args->family;
-    t.dport = args->dport;
-    if (args->family == AF_INET_) {
-        __builtin_memcpy(t.saddr, args->saddr, 4);
-        __builtin_memcpy(t.daddr, args->daddr, 4);
-    } else {
-        __builtin_memcpy(t.saddr, args->saddr_v6, 16);
-        __builtin_memcpy(t.daddr, args->daddr_v6, 16);
     }
-    sk_ports.update(&sk, &t);
-    return 0;
+    return -1;
 }
 
 /* Fires inside read/write/sendmsg/...: the thread's syscall in flight names the fd. */
-static __always_inline int learn_local(const void *skp)
+static __always_inline int learn_local(const void *skp, __u16 protocol)
 {
+    if (protocol != IPPROTO_TCP_)
+        return 0;
     __u64 id = bpf_get_current_pid_tgid();
     __u32 tid = (__u32)id;
     struct io_args *a = active_io.lookup(&tid);
@@ -1425,10 +1443,10 @@ static __always_inline int learn_local(const void *skp)
     struct sock_info *si = socks.lookup(&k);
     if (!si || si->local_known)
         return 0;
-    __u64 sk = (__u64)skp;
-    struct sk_tuple *t = sk_ports.lookup(&sk);
-    if (!t)
+    struct sk_tuple tuple = {};
+    if (read_sk(skp, &tuple))
         return 0;
+    struct sk_tuple *t = &tuple;
     __builtin_memcpy(si->local_addr, t->saddr, sizeof(si->local_addr));
     si->local_port = t->sport;
     si->local_known = 1;
@@ -1453,8 +1471,8 @@ static __always_inline int learn_local(const void *skp)
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_send_length) { return learn_local(args->sk); }
-TRACEPOINT_PROBE(sock, sock_recv_length) { return learn_local(args->sk); }
+TRACEPOINT_PROBE(sock, sock_send_length) { return learn_local(args->sk, args->protocol); }
+TRACEPOINT_PROBE(sock, sock_recv_length) { return learn_local(args->sk, args->protocol); }
 
 /* --- process lifecycle -------------------------------------------------------------------- */
 

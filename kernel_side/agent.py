@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import bpf
 from bridge import _abi
-from kernel_side import assembly, events, processes, ring
+from kernel_side import assembly, btf, events, processes, ring
 from kernel_side.assembly import IdSource, SpanAssembler
 from kernel_side.config import AgentConfig, ConfigError
 from kernel_side.events import (
@@ -722,6 +722,12 @@ class Agent:
         ]
         if cfg.inject_traceparent:
             cflags.append("-DINJECT_TRACEPARENT")
+        v6 = btf.sock_v6_offsets()
+        if v6 is not None:
+            cflags += [f"-DSKC_V6_DADDR_OFF={v6[0]}", f"-DSKC_V6_RCV_SADDR_OFF={v6[1]}"]
+        else:
+            log.info("no kernel BTF for struct sock_common (%s): same-node stitching learns "
+                     "IPv4 socket addresses only", btf.VMLINUX_BTF)
         src = (bpf.SOURCE_DIR / "agent.bpf.c").read_text()
         if cfg.inject_traceparent:
             # Appended, not #included: BCC makes programs only of the main file's functions.

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
+from kernel_side import btf
+
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ebpf_bridge"
 
 # statfs(2) magic of a bpf filesystem (include/uapi/linux/magic.h).
@@ -202,10 +204,17 @@ def check_privileges(p: Probe) -> Outcome:
 
 
 def check_btf(p: Probe) -> Outcome:
-    """Kernel BTF (information: the agent compiles with BCC against headers, not CO-RE)."""
-    if os.path.exists(p.btf):
-        return Outcome(True, f"{p.btf} present")
-    return Outcome(True, f"{p.btf} absent (not needed: the agent does not use CO-RE)", None)
+    """Kernel BTF (information: the agent compiles with BCC against headers, not CO-RE; it
+    reads one struct's field offsets from BTF for IPv6 socket addresses)."""
+    if not os.path.exists(p.btf):
+        return Outcome(True, f"{p.btf} absent (the agent does not use CO-RE; same-node "
+                       "stitching learns IPv4 socket addresses only)", None)
+    v6 = btf.sock_v6_offsets(p.btf)
+    if v6 is None:
+        return Outcome(True, f"{p.btf} present, but struct sock_common's IPv6 addresses were "
+                       "not found in it: same-node stitching learns IPv4 socket addresses only")
+    return Outcome(True, f"{p.btf} present (struct sock_common IPv6 addresses at bytes "
+                   f"{v6[0]} and {v6[1]}, for same-node stitching over IPv6)")
 
 
 def check_tracefs(p: Probe) -> Outcome:

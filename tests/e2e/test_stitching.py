@@ -15,11 +15,12 @@ from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.e2e.conftest import APPS, CLIENT, EXAMPLES, PYTHON, SERVER, Harness, by_service
 
 
-def _relay(h: Harness, name: str, upstream_port: int, prefix: str) -> tuple[int, int]:
+def _relay(h: Harness, name: str, upstream_port: int, prefix: str, host: str = "127.0.0.1",
+           upstream_host: str = "127.0.0.1") -> tuple[int, int]:
     ready = h.tmp / f"{name}.ready"
     proc = h.start(name, [PYTHON, str(APPS / "relay.py"), "--upstream",
-                          f"http://127.0.0.1:{upstream_port}", "--prefix", prefix,
-                          "--ready-file", str(ready)],
+                          f"http://{upstream_host}:{upstream_port}", "--prefix", prefix,
+                          "--host", host, "--ready-file", str(ready)],
                    env={"OTEL_SERVICE_NAME": name}, ready_file=ready)
     return proc.pid, int(ready.read_text())
 
@@ -84,6 +85,27 @@ def test_concurrent_requests_on_shared_keep_alive_connections(harness: Harness,
     # the connection, not by one request per connection.
     mid_servers = by_service(spans, "mid", SERVER)
     assert len({s.attributes["network.peer.port"] for s in mid_servers}) < n
+
+
+def test_an_ipv6_hop_is_stitched(harness: Harness, receiver: OtlpReceiver) -> None:
+    """front -> mid over ::1, mid -> inventory over 127.0.0.1. The probes read an IPv6
+    socket's addresses at the offsets the kernel's BTF gives (kernel_side/btf.py); with them
+    wrong or missing, the mid server span would have no client on this node and start its
+    own trace."""
+    inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
+    mid_pid, mid_port = _relay(harness, "mid", inv_port, "/stock/sku-", host="::1")
+    front_pid, front_port = _relay(harness, "front", mid_port, "/mid/", upstream_host="[::1]")
+    harness.agent("--pid", str(front_pid), "--pid", str(mid_pid), "--pid", str(inv.pid),
+                  receiver=receiver)
+    n = 6
+    with requests.Session() as s:
+        for i in range(n):
+            r = s.get(f"http://127.0.0.1:{front_port}/front/{i}", timeout=20)
+            assert r.status_code == 200 and r.json()["sku"] == f"sku-{i}"
+    spans = receiver.wait_for(_enough(n, "front", "mid"), timeout_s=40)
+    _chains(spans, n, "front", "/front/", "mid")
+    mid_servers = by_service(spans, "mid", SERVER)
+    assert {s.attributes["network.peer.address"] for s in mid_servers} == {"::1"}
 
 
 def test_node_front_sequential(harness: Harness, receiver: OtlpReceiver) -> None:
