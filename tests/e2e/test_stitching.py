@@ -54,6 +54,18 @@ def _enough(n: int, front: str, mid: str):  # type: ignore[no-untyped-def]
     return done
 
 
+def _sequential(receiver: OtlpReceiver, port: int, n: int, front: str) -> list[ReceivedSpan]:
+    """n requests one after another on one connection to ``front`` on ``port``; returns the
+    spans once every service has its n server spans, each request one whole trace."""
+    with requests.Session() as s:
+        for i in range(n):
+            r = s.get(f"http://127.0.0.1:{port}/front/{i}", timeout=20)
+            assert r.status_code == 200 and r.json()["sku"] == f"sku-{i}"
+    spans = receiver.wait_for(_enough(n, front, "mid"), timeout_s=40)
+    _chains(spans, n, front, "/front/", "mid")
+    return spans
+
+
 def test_concurrent_requests_on_shared_keep_alive_connections(harness: Harness,
                                                                receiver: OtlpReceiver) -> None:
     """Threaded zero-code services (front -> mid -> inventory); each relay shares two
@@ -97,13 +109,7 @@ def test_an_ipv6_hop_is_stitched(harness: Harness, receiver: OtlpReceiver) -> No
     front_pid, front_port = _relay(harness, "front", mid_port, "/mid/", upstream_host="[::1]")
     harness.agent("--pid", str(front_pid), "--pid", str(mid_pid), "--pid", str(inv.pid),
                   receiver=receiver)
-    n = 6
-    with requests.Session() as s:
-        for i in range(n):
-            r = s.get(f"http://127.0.0.1:{front_port}/front/{i}", timeout=20)
-            assert r.status_code == 200 and r.json()["sku"] == f"sku-{i}"
-    spans = receiver.wait_for(_enough(n, "front", "mid"), timeout_s=40)
-    _chains(spans, n, "front", "/front/", "mid")
+    spans = _sequential(receiver, front_port, 6, "front")
     mid_servers = by_service(spans, "mid", SERVER)
     assert {s.attributes["network.peer.address"] for s in mid_servers} == {"::1"}
 
@@ -121,10 +127,4 @@ def test_node_front_sequential(harness: Harness, receiver: OtlpReceiver) -> None
     port = int(ready.read_text())
     harness.agent("--pid", str(node.pid), "--pid", str(mid_pid), "--pid", str(inv.pid),
                   receiver=receiver)
-    n = 5
-    with requests.Session() as s:
-        for i in range(n):
-            r = s.get(f"http://127.0.0.1:{port}/front/{i}", timeout=20)
-            assert r.status_code == 200 and r.json()["sku"] == f"sku-{i}"
-    spans = receiver.wait_for(_enough(n, "node-front", "mid"), timeout_s=40)
-    _chains(spans, n, "node-front", "/front/", "mid")
+    _sequential(receiver, port, 5, "node-front")
