@@ -3,6 +3,7 @@ and the event loop's drain timer."""
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 from pathlib import Path
@@ -83,3 +84,42 @@ def test_a_long_drain_offers_the_cpu_between_records(
     assert len(yielded) == yields
     gaps = [b - a for a, b in itertools.pairwise([0, *yielded])]
     assert all(g <= ring.YIELD_AFTER_NS + clock.step_ns for g in gaps)
+
+
+def test_bccs_callback_path_offers_the_cpu_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without kernel_side._fastring, BCC calls back per record; the same 200 µs rule holds
+    within one drain, and a new drain starts its own slice."""
+    clock = _FakeClock(50_000)
+    monkeypatch.setattr(ring, "time", clock)
+    monkeypatch.setattr(ring, "_fastring", None)
+    yielded: list[int] = []
+    monkeypatch.setattr(ring.os, "sched_yield", lambda: yielded.append(clock.now))
+    pending: list[list[bytes]] = []
+
+    class FakeMap:
+        def open_ring_buffer(self, cb: object) -> None:
+            self.cb = cb
+
+    class FakeBpf:
+        table = FakeMap()
+
+        def __getitem__(self, name: str) -> FakeMap:
+            return self.table
+
+        def ring_buffer_consume(self) -> None:
+            for raw in pending.pop(0):
+                buf = ctypes.create_string_buffer(raw, len(raw))
+                self.table.cb(None, buf, len(raw))  # type: ignore[operator]
+
+    seen: list[bytes] = []
+
+    def handle(raw: bytes) -> None:
+        seen.append(raw)
+        clock.now += clock.step_ns
+
+    r = ring.RingReader(FakeBpf(), "events", handle)
+    pending += [[bytes([i]) for i in range(8)], [b"x", b"y"]]
+    r.consume()
+    assert seen == [bytes([i]) for i in range(8)] and len(yielded) == 2
+    r.consume()  # 100 µs of work in a new drain: no yield
+    assert seen[-2:] == [b"x", b"y"] and len(yielded) == 2
