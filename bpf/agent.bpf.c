@@ -225,16 +225,9 @@ struct io_args {
     __u64 ptr;
     __u32 fd;
     __u8 kind;
-    __u8 dir; /* DIR_IN or DIR_OUT, known at entry: one exit program serves every syscall */
-    __u8 need_local; /* the socket's local address is still unknown: learn_local has work */
-    __u8 _pad;
+    __u8 dir; /* DIR_IN or DIR_OUT */
+    __u8 _pad[2];
     __u64 vlen;
-};
-
-struct conn_args {
-    __u64 addr;
-    __u32 fd;
-    __u32 _pad;
 };
 
 BPF_HASH(procs, __u32, struct proc_info, 16384);
@@ -253,13 +246,15 @@ struct peer_key {
     __u16 _pad;
 };
 BPF_TABLE("lru_hash", struct peer_key, __u32, server_by_peer, SOCK_MAX);
-/* Syscalls in progress, one entry per thread inside one (a thread blocked in read() holds its
- * entry): the loader sets THREAD_MAX (max_threads). */
+/* Calls in progress, one entry per thread inside one (a thread blocked in SSL_read() holds its
+ * entry): the loader sets THREAD_MAX (max_threads). The socket syscalls need no such map: their
+ * exits read the arguments from the saved registers. */
 #ifndef THREAD_MAX
 #define THREAD_MAX 10240
 #endif
-BPF_HASH(active_io, __u32, struct io_args, THREAD_MAX);
-BPF_HASH(active_conn, __u32, struct conn_args, THREAD_MAX);
+#ifdef INJECT_TRACEPARENT
+BPF_HASH(active_io, __u32, struct io_args, THREAD_MAX); /* the write in flight, for the injector */
+#endif
 BPF_PERCPU_ARRAY(zero_exchange, struct exchange, 1);
 BPF_PERCPU_ARRAY(chunk_scratch, struct chunk, 1);
 BPF_TABLE("lru_hash", struct addr_port, __u8, client_by_port, SOCK_MAX);
@@ -1048,69 +1043,142 @@ static __always_inline int switching_protocols(struct exchange *st)
            r[11] == '1';
 }
 
-static __always_inline int on_enter_io(int dir, __u32 fd, __u64 ptr, __u32 kind, __u64 vlen)
+/* The data syscalls' arguments are read at their exit, from the registers the syscall entry
+ * saved (bpf_task_pt_regs): no entry programs, no per-thread bookkeeping map. An entry program
+ * per syscall cost the traced application its run (145-440 ns, a socket look-up and a map
+ * update) plus the tracepoint's own dispatch (about 140 ns for an empty program here), and the
+ * exit then looked up and deleted that map entry; a thread blocked in read() no longer holds
+ * an entry either, so there is no max_threads bound on plain socket I/O. x86_64 only: the
+ * syscall numbers and the registers that carry the arguments (di, si, dx) are that ABI's
+ * (kernel_side/agent.py refuses other machines). */
+#define NR_READ 0
+#define NR_WRITE 1
+#define NR_READV 19
+#define NR_WRITEV 20
+#define NR_SENDTO 44
+#define NR_RECVFROM 45
+#define NR_SENDMSG 46
+#define NR_RECVMSG 47
+#define NR_ACCEPT 43
+#define NR_CONNECT 42
+#define NR_ACCEPT4 288
+
+/* struct pt_regs from dx on: the third, second and first syscall argument, then the number. */
+struct sys_regs {
+    __u64 dx;
+    __u64 si;
+    __u64 di;
+    __u64 orig_ax;
+};
+
+static long (*read_kernel)(void *dst, __u32 size, const void *src) =
+    (void *)BPF_FUNC_probe_read_kernel;
+
+/* The current syscall's saved registers; 0 when read. */
+static __always_inline int syscall_regs(struct sys_regs *r)
+{
+    struct task_struct *t = bpf_get_current_task_btf();
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(t);
+    return read_kernel(r, sizeof(*r), &regs->dx) ? -1 : 0;
+}
+
+/* What the data syscall `nr`, called with `r`, handed over; 0 when it is one of the eight. */
+static __always_inline int io_args_of(int nr, struct sys_regs *r, struct io_args *a)
+{
+    a->fd = (__u32)r->di;
+    a->ptr = r->si;
+    a->kind = IO_BUF;
+    a->vlen = 0;
+    switch (nr) {
+    case NR_READ:
+    case NR_RECVFROM:
+        a->dir = DIR_IN;
+        return 0;
+    case NR_WRITE:
+    case NR_SENDTO:
+        a->dir = DIR_OUT;
+        return 0;
+    case NR_READV:
+    case NR_WRITEV:
+        a->dir = nr == NR_READV ? DIR_IN : DIR_OUT;
+        a->kind = IO_IOVEC;
+        a->vlen = r->dx;
+        return 0;
+    case NR_RECVMSG:
+    case NR_SENDMSG: {
+        /* The kernel writes back only the lengths and flags of the msghdr: the iovec pointer
+         * and count are still the caller's at exit. */
+        struct u_msghdr m = {};
+        if (read_user(&m, sizeof(m), (const void *)r->si))
+            return -1;
+        a->dir = nr == NR_RECVMSG ? DIR_IN : DIR_OUT;
+        a->kind = IO_IOVEC;
+        a->ptr = m.iov;
+        a->vlen = m.iovlen;
+        return 0;
+    }
+    }
+    return -1;
+}
+
+#ifdef INJECT_TRACEPARENT
+/* The injector's sk_msg program runs inside the write and has no registers to read: the
+ * write-side entry programs (only with injection on) name the write to it in active_io. */
+static __always_inline int on_enter_write(__u32 fd, __u64 ptr)
 {
     __u64 id = bpf_get_current_pid_tgid();
     struct sock_key k = {.tgid = id >> 32, .fd = fd};
-    struct sock_info *si = socks.lookup(&k);
-    if (!si)
+    if (!socks.lookup(&k))
         return 0;
     __u32 tid = (__u32)id;
-    tls_learn_fd(si, &k, tid);
-    struct io_args a = {.ptr = ptr, .fd = fd, .kind = kind, .dir = dir,
-                        .need_local = !si->local_known, .vlen = vlen};
+    struct io_args a = {.ptr = ptr, .fd = fd, .kind = IO_BUF, .dir = DIR_OUT};
     if (active_io.update(&tid, &a))
         stat_inc(ST_TRACK_FULL);
     return 0;
 }
 
-static __always_inline int on_enter_msg(int dir, __u32 fd, __u64 msg)
+static __always_inline int on_enter_sendmsg(__u32 fd, __u64 msg)
 {
-    __u64 id = bpf_get_current_pid_tgid();
-    struct sock_key k = {.tgid = id >> 32, .fd = fd};
-    struct sock_info *si = socks.lookup(&k);
-    if (!si)
-        return 0;
-    tls_learn_fd(si, &k, (__u32)id);
     struct u_msghdr m = {};
     if (read_user(&m, sizeof(m), (const void *)msg))
         return 0;
-    __u32 tid = (__u32)id;
-    struct io_args a = {.ptr = m.iov, .fd = fd, .kind = IO_IOVEC, .dir = dir,
-                        .need_local = !si->local_known, .vlen = m.iovlen};
-    if (active_io.update(&tid, &a))
-        stat_inc(ST_TRACK_FULL);
-    return 0;
+    return on_enter_write(fd, m.iov);
 }
+#endif
 
-static __always_inline int on_exit_io_sock(__u64 id, __u32 tid, int dir, struct io_args *ap,
-                                           long ret)
+static __always_inline int data_io(int nr, long ret, __u64 id)
 {
-    struct sock_key k = {.tgid = id >> 32, .fd = ap->fd};
+    if (ret <= 0)
+        return 0;
+    struct sys_regs r;
+    if (syscall_regs(&r))
+        return 0;
+    struct sock_key k = {.tgid = id >> 32, .fd = (__u32)r.di};
     struct sock_info *si = socks.lookup(&k);
     if (!si)
         return 0;
-    if (tls_socket_io(si, &k, tid, dir, ap, ret))
+    struct io_args a = {};
+    if (io_args_of(nr, &r, &a))
         return 0;
-    return conn_io(&k, si, dir, ap, ret, tid);
+    __u32 tid = (__u32)id;
+    tls_learn_fd(si, &k, tid);
+    if (tls_socket_io(si, &k, tid, a.dir, &a, ret))
+        return 0;
+    return conn_io(&k, si, a.dir, &a, ret, tid);
 }
 
-static __always_inline int on_exit_io(long ret)
+static __always_inline int on_exit_io(int nr, long ret)
 {
     __u64 id = bpf_get_current_pid_tgid();
-    __u32 tid = (__u32)id;
-    struct io_args *ap = active_io.lookup(&tid);
-    if (!ap)
-        return 0;
-    struct io_args a = *ap;
-    active_io.delete(&tid);
-    int dir = a.dir;
-    if (ret > 0)
-        on_exit_io_sock(id, tid, dir, &a, ret);
+    data_io(nr, ret, id);
 #ifdef INJECT_TRACEPARENT
-    /* The injector's choice belongs to this write alone (start_exchange has taken it). */
-    if (dir == DIR_OUT && inject_ids.lookup(&tid))
-        inject_ids.delete(&tid);
+    if (nr == NR_WRITE || nr == NR_SENDTO || nr == NR_WRITEV || nr == NR_SENDMSG) {
+        /* The injector's choice belongs to this write alone (start_exchange has taken it). */
+        __u32 tid = (__u32)id;
+        active_io.delete(&tid);
+        if (inject_ids.lookup(&tid))
+            inject_ids.delete(&tid);
+    }
 #endif
     return 0;
 }
@@ -1201,18 +1269,16 @@ static __always_inline int conn_io(struct sock_key *kp, struct sock_info *si, in
 
 /* --- data syscalls ------------------------------------------------------------------------ */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return on_enter_io(DIR_IN, args->fd, (__u64)args->buf, IO_BUF, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_enter_io(DIR_OUT, args->fd, (__u64)args->buf, IO_BUF, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return on_enter_io(DIR_IN, args->fd, (__u64)args->ubuf, IO_BUF, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_enter_io(DIR_OUT, args->fd, (__u64)args->buff, IO_BUF, 0); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv) { return on_enter_io(DIR_IN, args->fd, (__u64)args->vec, IO_IOVEC, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_enter_io(DIR_OUT, args->fd, (__u64)args->vec, IO_IOVEC, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return on_enter_msg(DIR_IN, args->fd, (__u64)args->msg); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_enter_msg(DIR_OUT, args->fd, (__u64)args->msg); }
+#ifdef INJECT_TRACEPARENT
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_enter_write(args->fd, (__u64)args->buf); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return on_enter_write(args->fd, (__u64)args->buff); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_enter_write(args->fd, (__u64)args->vec); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_enter_sendmsg(args->fd, (__u64)args->msg); }
+#endif
 
 /* Every sys_exit_* tracepoint has the same record (syscall number, then the return value at
- * offset 16; kernel_side/agent.py checks the tracefs formats), and the direction was recorded
- * at entry: so ONE exit program serves the eight data syscalls. BCC inlines every helper, and
+ * offset 16; kernel_side/agent.py checks the tracefs formats), and the number names the
+ * direction and the arguments' shape: so ONE exit program serves the eight data syscalls. BCC inlines every helper, and
  * eight copies of the connection state machine were 60% of the compile at each start. */
 struct sys_exit_record {
     __u64 common;
@@ -1221,22 +1287,9 @@ struct sys_exit_record {
     long ret;
 };
 
-int data_exit(struct sys_exit_record *args) { return on_exit_io(args->ret); }
+int data_exit(struct sys_exit_record *args) { return on_exit_io(args->syscall_nr, args->ret); }
 
 /* --- connection lifecycle ----------------------------------------------------------------- */
-
-static __always_inline int on_enter_conn(__u32 fd, __u64 addr)
-{
-    __u64 id = bpf_get_current_pid_tgid();
-    __u32 tgid = id >> 32;
-    if (!procs.lookup(&tgid))
-        return 0;
-    __u32 tid = (__u32)id;
-    struct conn_args a = {.addr = addr, .fd = fd};
-    if (active_conn.update(&tid, &a))
-        stat_inc(ST_TRACK_FULL);
-    return 0;
-}
 
 /* Reads a sockaddr the application handed to accept/connect. Returns 0 for TCP/IP families
  * (and for a NULL address, which accept allows), -1 for anything else (unix sockets...). */
@@ -1280,22 +1333,28 @@ static __always_inline void remember_sock(struct sock_key *k, struct sock_info *
     socks.update(k, si);
 }
 
+/* accept/accept4/connect: the arguments come from the saved registers at exit, as for the
+ * data syscalls (fd in di, the sockaddr in si). */
+static __always_inline int conn_syscall_args(__u32 tgid, struct sys_regs *r)
+{
+    if (!procs.lookup(&tgid))
+        return -1;
+    return syscall_regs(r);
+}
+
 static __always_inline int on_exit_accept(long ret)
 {
-    __u64 id = bpf_get_current_pid_tgid();
-    __u32 tid = (__u32)id;
-    struct conn_args *ap = active_conn.lookup(&tid);
-    if (!ap)
-        return 0;
-    struct conn_args a = *ap;
-    active_conn.delete(&tid);
     if (ret < 0)
         return 0;
+    __u64 id = bpf_get_current_pid_tgid();
+    struct sys_regs r;
+    if (conn_syscall_args(id >> 32, &r))
+        return 0;
     struct sock_info si = {};
-    if (read_peer(a.addr, &si))
+    if (read_peer(r.si, &si))
         return 0;
     si.role = ROLE_SERVER;
-    si.listen_fd = a.fd;
+    si.listen_fd = (__u32)r.di;
     si.conn_id = next_id();
     struct sock_key k = {.tgid = id >> 32, .fd = (__u32)ret};
     forget_conn(&k);
@@ -1307,29 +1366,23 @@ static __always_inline int on_exit_accept(long ret)
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return on_enter_conn(args->fd, (__u64)args->upeer_sockaddr); }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return on_exit_accept(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return on_enter_conn(args->fd, (__u64)args->upeer_sockaddr); }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return on_exit_accept(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_connect) { return on_enter_conn(args->fd, (__u64)args->uservaddr); }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
-    __u64 id = bpf_get_current_pid_tgid();
-    __u32 tid = (__u32)id;
-    struct conn_args *ap = active_conn.lookup(&tid);
-    if (!ap)
-        return 0;
-    struct conn_args a = *ap;
-    active_conn.delete(&tid);
     if (args->ret < 0 && args->ret != -EINPROGRESS_)
         return 0;
+    __u64 id = bpf_get_current_pid_tgid();
+    struct sys_regs r;
+    if (conn_syscall_args(id >> 32, &r))
+        return 0;
     struct sock_info si = {};
-    if (!a.addr || read_peer(a.addr, &si))
+    if (!r.si || read_peer(r.si, &si))
         return 0;
     si.role = ROLE_CLIENT;
     si.conn_id = next_id();
-    struct sock_key k = {.tgid = id >> 32, .fd = a.fd};
+    struct sock_key k = {.tgid = id >> 32, .fd = (__u32)r.di};
     forget_conn(&k);
     remember_sock(&k, &si);
     return 0;
@@ -1433,13 +1486,22 @@ static __always_inline int learn_local(const void *skp, __u16 protocol)
     if (protocol != IPPROTO_TCP_)
         return 0;
     __u64 id = bpf_get_current_pid_tgid();
-    __u32 tid = (__u32)id;
-    struct io_args *a = active_io.lookup(&tid);
-    /* Four of these fire per request; once the address is known they stop at the first map. */
-    if (!a || !a->need_local)
+    __u32 tgid = id >> 32;
+    /* Most sends and receives on a node are other processes': a look-up is cheaper than the
+     * register read. */
+    if (!procs.lookup(&tgid))
         return 0;
-    a->need_local = 0;
-    struct sock_key k = {.tgid = id >> 32, .fd = a->fd};
+    struct sys_regs r;
+    if (syscall_regs(&r))
+        return 0;
+    /* Only the eight data syscalls carry the fd in di (sendfile, splice or io_uring also send
+     * on sockets, from other arguments). */
+    int nr = (int)r.orig_ax;
+    if (nr != NR_READ && nr != NR_WRITE && nr != NR_RECVFROM && nr != NR_SENDTO &&
+        nr != NR_READV && nr != NR_WRITEV && nr != NR_RECVMSG && nr != NR_SENDMSG)
+        return 0;
+    struct sock_key k = {.tgid = tgid, .fd = (__u32)r.di};
+    /* Four of these fire per request; once the address is known they stop at this look-up. */
     struct sock_info *si = socks.lookup(&k);
     if (!si || si->local_known)
         return 0;

@@ -11,6 +11,7 @@ import gc
 import grp
 import logging
 import os
+import platform
 import signal
 import stat
 import sys
@@ -317,6 +318,25 @@ _MADV_PAGEOUT = 21  # Linux 5.4+
 _COMPILER_LIBS = ("libLLVM", "libclang")
 
 
+def check_probe_requirements(machine: str | None = None,
+                             vmlinux_btf: str | None = None) -> None:
+    """Raise ``AgentError`` naming what is missing for the probes to load.
+
+    The syscall exit programs read the syscall's arguments from the registers its entry saved
+    (``bpf_task_pt_regs``, which takes the BTF-typed task of ``bpf_get_current_task_btf``), so
+    the agent needs the x86_64 syscall ABI and the kernel's own BTF.
+    """
+    machine = machine or platform.machine()
+    if machine != "x86_64":
+        raise AgentError(f"this agent's probes read x86_64 syscall registers; this machine is "
+                         f"{machine}: run it on an x86_64 node")
+    path = vmlinux_btf or btf.VMLINUX_BTF
+    if not os.path.exists(path):
+        raise AgentError(f"no kernel BTF at {path}: the probes need it to read syscall "
+                         "arguments at exit (bpf_task_pt_regs). Use a kernel built with "
+                         "CONFIG_DEBUG_INFO_BTF=y (every major distribution's since 2021)")
+
+
 def release_compiler_memory() -> int:
     """Give back what compiling the BPF program left resident; returns the bytes asked for.
 
@@ -377,6 +397,8 @@ DATA_SYSCALLS = ("read", "write", "recvfrom", "sendto", "readv", "writev", "recv
 
 _TRACEFS = "/sys/kernel/tracing"
 _EXIT_RET_FIELD = "field:long ret;\toffset:16;\tsize:8;"
+# The number tells data_exit which syscall it is in: its direction and its arguments' shape.
+_EXIT_NR_FIELD = "field:int __syscall_nr;\toffset:8;\tsize:4;"
 
 
 def attach_data_exits(b: Any, tracefs: str = _TRACEFS) -> None:
@@ -392,9 +414,10 @@ def attach_data_exits(b: Any, tracefs: str = _TRACEFS) -> None:
         except OSError as e:
             raise AgentError(f"no tracefs format for syscalls:{event} ({e.strerror}): mount "
                              "tracefs (mount -t tracefs tracefs /sys/kernel/tracing)") from None
-        if _EXIT_RET_FIELD not in fmt:
-            raise AgentError(f"syscalls:{event} has an unexpected record layout (ret is not a "
-                             "long at offset 16); this kernel is not supported")
+        if _EXIT_RET_FIELD not in fmt or _EXIT_NR_FIELD not in fmt:
+            raise AgentError(f"syscalls:{event} has an unexpected record layout (the syscall "
+                             "number is not an int at offset 8, or ret not a long at offset "
+                             "16); this kernel is not supported")
         b.attach_tracepoint(tp=f"syscalls:{event}", fn_name=b"data_exit")
 
 
@@ -697,6 +720,7 @@ class Agent:
                 os.unlink(pin)
 
     def _compile(self, shared_pins: bool = False) -> Any:
+        check_probe_requirements()
         bcc = _load_bcc()
         cfg = self.cfg
         pin = os.path.join(cfg.pin_dir, _abi.CTX_BY_TID_NAME)

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from kernel_side.agent import DATA_SYSCALLS, AgentError, attach_data_exits
+from kernel_side.agent import (
+    DATA_SYSCALLS,
+    AgentError,
+    attach_data_exits,
+    check_probe_requirements,
+)
 
 _GOOD = """name: {event}
 format:
@@ -48,6 +53,23 @@ def test_a_different_record_layout_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match="sys_exit_read has an unexpected record layout"):
         attach_data_exits(rec, _tracefs(tmp_path, moved))
     assert rec.attached == []
+
+
+def test_a_moved_syscall_number_is_refused(tmp_path: Path) -> None:
+    # data_exit tells the syscalls apart by the number at offset 8.
+    moved = _GOOD.replace("offset:8;", "offset:12;")
+    with pytest.raises(AgentError, match="syscall number is not an int at offset 8"):
+        attach_data_exits(_Recorder(), _tracefs(tmp_path, moved))
+
+
+def test_probe_requirements_name_the_machine_and_the_btf(tmp_path: Path) -> None:
+    btf = tmp_path / "vmlinux"
+    btf.write_bytes(b"\x9f\xeb")
+    check_probe_requirements("x86_64", str(btf))
+    with pytest.raises(AgentError, match="x86_64 syscall registers; this machine is aarch64"):
+        check_probe_requirements("aarch64", str(btf))
+    with pytest.raises(AgentError, match=r"no kernel BTF at .*CONFIG_DEBUG_INFO_BTF=y"):
+        check_probe_requirements("x86_64", str(tmp_path / "missing"))
 
 
 def test_a_missing_format_names_the_event_and_the_fix(tmp_path: Path) -> None:
