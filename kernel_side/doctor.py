@@ -168,10 +168,13 @@ def bpf_create_ringbuf(size: int) -> int:
 
 
 def check_kernel(p: Probe) -> Outcome:
-    """Kernel release and architecture (information)."""
+    """Kernel release and architecture: the probes read x86_64 syscall registers."""
     jit = ""
     with contextlib.suppress(OSError), open("/proc/sys/net/core/bpf_jit_enable") as f:
         jit = ", BPF JIT on" if f.read().strip() != "0" else ", BPF JIT off"
+    if p.machine != "x86_64":
+        return Outcome(False, f"Linux {p.release} {p.machine}: the probes read syscall "
+                       "arguments from x86_64 registers", "run the agent on an x86_64 node")
     return Outcome(True, f"Linux {p.release} {p.machine}{jit}")
 
 
@@ -203,12 +206,16 @@ def check_privileges(p: Probe) -> Outcome:
     return Outcome(ok, detail, None if ok else FIX_ROOT)
 
 
+FIX_BTF = ("use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distribution's "
+           "since 2021): the probes read syscall arguments at exit through BTF-typed helpers")
+
+
 def check_btf(p: Probe) -> Outcome:
-    """Kernel BTF (information: the agent compiles with BCC against headers, not CO-RE; it
-    reads one struct's field offsets from BTF for IPv6 socket addresses)."""
+    """Kernel BTF: the exit programs take the syscall's registers with bpf_task_pt_regs, which
+    needs the BTF-typed task; one struct's field offsets come from it too (IPv6 socket
+    addresses). BCC still compiles against headers, not CO-RE."""
     if not os.path.exists(p.btf):
-        return Outcome(True, f"{p.btf} absent (the agent does not use CO-RE; same-node "
-                       "stitching learns IPv4 socket addresses only)", None)
+        return Outcome(False, f"{p.btf} absent", FIX_BTF)
     v6 = btf.sock_v6_offsets(p.btf)
     if v6 is None:
         return Outcome(True, f"{p.btf} present, but struct sock_common's IPv6 addresses were "
@@ -605,9 +612,9 @@ CheckFn = Callable[[Probe], Outcome]
 # (name, function, required). Order is the order of the report: cheap facts first, then the
 # probes that depend on them.
 CHECKS: list[tuple[str, CheckFn, bool]] = [
-    ("kernel", check_kernel, False),
+    ("kernel", check_kernel, True),
     ("privileges", check_privileges, True),
-    ("btf", check_btf, False),
+    ("btf", check_btf, True),
     ("tracefs", check_tracefs, True),
     ("syscall tracepoints", check_syscall_tracepoints, True),
     ("bpffs", check_bpffs, True),

@@ -170,10 +170,16 @@ def test_privileges(tmp_path: Path) -> None:
     assert not doctor.check_privileges(p).ok
 
 
+def test_kernel_names_an_unsupported_architecture(tmp_path: Path) -> None:
+    assert doctor.check_kernel(fake_probe(tmp_path)).ok
+    out = doctor.check_kernel(fake_probe(tmp_path, machine="aarch64"))
+    assert not out.ok and "aarch64" in out.detail and out.fix and "x86_64" in out.fix
+
+
 def test_btf(tmp_path: Path) -> None:
     p = fake_probe(tmp_path)
     out = doctor.check_btf(p)
-    assert out.ok and "absent" in out.detail
+    assert not out.ok and "absent" in out.detail and out.fix == doctor.FIX_BTF
     Path(p.btf).parent.mkdir()
     Path(p.btf).write_bytes(b"")
     out = doctor.check_btf(p)
@@ -229,7 +235,9 @@ def test_kprobes_and_uprobes(tmp_path: Path) -> None:
 def test_kprobes_are_optional_uprobes_too() -> None:
     required = {name: req for name, _, req in doctor.CHECKS}
     assert required["kprobes"] is False and required["uprobes"] is False
-    assert required["btf"] is False and required["lockdown"] is False
+    assert required["lockdown"] is False
+    # The exit programs read syscall registers through BTF-typed helpers, x86_64's layout.
+    assert required["btf"] and required["kernel"]
     assert required["ring buffer"] and required["pin directory"] and required["ns pid helper"]
 
 
