@@ -1059,9 +1059,6 @@ static __always_inline int switching_protocols(struct exchange *st)
 #define NR_RECVFROM 45
 #define NR_SENDMSG 46
 #define NR_RECVMSG 47
-#define NR_ACCEPT 43
-#define NR_CONNECT 42
-#define NR_ACCEPT4 288
 
 /* struct pt_regs from dx on: the third, second and first syscall argument, then the number. */
 struct sys_regs {
@@ -1276,10 +1273,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return on_enter_write(args->fd, (
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return on_enter_sendmsg(args->fd, (__u64)args->msg); }
 #endif
 
-/* Every sys_exit_* tracepoint has the same record (syscall number, then the return value at
- * offset 16; kernel_side/agent.py checks the tracefs formats), and the number names the
- * direction and the arguments' shape: so ONE exit program serves the eight data syscalls. BCC inlines every helper, and
- * eight copies of the connection state machine were 60% of the compile at each start. */
+/* Every sys_exit_* tracepoint has the same record (syscall number at offset 8, the return value
+ * at 16; kernel_side/agent.py checks the tracefs formats), and the number names the direction
+ * and the arguments' shape: so ONE exit program serves the eight data syscalls. BCC inlines
+ * every helper, and eight copies of the connection state machine were 60% of the compile at
+ * each start. */
 struct sys_exit_record {
     __u64 common;
     int syscall_nr;
