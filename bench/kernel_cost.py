@@ -134,8 +134,14 @@ def main() -> int:
     ap.add_argument("--target", choices=("nginx", "gunicorn"), default="nginx",
                     help="the traced server: nginx (6 bytes) or gunicorn serving the Flask "
                     "bench app's /hello (one sync worker, which closes every connection)")
+    ap.add_argument("--annotate", action="store_true",
+                    help="gunicorn only: the app calls bridge.annotate with 3 attributes on "
+                    "every request (a no-op in the bare runs, where no agent runs), so the "
+                    "programs' extra work for a context shows")
     ap.add_argument("--json", default=str(REPO / "bench/results/kernel_cost.json"))
     args = ap.parse_args()
+    if args.annotate and args.target != "gunicorn":
+        ap.error("--annotate needs --target gunicorn (nginx cannot call bridge.annotate)")
     if os.geteuid() != 0:
         print("run as root (BPF statistics and the agent need it)", file=sys.stderr)
         return 1
@@ -149,15 +155,16 @@ def main() -> int:
         stats_path.write_text(old)
 
 
-def start_target(tmp: Path, target: str, port: int) -> tuple[subprocess.Popen[bytes], int, str]:
+def start_target(tmp: Path, target: str, port: int,
+                 annotate: bool = False) -> tuple[subprocess.Popen[bytes], int, str]:
     """The traced server on ``port``: (master process, its one worker pinned to CPU 1, the
     path wrk asks for). nginx returns 6 bytes; gunicorn serves bench/flask_app.py's /hello
-    with one sync worker (the app the Flask bench drives, without annotate)."""
+    with one sync worker (the app the Flask bench drives, annotating when ``annotate``)."""
     if target == "nginx":
         ngx = start_nginx(tmp, port)
         worker, path = nginx_worker(ngx.pid), "/"
     else:
-        env = dict(os.environ, BENCH_MODE="agent-only",
+        env = dict(os.environ, BENCH_MODE="agent" if annotate else "agent-only",
                    PYTHONPATH=f"{REPO}:{REPO / 'bench'}")
         ngx = subprocess.Popen(
             ["taskset", "-c", "1", str(Path(sys.executable).parent / "gunicorn"), "-w", "1",
@@ -173,7 +180,7 @@ def start_target(tmp: Path, target: str, port: int) -> tuple[subprocess.Popen[by
 
 def _run(tmp: Path, args: argparse.Namespace) -> int:
     port = free_port()
-    ngx, worker, path = start_target(tmp, args.target, port)
+    ngx, worker, path = start_target(tmp, args.target, port, args.annotate)
     connections, delay_ms = wrk_pacing(8, args.rate) if args.rate else (8, 0)
     headers = ("Connection: close",) if args.connection_close else ()
     ready = tmp / "agent.ready"
@@ -232,7 +239,8 @@ def _run(tmp: Path, args: argparse.Namespace) -> int:
     if args.connection_close:
         load += ", a new connection per request"
     what = ("nginx 6-byte body" if args.target == "nginx"
-            else "gunicorn (1 sync worker) Flask /hello")
+            else "gunicorn (1 sync worker) Flask /hello"
+            + (" with bridge.annotate" if args.annotate else ""))
     print(f"\nagent BPF programs, {what} {load}, {reqs} requests "
           f"({stats.get('exchanges', 0)} exchanges); calls and run time from the kernel's BPF "
           "statistics (all processes' calls, as the programs fire system-wide)")
