@@ -1287,6 +1287,114 @@ struct sys_exit_record {
 
 int data_exit(struct sys_exit_record *args) { return on_exit_io(args->syscall_nr, args->ret); }
 
+/* --- socket addresses (for same-node stitching) ------------------------------------------ */
+
+#define IPPROTO_TCP_ 6
+
+/* The head of struct sock_common, whose layout has not changed since Linux 2.6: both IPv4
+ * addresses, then the hash, the peer port (network order) and the local port (host order),
+ * then the family. */
+struct sk_head {
+    __u8 daddr[4];
+    __u8 rcv_saddr[4];
+    __u32 hash;
+    __u16 dport_be;
+    __u16 num;
+    __u16 family;
+};
+
+/* Where struct sock_common keeps the IPv6 addresses on this kernel: found in its BTF by user
+ * space (kernel_side/btf.py); 0 when unknown, and then only IPv4 sockets are learned. */
+#ifndef SKC_V6_DADDR_OFF
+#define SKC_V6_DADDR_OFF 0
+#define SKC_V6_RCV_SADDR_OFF 0
+#endif
+
+/* A TCP socket's addresses, read from the kernel's socket itself. This used to come from
+ * sock:inet_sock_set_state, which fires for every TCP state change of every socket on the
+ * machine (10 runs per short connection, 1.4 µs in all) to fill a map most sockets were never
+ * looked up in. Returns 0 when *t is filled. */
+static __always_inline int read_sk(const void *skp, struct sk_tuple *t)
+{
+    struct sk_head h = {};
+    if (bpf_probe_read_kernel(&h, sizeof(h), skp))
+        return -1;
+    t->family = h.family;
+    t->sport = h.num;
+    t->dport = (h.dport_be >> 8) | ((h.dport_be & 0xff) << 8);
+    if (h.family == AF_INET_) {
+        __builtin_memcpy(t->saddr, h.rcv_saddr, 4);
+        __builtin_memcpy(t->daddr, h.daddr, 4);
+        return 0;
+    }
+    if (h.family == AF_INET6_ && SKC_V6_DADDR_OFF) {
+        if (bpf_probe_read_kernel(t->saddr, 16, (const __u8 *)skp + SKC_V6_RCV_SADDR_OFF) ||
+            bpf_probe_read_kernel(t->daddr, 16, (const __u8 *)skp + SKC_V6_DADDR_OFF))
+            return -1;
+        return 0;
+    }
+    return -1;
+}
+
+
+#ifdef TASK_FILES_OFF
+#define SOCK_STREAM_ 1
+
+/* The struct sock behind this thread's fd, through its fd table: task->files->fdt->fd[fd]
+ * is the struct file, whose private_data is the struct socket. The offsets come from the
+ * kernel's BTF (kernel_side/btf.py); BCC compiles against headers that may be another
+ * kernel's. Only fds that accept returned or connect just used come here, and those are
+ * sockets, so the file's type is not checked; the socket's is (UDP may connect too). */
+static __always_inline const void *fd_sock(__u32 fd)
+{
+    const __u8 *t = (const __u8 *)bpf_get_current_task_btf();
+    const __u8 *files = 0, *fdt = 0, *file = 0, *sock = 0, *sk = 0;
+    const __u8 *arr = 0;
+    __u32 max_fds = 0;
+    __u16 type = 0;
+    if (read_kernel(&files, sizeof(files), t + TASK_FILES_OFF) || !files)
+        return 0;
+    if (read_kernel(&fdt, sizeof(fdt), files + FILES_FDT_OFF) || !fdt)
+        return 0;
+    if (read_kernel(&max_fds, sizeof(max_fds), fdt + FDT_MAX_FDS_OFF) || fd >= max_fds)
+        return 0;
+    if (read_kernel(&arr, sizeof(arr), fdt + FDT_FD_OFF) || !arr)
+        return 0;
+    if (read_kernel(&file, sizeof(file), arr + (__u64)fd * sizeof(void *)) || !file)
+        return 0;
+    if (read_kernel(&sock, sizeof(sock), file + FILE_PRIVATE_DATA_OFF) || !sock)
+        return 0;
+    if (read_kernel(&type, sizeof(type), sock + SOCKET_TYPE_OFF) || type != SOCK_STREAM_)
+        return 0;
+    if (read_kernel(&sk, sizeof(sk), sock + SOCKET_SK_OFF))
+        return 0;
+    return sk;
+}
+
+/* The connection's own address, and the peer's when the syscall named none (accept4(fd,
+ * NULL, NULL)), read once when the connection is made. This replaced sock_send_length and
+ * sock_recv_length programs that learned them at the first send or receive: those fired for
+ * every send and receive on the machine, about 2 µs per request under gunicorn. */
+static __always_inline void sock_addrs(struct sock_info *si, __u32 fd)
+{
+    const void *sk = fd_sock(fd);
+    struct sk_tuple t = {};
+    if (!sk || read_sk(sk, &t))
+        return;
+    __builtin_memcpy(si->local_addr, t.saddr, sizeof(si->local_addr));
+    si->local_port = t.sport;
+    si->local_known = 1;
+    if (!si->peer_port && t.dport) {
+        __builtin_memcpy(si->peer_addr, t.daddr, sizeof(si->peer_addr));
+        si->peer_port = t.dport;
+        if (!si->family)
+            si->family = t.family;
+    }
+}
+#else
+static __always_inline void sock_addrs(struct sock_info *si, __u32 fd) {}
+#endif
+
 /* --- connection lifecycle ----------------------------------------------------------------- */
 
 /* Reads a sockaddr the application handed to accept/connect. Returns 0 for TCP/IP families
@@ -1351,6 +1459,7 @@ static __always_inline int on_exit_accept(long ret)
     struct sock_info si = {};
     if (read_peer(r.si, &si))
         return 0;
+    sock_addrs(&si, (__u32)ret);
     si.role = ROLE_SERVER;
     si.listen_fd = (__u32)r.di;
     si.conn_id = next_id();
@@ -1378,11 +1487,18 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     struct sock_info si = {};
     if (!r.si || read_peer(r.si, &si))
         return 0;
+    sock_addrs(&si, (__u32)r.di);
     si.role = ROLE_CLIENT;
     si.conn_id = next_id();
     struct sock_key k = {.tgid = id >> 32, .fd = (__u32)r.di};
     forget_conn(&k);
     remember_sock(&k, &si);
+    if (si.local_known) {
+        struct addr_port ap;
+        addr_key(&ap, si.local_addr, si.local_port);
+        __u8 one = 1;
+        client_by_port.update(&ap, &one);
+    }
     return 0;
 }
 
@@ -1429,56 +1545,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     return 0;
 }
 
-/* --- socket addresses (for same-node stitching) ------------------------------------------ */
-
-#define IPPROTO_TCP_ 6
-
-/* The head of struct sock_common, whose layout has not changed since Linux 2.6: both IPv4
- * addresses, then the hash, the peer port (network order) and the local port (host order),
- * then the family. */
-struct sk_head {
-    __u8 daddr[4];
-    __u8 rcv_saddr[4];
-    __u32 hash;
-    __u16 dport_be;
-    __u16 num;
-    __u16 family;
-};
-
-/* Where struct sock_common keeps the IPv6 addresses on this kernel: found in its BTF by user
- * space (kernel_side/btf.py); 0 when unknown, and then only IPv4 sockets are learned. */
-#ifndef SKC_V6_DADDR_OFF
-#define SKC_V6_DADDR_OFF 0
-#define SKC_V6_RCV_SADDR_OFF 0
-#endif
-
-/* A TCP socket's addresses, read from the kernel's socket itself. This used to come from
- * sock:inet_sock_set_state, which fires for every TCP state change of every socket on the
- * machine (10 runs per short connection, 1.4 µs in all) to fill a map most sockets were never
- * looked up in. Returns 0 when *t is filled. */
-static __always_inline int read_sk(const void *skp, struct sk_tuple *t)
-{
-    struct sk_head h = {};
-    if (bpf_probe_read_kernel(&h, sizeof(h), skp))
-        return -1;
-    t->family = h.family;
-    t->sport = h.num;
-    t->dport = (h.dport_be >> 8) | ((h.dport_be & 0xff) << 8);
-    if (h.family == AF_INET_) {
-        __builtin_memcpy(t->saddr, h.rcv_saddr, 4);
-        __builtin_memcpy(t->daddr, h.daddr, 4);
-        return 0;
-    }
-    if (h.family == AF_INET6_ && SKC_V6_DADDR_OFF) {
-        if (bpf_probe_read_kernel(t->saddr, 16, (const __u8 *)skp + SKC_V6_RCV_SADDR_OFF) ||
-            bpf_probe_read_kernel(t->daddr, 16, (const __u8 *)skp + SKC_V6_DADDR_OFF))
-            return -1;
-        return 0;
-    }
-    return -1;
-}
-
-/* Fires inside read/write/sendmsg/...: the thread's syscall in flight names the fd. */
+#ifndef TASK_FILES_OFF
+/* Without the fd-table offsets (no BTF): learn the addresses at the first send or receive.
+ * Fires inside read/write/sendmsg/...: the thread's syscall in flight names the fd. */
 static __always_inline int learn_local(const void *skp, __u16 protocol)
 {
     if (protocol != IPPROTO_TCP_)
@@ -1533,6 +1602,7 @@ static __always_inline int learn_local(const void *skp, __u16 protocol)
 
 TRACEPOINT_PROBE(sock, sock_send_length) { return learn_local(args->sk, args->protocol); }
 TRACEPOINT_PROBE(sock, sock_recv_length) { return learn_local(args->sk, args->protocol); }
+#endif
 
 /* --- process lifecycle -------------------------------------------------------------------- */
 

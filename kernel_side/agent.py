@@ -57,6 +57,16 @@ log = logging.getLogger("ebpf_bridge.agent")
 _PAGE = 4096
 # Exited processes keep their resource this long, for exchanges still in flight.
 _DEAD_GRACE_S = 30.0
+# kernel_side.btf.FD_WALK's fields -> the macros bpf/agent.bpf.c reads them from.
+_FD_WALK_MACROS = {
+    "task_struct.files": "TASK_FILES_OFF",
+    "files_struct.fdt": "FILES_FDT_OFF",
+    "fdtable.max_fds": "FDT_MAX_FDS_OFF",
+    "fdtable.fd": "FDT_FD_OFF",
+    "file.private_data": "FILE_PRIVATE_DATA_OFF",
+    "socket.type": "SOCKET_TYPE_OFF",
+    "socket.sk": "SOCKET_SK_OFF",
+}
 # Names of recently exec'd/forked processes kept for those that vanish before /proc is read.
 _MAX_COMMS = 4096
 
@@ -752,6 +762,13 @@ class Agent:
         else:
             log.info("no kernel BTF for struct sock_common (%s): same-node stitching learns "
                      "IPv4 socket addresses only", btf.VMLINUX_BTF)
+        walk = btf.member_offsets(btf.FD_WALK)
+        if walk is not None:
+            cflags += [f"-D{_FD_WALK_MACROS[name]}={off}" for name, off in walk.items()]
+        else:
+            log.info("kernel BTF (%s) does not name the fd-table fields: socket addresses are "
+                     "learned at each connection's first send or receive instead (two more "
+                     "tracepoints on every socket send and receive)", btf.VMLINUX_BTF)
         src = (bpf.SOURCE_DIR / "agent.bpf.c").read_text()
         if cfg.inject_traceparent:
             # Appended, not #included: BCC makes programs only of the main file's functions.

@@ -212,16 +212,23 @@ FIX_BTF = ("use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distrib
 
 def check_btf(p: Probe) -> Outcome:
     """Kernel BTF: the exit programs take the syscall's registers with bpf_task_pt_regs, which
-    needs the BTF-typed task; one struct's field offsets come from it too (IPv6 socket
-    addresses). BCC still compiles against headers, not CO-RE."""
+    needs the BTF-typed task; some field offsets come from it too (the fd table, to find a new
+    connection's socket; IPv6 socket addresses). BCC still compiles against headers, not
+    CO-RE."""
     if not os.path.exists(p.btf):
         return Outcome(False, f"{p.btf} absent", FIX_BTF)
+    notes = []
+    if btf.member_offsets(btf.FD_WALK, p.btf) is None:
+        notes.append("the fd-table fields were not found in it: socket addresses are learned "
+                     "at each connection's first send or receive, by two more tracepoints")
     v6 = btf.sock_v6_offsets(p.btf)
     if v6 is None:
-        return Outcome(True, f"{p.btf} present, but struct sock_common's IPv6 addresses were "
-                       "not found in it: same-node stitching learns IPv4 socket addresses only")
-    return Outcome(True, f"{p.btf} present (struct sock_common IPv6 addresses at bytes "
-                   f"{v6[0]} and {v6[1]}, for same-node stitching over IPv6)")
+        notes.append("struct sock_common's IPv6 addresses were not found in it: same-node "
+                     "stitching learns IPv4 socket addresses only")
+    if notes or v6 is None:
+        return Outcome(True, f"{p.btf} present, but " + "; ".join(notes))
+    return Outcome(True, f"{p.btf} present (the fd table's fields, and struct sock_common's "
+                   f"IPv6 addresses at bytes {v6[0]} and {v6[1]})")
 
 
 def check_tracefs(p: Probe) -> Outcome:
