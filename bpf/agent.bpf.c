@@ -1071,12 +1071,18 @@ struct sys_regs {
 static long (*read_kernel)(void *dst, __u32 size, const void *src) =
     (void *)BPF_FUNC_probe_read_kernel;
 
-/* The current syscall's saved registers; 0 when read. */
+/* The current syscall's saved registers; 0 when read. Plain loads: the helper returns a
+ * BTF-typed pointer, so the verifier allows them (JIT-ed as loads with a fault fix-up), one
+ * helper call fewer than bpf_probe_read_kernel on every data syscall. */
 static __always_inline int syscall_regs(struct sys_regs *r)
 {
     struct task_struct *t = bpf_get_current_task_btf();
     struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(t);
-    return read_kernel(r, sizeof(*r), &regs->dx) ? -1 : 0;
+    r->dx = regs->dx;
+    r->si = regs->si;
+    r->di = regs->di;
+    r->orig_ax = regs->orig_ax;
+    return 0;
 }
 
 /* What the data syscall `nr`, called with `r`, handed over; 0 when it is one of the eight. */
