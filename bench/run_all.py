@@ -59,7 +59,8 @@ def benches(quick: bool) -> dict[str, list[str]]:
     rep = "2" if quick else "3"
     return {
         "annotate_vs_sdk": ["bench/annotate_vs_sdk.py", "--iterations",
-                            "20000" if quick else "50000", "--repeat", "5"],
+                            "20000" if quick else "50000", "--repeat", "5",
+                            "--cold-iterations", "500" if quick else "2000"],
         "otel_processor": ["bench/otel_processor_bench.py", "--iterations",
                            "5000" if quick else "20000", "--repeat", "5"],
         "pipeline": ["bench/pipeline_bench.py", "--n", "2000" if quick else "5000",
