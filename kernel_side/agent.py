@@ -375,6 +375,39 @@ def release_compiler_memory() -> int:
         return 0
 
 
+class HeapTrimmer:
+    """Returns the C heap's free pages to the kernel every ``interval_s`` (glibc
+    ``malloc_trim``).
+
+    Bursts leave the heap large: the drain lists, exchanges and spans of a max-rate burst are
+    freed, but glibc keeps the pages. Measured under nginx at max rate: 103 MB RSS after the
+    load, 91 MB after one ``malloc_trim(0)``, which took 1.9 ms. The pages it returns fault back
+    in if the heap grows again, so under steady load a trim every few seconds costs little and
+    the RSS the operator sees is what the agent uses. A libc without ``malloc_trim`` (musl)
+    makes this a no-op.
+    """
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self.trims = 0
+        self.ns = 0
+        self._due = time.monotonic() + interval_s
+        try:
+            self._trim: Callable[[int], int] | None = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+
+    def maybe_trim(self, now: float) -> None:
+        """Trim if the interval has passed since the last one (``now``: time.monotonic())."""
+        if now < self._due or self._trim is None:
+            return
+        t0 = time.perf_counter_ns()
+        self._trim(0)
+        self.ns += time.perf_counter_ns() - t0
+        self.trims += 1
+        self._due = now + self.interval_s
+
+
 LOCK_DIR = "/run/ebpf-bridge"
 
 
@@ -614,6 +647,7 @@ class Agent:
         self._flushed: dict[int, int] = {}
         self._ring: ring.RingReader | None = None
         self.idle_flush_repeats = 0
+        self.trimmer = HeapTrimmer()
         """Kernel emissions of exchanges the idle flush had already emitted (dropped)."""
         # Entries user space removed from `conns` / `socks` (dead processes): the
         # eviction arithmetic in table_stats subtracts them.
@@ -952,6 +986,7 @@ class Agent:
                 if self.tls is not None:
                     self.tls.rescan(self.registry.known)
                 next_scan = now + cfg.rescan_interval_s
+            self.trimmer.maybe_trim(now)
             if cfg.stats_interval_s > 0 and now >= next_stats:
                 log.info("stats %s", self.format_stats())
                 next_stats = now + cfg.stats_interval_s
@@ -1165,7 +1200,9 @@ class Agent:
         if self.injector is not None:
             parts += [f"inject_{k}={v}" for k, v in self.injector.stats().items()]
         parts += [f"gc_collections={'/'.join(map(str, self.gc_clock.collections))}",
-                  f"gc_ms={self.gc_clock.ns // 1_000_000}"]
+                  f"gc_ms={self.gc_clock.ns // 1_000_000}",
+                  f"heap_trims={self.trimmer.trims}",
+                  f"heap_trim_ms={self.trimmer.ns // 1_000_000}"]
         parts += [f"idle_flushed={self.idle_flushed}",
                   f"idle_flush_repeats={self.idle_flush_repeats}",
                   f"callback_errors={self.callback_errors}"]
