@@ -796,9 +796,14 @@ class Agent:
         else:
             log.info("no kernel BTF for struct sock_common (%s): same-node stitching learns "
                      "IPv4 socket addresses only", btf.VMLINUX_BTF)
-        walk = btf.member_offsets(btf.FD_WALK)
+        walk = None if os.environ.get("EBPF_BRIDGE_NO_FD_WALK") else btf.member_offsets(
+            btf.FD_WALK)
         if walk is not None:
             cflags += [f"-D{_FD_WALK_MACROS[name]}={off}" for name, off in walk.items()]
+        elif os.environ.get("EBPF_BRIDGE_NO_FD_WALK"):
+            log.info("EBPF_BRIDGE_NO_FD_WALK is set: socket addresses are learned at each "
+                     "connection's first send or receive (the fallback for kernels whose BTF "
+                     "lacks the fd-table fields)")
         else:
             log.info("kernel BTF (%s) does not name the fd-table fields: socket addresses are "
                      "learned at each connection's first send or receive instead (two more "

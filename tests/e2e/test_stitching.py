@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import requests
 
 from kernel_side.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -99,7 +100,20 @@ def test_concurrent_requests_on_shared_keep_alive_connections(harness: Harness,
     assert len({s.attributes["network.peer.port"] for s in mid_servers}) < n
 
 
-def test_an_ipv6_hop_is_stitched(harness: Harness, receiver: OtlpReceiver) -> None:
+# The probes read a connection's addresses through the fd table at accept/connect exit; on a
+# kernel whose BTF lacks those fields they learn them at the first send or receive instead.
+# EBPF_BRIDGE_NO_FD_WALK selects that fallback here, so both paths stay tested.
+FD_WALK = pytest.mark.parametrize("fd_walk", [True, False], ids=["fd-walk", "first-io"])
+_FALLBACK_LOG = "EBPF_BRIDGE_NO_FD_WALK is set"
+
+
+def _agent_env(fd_walk: bool) -> dict[str, str] | None:
+    return None if fd_walk else {"EBPF_BRIDGE_NO_FD_WALK": "1"}
+
+
+@FD_WALK
+def test_an_ipv6_hop_is_stitched(harness: Harness, receiver: OtlpReceiver,
+                                 fd_walk: bool) -> None:
     """front -> mid over ::1, mid -> inventory over 127.0.0.1. The probes read an IPv6
     socket's addresses at the offsets the kernel's BTF gives (kernel_side/btf.py); with them
     wrong or missing, the mid server span would have no client on this node and start its
@@ -107,17 +121,21 @@ def test_an_ipv6_hop_is_stitched(harness: Harness, receiver: OtlpReceiver) -> No
     inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
     mid_pid, mid_port = _relay(harness, "mid", inv_port, "/stock/sku-", host="::1")
     front_pid, front_port = _relay(harness, "front", mid_port, "/mid/", upstream_host="[::1]")
-    harness.agent("--pid", str(front_pid), "--pid", str(mid_pid), "--pid", str(inv.pid),
-                  receiver=receiver)
+    agent = harness.agent("--pid", str(front_pid), "--pid", str(mid_pid), "--pid",
+                          str(inv.pid), receiver=receiver, env=_agent_env(fd_walk))
     spans = _sequential(receiver, front_port, 6, "front")
     mid_servers = by_service(spans, "mid", SERVER)
     assert {s.attributes["network.peer.address"] for s in mid_servers} == {"::1"}
+    assert (_FALLBACK_LOG in agent.log_text()) is not fd_walk
 
 
-def test_node_front_sequential(harness: Harness, receiver: OtlpReceiver) -> None:
+@FD_WALK
+def test_node_front_sequential(harness: Harness, receiver: OtlpReceiver,
+                               fd_walk: bool) -> None:
     """A zero-code Node service in front. Node serves every request on one thread, so the
     in-process link (its outgoing call under its incoming request) is exact only when requests
-    do not overlap; the cross-process links are exact either way."""
+    do not overlap; the cross-process links are exact either way. libuv accepts with
+    ``accept4(fd, NULL, NULL)``, so the peer's address comes from the socket, not the call."""
     inv, inv_port = harness.python_service("inventory", EXAMPLES / "python/inventory.py")
     mid_pid, mid_port = _relay(harness, "mid", inv_port, "/stock/sku-")
     ready = harness.tmp / "node.ready"
@@ -125,6 +143,7 @@ def test_node_front_sequential(harness: Harness, receiver: OtlpReceiver) -> None
                                   f"http://127.0.0.1:{mid_port}", str(ready)],
                          env={"OTEL_SERVICE_NAME": "node-front"}, ready_file=ready)
     port = int(ready.read_text())
-    harness.agent("--pid", str(node.pid), "--pid", str(mid_pid), "--pid", str(inv.pid),
-                  receiver=receiver)
+    agent = harness.agent("--pid", str(node.pid), "--pid", str(mid_pid), "--pid",
+                          str(inv.pid), receiver=receiver, env=_agent_env(fd_walk))
     _sequential(receiver, port, 5, "node-front")
+    assert (_FALLBACK_LOG in agent.log_text()) is not fd_walk
