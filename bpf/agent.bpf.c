@@ -1342,7 +1342,6 @@ static __always_inline int read_sk(const void *skp, struct sk_tuple *t)
     return -1;
 }
 
-
 #ifdef TASK_FILES_OFF
 #define SOCK_STREAM_ 1
 
@@ -1380,7 +1379,7 @@ static __always_inline const void *fd_sock(__u32 fd)
 /* The connection's own address, and the peer's when the syscall named none (accept4(fd,
  * NULL, NULL)), read once when the connection is made. This replaced sock_send_length and
  * sock_recv_length programs that learned them at the first send or receive: those fired for
- * every send and receive on the machine, about 2 µs per request under gunicorn. */
+ * every send and receive on the machine, about 2.5 µs per request under gunicorn. */
 static __always_inline void sock_addrs(struct sock_info *si, __u32 fd)
 {
     const void *sk = fd_sock(fd);
