@@ -1,10 +1,12 @@
 """Field offsets the probes need from the running kernel's BTF (``/sys/kernel/btf/vmlinux``).
 
-The probes read a TCP socket's addresses straight from ``struct sock_common`` when they see the
-socket inside a send or receive. Its first 18 bytes (the IPv4 addresses, the ports, the
-family) have had the same layout since Linux 2.6; the IPv6 addresses sit further in, at an
-offset that depends on the kernel's configuration, so it is looked up here. Without it
-(no BTF, or a layout this does not recognise) the probes learn IPv4 addresses only.
+BCC compiles the probes against kernel headers, which may be another kernel's, so the fields
+whose place varies are looked up here. At ``accept``/``connect`` exit the probes follow the
+thread's fd table to the new connection's socket (``FD_WALK``) and read its addresses from
+``struct sock_common``. Its first 18 bytes (the IPv4 addresses, the ports, the family) have had
+the same layout since Linux 2.6; the IPv6 addresses sit further in, at an offset that depends
+on the kernel's configuration. Without the fd-table fields the probes learn the addresses at
+the first send or receive instead; without the IPv6 offsets, IPv4 addresses only.
 """
 
 from __future__ import annotations
