@@ -1342,6 +1342,31 @@ static __always_inline int read_sk(const void *skp, struct sk_tuple *t)
     return -1;
 }
 
+/* The connection's own address from its socket, and the peer's when the syscall named none
+ * (accept4(fd, NULL, NULL)). Returns whether the peer was learned here. */
+static __always_inline int take_addrs(struct sock_info *si, const struct sk_tuple *t)
+{
+    __builtin_memcpy(si->local_addr, t->saddr, sizeof(si->local_addr));
+    si->local_port = t->sport;
+    si->local_known = 1;
+    if (si->peer_port || !t->dport)
+        return 0;
+    __builtin_memcpy(si->peer_addr, t->daddr, sizeof(si->peer_addr));
+    si->peer_port = t->dport;
+    if (!si->family)
+        si->family = t->family;
+    return 1;
+}
+
+/* A client connection's local port, for the server end on this node to find (mark_peer). */
+static __always_inline void remember_client_port(const struct sock_info *si)
+{
+    struct addr_port ap;
+    addr_key(&ap, si->local_addr, si->local_port);
+    __u8 one = 1;
+    client_by_port.update(&ap, &one);
+}
+
 #ifdef TASK_FILES_OFF
 #define SOCK_STREAM_ 1
 
@@ -1376,25 +1401,15 @@ static __always_inline const void *fd_sock(__u32 fd)
     return sk;
 }
 
-/* The connection's own address, and the peer's when the syscall named none (accept4(fd,
- * NULL, NULL)), read once when the connection is made. This replaced sock_send_length and
+/* take_addrs once, when the connection is made. This replaced sock_send_length and
  * sock_recv_length programs that learned them at the first send or receive: those fired for
  * every send and receive on the machine, about 2.5 µs per request under gunicorn. */
 static __always_inline void sock_addrs(struct sock_info *si, __u32 fd)
 {
     const void *sk = fd_sock(fd);
     struct sk_tuple t = {};
-    if (!sk || read_sk(sk, &t))
-        return;
-    __builtin_memcpy(si->local_addr, t.saddr, sizeof(si->local_addr));
-    si->local_port = t.sport;
-    si->local_known = 1;
-    if (!si->peer_port && t.dport) {
-        __builtin_memcpy(si->peer_addr, t.daddr, sizeof(si->peer_addr));
-        si->peer_port = t.dport;
-        if (!si->family)
-            si->family = t.family;
-    }
+    if (sk && read_sk(sk, &t) == 0)
+        take_addrs(si, &t);
 }
 #else
 static __always_inline void sock_addrs(struct sock_info *si, __u32 fd) {}
@@ -1498,12 +1513,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     struct sock_key k = {.tgid = id >> 32, .fd = (__u32)r.di};
     forget_conn(&k);
     remember_sock(&k, &si);
-    if (si.local_known) {
-        struct addr_port ap;
-        addr_key(&ap, si.local_addr, si.local_port);
-        __u8 one = 1;
-        client_by_port.update(&ap, &one);
-    }
+    if (si.local_known)
+        remember_client_port(&si);
     return 0;
 }
 
@@ -1577,31 +1588,16 @@ static __always_inline int learn_local(const void *skp, __u16 protocol)
     struct sock_info *si = socks.lookup(&k);
     if (!si || si->local_known)
         return 0;
-    struct sk_tuple tuple = {};
-    if (read_sk(skp, &tuple))
+    struct sk_tuple t = {};
+    if (read_sk(skp, &t))
         return 0;
-    struct sk_tuple *t = &tuple;
-    __builtin_memcpy(si->local_addr, t->saddr, sizeof(si->local_addr));
-    si->local_port = t->sport;
-    si->local_known = 1;
-    if (!si->peer_port && t->dport) {
-        /* accept4(fd, NULL, NULL): the syscall named no peer, the socket does. */
-        __builtin_memcpy(si->peer_addr, t->daddr, sizeof(si->peer_addr));
-        si->peer_port = t->dport;
-        if (!si->family)
-            si->family = t->family;
-        if (si->role == ROLE_SERVER) {
-            struct peer_key pk = {.tgid = k.tgid, .port = si->peer_port};
-            __u32 fd = k.fd;
-            server_by_peer.update(&pk, &fd);
-        }
+    if (take_addrs(si, &t) && si->role == ROLE_SERVER) {
+        struct peer_key pk = {.tgid = k.tgid, .port = si->peer_port};
+        __u32 fd = k.fd;
+        server_by_peer.update(&pk, &fd);
     }
-    if (si->role == ROLE_CLIENT) {
-        struct addr_port ap;
-        addr_key(&ap, si->local_addr, si->local_port);
-        __u8 one = 1;
-        client_by_port.update(&ap, &one);
-    }
+    if (si->role == ROLE_CLIENT)
+        remember_client_port(si);
     return 0;
 }
 
