@@ -1562,7 +1562,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 }
 
 #ifndef TASK_FILES_OFF
-/* Without the fd-table offsets (no BTF): learn the addresses at the first send or receive.
+/* Without the fd-table offsets (not in this kernel's BTF, or EBPF_BRIDGE_NO_FD_WALK): learn the
+ * addresses at the first send or receive.
  * Fires inside read/write/sendmsg/...: the thread's syscall in flight names the fd. */
 static __always_inline int learn_local(const void *skp, __u16 protocol)
 {

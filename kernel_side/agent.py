@@ -647,8 +647,8 @@ class Agent:
         self._flushed: dict[int, int] = {}
         self._ring: ring.RingReader | None = None
         self.idle_flush_repeats = 0
-        self.trimmer = HeapTrimmer()
         """Kernel emissions of exchanges the idle flush had already emitted (dropped)."""
+        self.trimmer = HeapTrimmer()
         # Entries user space removed from `conns` / `socks` (dead processes): the
         # eviction arithmetic in table_stats subtracts them.
         self.conns_deleted_user = 0
@@ -796,11 +796,11 @@ class Agent:
         else:
             log.info("no kernel BTF for struct sock_common (%s): same-node stitching learns "
                      "IPv4 socket addresses only", btf.VMLINUX_BTF)
-        walk = None if os.environ.get("EBPF_BRIDGE_NO_FD_WALK") else btf.member_offsets(
-            btf.FD_WALK)
+        no_walk = bool(os.environ.get("EBPF_BRIDGE_NO_FD_WALK"))
+        walk = None if no_walk else btf.member_offsets(btf.FD_WALK)
         if walk is not None:
             cflags += [f"-D{_FD_WALK_MACROS[name]}={off}" for name, off in walk.items()]
-        elif os.environ.get("EBPF_BRIDGE_NO_FD_WALK"):
+        elif no_walk:
             log.info("EBPF_BRIDGE_NO_FD_WALK is set: socket addresses are learned at each "
                      "connection's first send or receive (the fallback for kernels whose BTF "
                      "lacks the fd-table fields)")
